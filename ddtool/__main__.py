@@ -1,0 +1,3 @@
+from ddtool.cli.main import main
+
+main()

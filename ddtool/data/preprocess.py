@@ -1,0 +1,117 @@
+"""From stored pixels to the space the networks see, and back.
+
+Network space = per-channel mean/std normalisation, optionally followed by ZCA whitening
+(fitted on the normalised training images, as in the MTT family). The inverse is needed to
+look at synthetic images and to export them as pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddtool.errors import FormatError
+
+
+@dataclass(frozen=True, eq=False)
+class ZCA:
+    """x_white = (x - mean) @ matrix, on images flattened to D = C*H*W values.
+
+    matrix = U diag(1/sqrt(s + eps)) U^T for the eigen-decomposition U diag(s) U^T of the
+    training covariance; the eps regulariser keeps noise directions from being blown up.
+    """
+
+    mean: torch.Tensor  # (D,)
+    matrix: torch.Tensor  # (D, D), symmetric
+    inverse: torch.Tensor  # (D, D)
+    eps: float
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, eps: float = 0.1) -> "ZCA":
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        mean = flat.mean(dim=0)
+        centred = flat - mean
+        cov = centred.T @ centred / (flat.shape[0] - 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        eigvals = eigvals.clamp_min(0.0)
+        matrix = (eigvecs * (eigvals + eps).rsqrt()) @ eigvecs.T
+        inverse = (eigvecs * (eigvals + eps).sqrt()) @ eigvecs.T
+        return cls(mean.float(), matrix.float(), inverse.float(), float(eps))
+
+    def to(self, device: torch.device | str) -> "ZCA":
+        return ZCA(self.mean.to(device), self.matrix.to(device), self.inverse.to(device), self.eps)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        mean, matrix = self.mean.to(flat), self.matrix.to(flat)
+        return ((flat - mean) @ matrix).reshape(x.shape)
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        mean, inverse = self.mean.to(flat), self.inverse.to(flat)
+        return (flat @ inverse + mean).reshape(x.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Preprocessing:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    zca: ZCA | None = None
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return mean, std
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (N, C, H, W) -> network space."""
+        mean, std = self._stats(pixels)
+        x = (pixels - mean) / std
+        return self.zca.apply(x) if self.zca is not None else x
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """Network space -> [0, 1] pixels, clamped (synthetic images may leave the range)."""
+        if self.zca is not None:
+            x = self.zca.invert(x)
+        mean, std = self._stats(x)
+        return (x * std + mean).clamp(0.0, 1.0)
+
+    def describe(self) -> str:
+        base = f"mean/std normalisation (mean={_fmt(self.mean)}, std={_fmt(self.std)})"
+        return base + (f" + ZCA whitening (eps={self.zca.eps:g})" if self.zca is not None else "")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for storage (HDF5 datasets/attributes, npz)."""
+        out = {"mean": np.asarray(self.mean, np.float64), "std": np.asarray(self.std, np.float64)}
+        if self.zca is not None:
+            out["zca_eps"] = np.float64(self.zca.eps)
+            out["zca_mean"] = self.zca.mean.cpu().numpy()
+            out["zca_matrix"] = self.zca.matrix.cpu().numpy()
+            out["zca_inverse"] = self.zca.inverse.cpu().numpy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "Preprocessing":
+        try:
+            mean = tuple(float(v) for v in np.asarray(arrays["mean"]).ravel())
+            std = tuple(float(v) for v in np.asarray(arrays["std"]).ravel())
+        except KeyError as exc:
+            raise FormatError(f"Preprocessing record lacks {exc.args[0]!r}.") from None
+        if len(mean) != len(std) or not all(s > 0 for s in std):
+            raise FormatError("Preprocessing record has inconsistent mean/std.")
+        zca = None
+        if "zca_matrix" in arrays:
+            zca = ZCA(
+                mean=torch.as_tensor(np.asarray(arrays["zca_mean"]), dtype=torch.float32),
+                matrix=torch.as_tensor(np.asarray(arrays["zca_matrix"]), dtype=torch.float32),
+                inverse=torch.as_tensor(np.asarray(arrays["zca_inverse"]), dtype=torch.float32),
+                eps=float(np.asarray(arrays["zca_eps"])),
+            )
+        return cls(mean, std, zca)
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
