@@ -1,0 +1,49 @@
+"""`ddtool`: the command-line interface.
+
+Each command lives in its own module of this package and is added to the group below; the
+group turns DDToolError into a one-paragraph message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ddtool import __version__
+from ddtool.errors import DDToolError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DDToolError as exc:
+            click.echo(click.wrap_text(f"Error: {exc}", width=100, preserve_paragraphs=True), err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Files being written were discarded; checkpoints on disk are intact.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ddtool")
+def cli() -> None:
+    """Dataset distillation: turn a labelled image dataset into a few synthetic images per class.
+
+    \b
+    Typical use:
+      ddtool datasets                      # what is known and found here
+      ddtool distill --ipc 10              # Fashion-MNIST, default method, evaluated at the end
+      ddtool evaluate synthetic_sets/X.h5  # fresh networks, mean ± std beside baselines
+      ddtool show synthetic_sets/X.h5 -o grid.png
+    """
+
+
+def _register_commands() -> None:
+    from ddtool.cli import commands  # noqa: F401  (each module adds its commands to `cli`)
+
+
+def main() -> None:
+    _register_commands()
+    cli(prog_name="ddtool")
