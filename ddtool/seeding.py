@@ -7,7 +7,9 @@ trained alone, in a shard, or after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from typing import Iterator
 
 import torch
 
@@ -29,3 +31,12 @@ def generator(seed: int, *path: object) -> torch.Generator:
 def fork_rng_seed(gen: torch.Generator) -> int:
     """Draw a fresh seed from a generator (to seed a child generator or a torch.manual_seed scope)."""
     return int(torch.randint(0, 2**62, (1,), generator=gen).item())
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (typically network construction) under torch.manual_seed(seed) without
+    touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,237 @@
+"""Train fresh networks on a synthetic set and report final-epoch test accuracy.
+
+Every run builds a new network from its own derived seed: nothing trained before is reused
+(the published FTD evaluation reused a network trained on other images). The accuracy
+reported is the test accuracy after the last epoch, never the best one seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddtool.augment import DSA, DSAConfig
+from ddtool.data import PreparedData, sample_per_class
+from ddtool.evaluation.protocols import Protocol
+from ddtool.networks import create_network
+from ddtool.paths import cache_dir
+from ddtool.seeding import derive_seed, generator, seeded
+from ddtool.storage.atomic import atomic_path
+from ddtool.training import accuracy, train_epoch
+
+
+@dataclass
+class Accuracies:
+    runs: list[float]
+    seconds: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.runs))
+
+    @property
+    def std(self) -> float:
+        # Population std over runs, as the papers report it.
+        return float(np.std(self.runs))
+
+    def to_dict(self) -> dict:
+        return {"runs": list(self.runs), "mean": self.mean, "std": self.std, "seconds": self.seconds}
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+
+
+@dataclass
+class EvaluationReport:
+    """One evaluation of a set under one protocol and architecture, with its baselines."""
+
+    protocol: Protocol
+    arch: str
+    lr: float
+    labels: str  # "hard" or "soft"
+    synthetic: Accuracies
+    random_subset: Accuracies | None = None
+    whole_dataset: Accuracies | None = None
+    seed: int = 0
+    device: str = "cpu"
+    timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_record(self) -> dict:
+        """The dict stored in the synthetic-set file's evaluations."""
+        return {
+            "protocol": self.protocol.to_dict(),
+            "arch": self.arch,
+            "lr": self.lr,
+            "labels": self.labels,
+            "seed": self.seed,
+            "device": self.device,
+            "timestamp": self.timestamp,
+            **{f"synthetic_{k}": v for k, v in self.synthetic.to_dict().items()},
+            "baselines": {
+                name: acc.to_dict()
+                for name, acc in (("random_subset", self.random_subset), ("whole_dataset", self.whole_dataset))
+                if acc is not None
+            },
+        }
+
+
+def train_fresh_network(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    data: PreparedData,
+    *,
+    protocol: Protocol,
+    lr: float,
+    arch: str,
+    seed: int,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    arch_options: dict | None = None,
+    on_epoch: Callable[[], None] | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """Train one new network on (images, targets) and return its final accuracy on the test
+    split, or on `held_out` (the validation split, when choosing settings or checkpoints)."""
+    spec = data.spec
+    device = data.test_x.device
+    with seeded(derive_seed(seed, "network")):
+        net = create_network(arch, channels=spec.channels, num_classes=spec.num_classes,
+                             image_size=spec.image_size, **(arch_options or {}))
+    net = net.to(device)
+    epochs = epochs or protocol.epochs
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
+                                weight_decay=protocol.weight_decay)
+    decay_epoch = int(round(protocol.lr_decay_at * epochs))
+    augment = DSA(DSAConfig(flip=spec.flip)) if protocol.augment else None
+    batches = generator(seed, "batches")
+    images, targets = images.to(device), targets.to(device)
+    for epoch in range(epochs):
+        if epoch == decay_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] *= protocol.lr_decay
+        train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
+                    generator=batches, augment=augment)
+        if on_epoch is not None:
+            on_epoch()
+    held_x, held_y = held_out if held_out is not None else (data.test_x, data.test_y)
+    return accuracy(net, held_x, held_y)
+
+
+def evaluate_images(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    data: PreparedData,
+    *,
+    protocol: Protocol,
+    lr: float,
+    arch: str = "convnet",
+    seed: int = 0,
+    runs: int | None = None,
+    desc: str = "evaluate",
+    progress: bool = True,
+    images_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Accuracies:
+    """`runs` fresh networks on the same set (or on `images_for_run(i)` when each run gets
+    its own, as the random baseline does)."""
+    runs = runs or protocol.runs
+    start = time.perf_counter()
+    accs = []
+    with tqdm(total=runs * protocol.epochs, desc=desc, unit="epoch", disable=not progress, leave=False) as bar:
+        for run in range(runs):
+            x, y = images_for_run(run) if images_for_run is not None else (images, targets)
+            accs.append(train_fresh_network(x, y, data, protocol=protocol, lr=lr, arch=arch,
+                                            seed=derive_seed(seed, "run", run), on_epoch=lambda: bar.update(1)))
+            bar.set_postfix(last=f"{100 * accs[-1]:.2f}%")
+    return Accuracies(accs, seconds=time.perf_counter() - start)
+
+
+def _cached(key: dict, compute: Callable[[], Accuracies]) -> Accuracies:
+    """Baselines are expensive and depend only on `key`: compute once, keep in the cache."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir("baselines") / f"{digest}.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return Accuracies(stored["runs"], stored.get("seconds", 0.0))
+    result = compute()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
+    return result
+
+
+def _data_key(data: PreparedData) -> dict:
+    return {
+        "dataset": data.spec.name,
+        "preprocessing": data.preprocessing.describe(),
+        "train_images": int(data.train_x.shape[0]),
+        "train_split": hashlib.sha256(data.train_indices.cpu().numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, arch: str = "convnet",
+                           seed: int = 0, runs: int | None = None, progress: bool = True) -> Accuracies:
+    """Real images, `ipc` per class drawn at random (a new draw per run), hard labels, lr of
+    the protocol, trained exactly like the synthetic set."""
+    runs = runs or protocol.runs
+    key = {"kind": "random_subset", "ipc": ipc, "protocol": protocol.to_dict(), "arch": arch, "seed": seed,
+           "runs": runs, **_data_key(data)}
+
+    def subset(run: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = sample_per_class(data.train_y, data.spec.num_classes, ipc, generator(seed, "random-subset", run))
+        return data.train_x[idx], data.train_y[idx]
+
+    return _cached(key, lambda: evaluate_images(
+        data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
+        runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset))
+
+
+def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
+                            runs: int = 1, progress: bool = True) -> Accuracies:
+    """The same architecture and optimiser trained on the whole training split for
+    protocol.reference_epochs epochs (lr decay at the same fraction)."""
+    reference = dataclasses.replace(protocol, epochs=protocol.reference_epochs,
+                                    batch_size=protocol.reference_batch_size)
+    key = {"kind": "whole_dataset", "protocol": reference.to_dict(), "arch": arch, "seed": seed, "runs": runs,
+           **_data_key(data)}
+    return _cached(key, lambda: evaluate_images(
+        data.train_x, data.train_y, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
+        desc="whole dataset", progress=progress))
+
+
+def evaluate_set(
+    sset,
+    data: PreparedData,
+    *,
+    protocol: Protocol,
+    arch: str = "convnet",
+    seed: int = 0,
+    runs: int | None = None,
+    baselines: bool = True,
+    reference: bool = True,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Evaluate a SyntheticSet under `protocol` on `arch`, with the matched baselines."""
+    device = data.test_x.device
+    soft = protocol.soft_labels and sset.label_kind != "hard"
+    targets = sset.soft_targets() if soft else sset.hard_labels()
+    lr = sset.learned_lr if (protocol.use_learned_lr and sset.learned_lr is not None) else protocol.lr
+    synthetic = evaluate_images(sset.images.to(device), targets.to(device), data, protocol=protocol, lr=lr,
+                                arch=arch, seed=seed, runs=runs, desc=f"{sset.method} on {arch}", progress=progress)
+    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
+                              synthetic=synthetic, seed=seed, device=str(device))
+    if baselines:
+        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
+                                                      runs=runs, progress=progress)
+    if reference:
+        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
+                                                       progress=progress)
+    return report

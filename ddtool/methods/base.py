@@ -1,0 +1,129 @@
+"""The method plug-in shape.
+
+A method is a small class with a typed configuration (a dataclass, with named presets for
+published settings) and one job: turn a PreparedData into a SyntheticSet. Everything shared
+(data, networks, experts, the matching engine, checkpoints, storage, evaluation) lives
+elsewhere; adding a method touches one file plus its registry decorator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ddtool.data import PreparedData
+from ddtool.errors import ConfigError
+from ddtool.storage import SyntheticSet
+
+
+@dataclass
+class DistillContext:
+    """What every method receives besides its own configuration."""
+
+    data: PreparedData
+    ipc: int
+    seed: int
+    device: torch.device
+    work_dir: Path  # checkpoints and logs of this run
+    data_root: str | None = None
+    resume: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    presets: ClassVar[dict[str, Any]] = {}
+    # The evaluation protocol a set made by this method is judged under by default.
+    default_protocol: ClassVar[str] = "classic"
+    # The preset used when none is named (None: the config class's defaults).
+    default_preset: ClassVar[str | None] = None
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"Method {self.name!r} needs a {self.config_class.__name__}.")
+        self.config = config
+
+    def plan(self, ctx: DistillContext) -> list[str]:
+        """Human-readable lines: what will run, and roughly how long it should take."""
+        return [f"{self.name}: {ctx.ipc} images per class of {ctx.data.spec.name}"]
+
+    @abstractmethod
+    def distill(self, ctx: DistillContext) -> SyntheticSet: ...
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def make_set(self, ctx: DistillContext, images: torch.Tensor, labels: torch.Tensor, *,
+                 label_kind: str = "hard", learned_lr: float | None = None, **fields) -> SyntheticSet:
+        """A SyntheticSet carrying this method's name and full configuration."""
+        data = ctx.data
+        return SyntheticSet(
+            images=images.detach().float().cpu(),
+            labels=labels.detach().cpu(),
+            label_kind=label_kind,
+            learned_lr=learned_lr,
+            classes=list(data.spec.classes),
+            preprocessing=data.preprocessing,
+            dataset=data.spec.name,
+            ipc=ctx.ipc,
+            method=self.name,
+            config={"method": self.name, **self.config_dict()},
+            seed=ctx.seed,
+            **fields,
+        )
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def decorate(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}.") from None
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(METHODS)
+
+
+def build_config(method_cls: type[Method], preset: str | None, overrides: dict[str, Any]) -> Any:
+    """Start from a named preset (or the defaults), apply overrides, validate once."""
+    preset = preset or method_cls.default_preset
+    if preset is not None:
+        if preset not in method_cls.presets:
+            known = ", ".join(sorted(method_cls.presets)) or "none"
+            raise ConfigError(f"Method {method_cls.name!r} has no preset {preset!r}; its presets: {known}.")
+        base = method_cls.presets[preset]
+    else:
+        base = method_cls.config_class()
+    valid = {f.name for f in dataclasses.fields(method_cls.config_class)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"Method {method_cls.name!r} has no setting {', '.join(unknown)}; "
+                          f"its settings: {', '.join(sorted(valid))}.")
+    return dataclasses.replace(base, **overrides)
+
+
+def _load_builtin_methods() -> None:
+    # Imported for their @register_method side effect.
+    from ddtool.methods import coresets, trajectory  # noqa: F401

@@ -1,0 +1,150 @@
+"""Baselines every distilled set is read against: a random real subset, herding and k-center.
+
+Herding and k-center select real images in the feature space of a network trained on the
+real training split (cached, so it is trained once per dataset and setting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ddtool.data import PreparedData, class_indices, sample_per_class
+from ddtool.errors import ConfigError
+from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.networks import create_network
+from ddtool.paths import cache_dir
+from ddtool.seeding import derive_seed, generator, seeded
+from ddtool.storage import SyntheticSet
+from ddtool.storage.atomic import atomic_path
+from ddtool.training import train_epoch
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    pass
+
+
+@register_method("random")
+class RandomSubset(Method):
+    """`ipc` real images per class, drawn uniformly at random: the baseline of every table."""
+
+    config_class = RandomConfig
+    presets = {"default": RandomConfig()}
+
+    def distill(self, ctx: DistillContext) -> SyntheticSet:
+        data = ctx.data
+        idx = sample_per_class(data.train_y, data.spec.num_classes, ctx.ipc, generator(ctx.seed, "random"))
+        return self.make_set(ctx, data.train_x[idx], data.train_y[idx])
+
+
+@dataclass(frozen=True)
+class FeatureSelectionConfig:
+    feature_arch: str = "convnet"
+    feature_width: int = 64
+    feature_epochs: int = 2
+    feature_lr: float = 0.01
+    feature_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.feature_epochs < 1 or self.feature_width < 1:
+            raise ConfigError("feature_epochs and feature_width must be positive.")
+
+
+class _FeatureSelection(Method):
+    """Shared by herding and k-center: embed each class, pick `ipc` images per class."""
+
+    config_class = FeatureSelectionConfig
+    presets = {"default": FeatureSelectionConfig()}
+
+    def plan(self, ctx: DistillContext) -> list[str]:
+        return [f"{self.name}: train (or load cached) a {self.config.feature_arch} feature network for "
+                f"{self.config.feature_epochs} epochs on {ctx.data.train_x.shape[0]} images, then select "
+                f"{ctx.ipc} per class"]
+
+    def select(self, features: torch.Tensor, ipc: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def distill(self, ctx: DistillContext) -> SyntheticSet:
+        data = ctx.data
+        net = feature_network(data, self.config, seed=ctx.seed, progress=ctx.progress)
+        chosen = []
+        for c, idx in enumerate(class_indices(data.train_y, data.spec.num_classes)):
+            if idx.numel() < ctx.ipc:
+                raise ConfigError(f"Class {data.spec.classes[c]!r} has {idx.numel()} training images; "
+                                  f"IPC {ctx.ipc} is too many.")
+            features = embed(net, data.train_x[idx])
+            chosen.append(idx[self.select(features, ctx.ipc)])
+        picked = torch.cat(chosen)
+        return self.make_set(ctx, data.train_x[picked], data.train_y[picked])
+
+
+@register_method("herding")
+class Herding(_FeatureSelection):
+    """Welling's herding: greedily add the image that brings the running mean of the selected
+    features closest to the class mean."""
+
+    def select(self, features: torch.Tensor, ipc: int) -> torch.Tensor:
+        mean = features.mean(dim=0)
+        selected: list[int] = []
+        total = torch.zeros_like(mean)
+        available = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        for k in range(1, ipc + 1):
+            # distance of the new running mean (total + f) / k to the class mean, for every f
+            gap = ((total + features) / k - mean).norm(dim=1)
+            gap[~available] = float("inf")
+            pick = int(gap.argmin())
+            selected.append(pick)
+            available[pick] = False
+            total += features[pick]
+        return torch.tensor(selected, dtype=torch.long)
+
+
+@register_method("kcenter")
+class KCenter(_FeatureSelection):
+    """Greedy k-center (farthest-first traversal), starting from the image nearest the class mean."""
+
+    def select(self, features: torch.Tensor, ipc: int) -> torch.Tensor:
+        first = int((features - features.mean(dim=0)).norm(dim=1).argmin())
+        selected = [first]
+        nearest = (features - features[first]).norm(dim=1)
+        for _ in range(ipc - 1):
+            pick = int(nearest.argmax())
+            selected.append(pick)
+            nearest = torch.minimum(nearest, (features - features[pick]).norm(dim=1))
+        return torch.tensor(selected, dtype=torch.long)
+
+
+@torch.no_grad()
+def embed(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate-layer features (the input of the network's linear head)."""
+    net.eval()
+    return torch.cat([net.embed(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+
+
+def feature_network(data: PreparedData, config: FeatureSelectionConfig, *, seed: int, progress: bool) -> torch.nn.Module:
+    spec = data.spec
+    options = {"width": config.feature_width} if config.feature_arch.startswith("convnet") else {}
+    with seeded(derive_seed(seed, "feature-network")):
+        net = create_network(config.feature_arch, channels=spec.channels, num_classes=spec.num_classes,
+                             image_size=spec.image_size, **options)
+    net = net.to(data.train_x.device)
+    key = {"dataset": spec.name, "preprocessing": data.preprocessing.describe(), "seed": seed,
+           "train_images": int(data.train_x.shape[0]), **{k: v for k, v in vars(config).items()}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir("feature-networks") / f"{digest}.pt"
+    if path.exists():
+        net.load_state_dict(torch.load(path, map_location=data.train_x.device))
+        return net
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.feature_lr, momentum=0.9, weight_decay=5e-4)
+    batches = generator(seed, "feature-network-batches")
+    for _ in tqdm(range(config.feature_epochs), desc="feature network", disable=not progress, leave=False):
+        train_epoch(net, data.train_x, data.train_y, optimizer=optimizer, batch_size=config.feature_batch_size,
+                    generator=batches)
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)
+    return net

@@ -1,0 +1,461 @@
+"""Trajectory matching (MTT and TESLA) over the shared engine.
+
+The outer loop is the same for every method of the family; a method differs in its
+configuration (presets) and in a few hooks: which start epochs to sample, how labels start
+and whether they are learned, what happens after each update. DATM, FTD and AST subclass
+`TrajectoryMatching` and override those hooks.
+
+Reproducibility: each outer iteration draws from its own generator derived from
+(seed, iteration), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ddtool.augment import DSA, DSAConfig
+from ddtool.data import sample_per_class
+from ddtool.errors import ConfigError, DDToolError
+from ddtool.evaluation import get_protocol, train_fresh_network
+from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
+from ddtool.matching.engine import BACKENDS
+from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.methods.experts import ExpertSource, expert_config_for, open_experts
+from ddtool.networks import ParamLayout, create_network
+from ddtool.seeding import derive_seed, generator, seeded
+from ddtool.storage import SyntheticSet
+from ddtool.storage.atomic import atomic_path
+
+LABEL_MODES = ("hard", "expert_soft", "learned")
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    # The student/expert network.
+    arch: str = "convnet"
+    width: int = 128
+    depth: int = 0  # 0: the default depth for the image size
+    zca: bool = False
+    # Experts (trained or found by configuration).
+    experts: int = 10
+    expert_train_epochs: int = 20
+    expert_lr: float = 0.01
+    expert_momentum: float = 0.0
+    expert_weight_decay: float = 0.0
+    expert_batch_size: int = 256
+    expert_optimizer: str = "sgd"  # sgd | sam | gsam (FTD's flat experts)
+    # Matching (methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    min_start_epoch: int = 0
+    max_start_epoch: int = 10
+    batch_syn: int = 0  # 0: the whole synthetic set at every inner step
+    backend: str = "exact"
+    augment: bool = True  # DSA inside the unroll
+    # Outer optimisation.
+    iterations: int = 1000
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_init: float = 0.01  # α₀
+    lr_label: float = 2.0
+    img_momentum: float = 0.5
+    lr_momentum: float = 0.5
+    label_momentum: float = 0.9
+    max_lr_growth: float = 100.0  # α beyond α₀ × this counts as divergence
+    labels: str = "hard"  # hard | expert_soft (TESLA) | learned (DATM)
+    soft_label_temperature: float = 1.0
+    init: str = "real"  # real | noise
+    # Bookkeeping.
+    checkpoint_every: int = 50
+    eval_every: int = 0  # validation evaluation period (0: only the final set)
+    eval_epochs: int = 300
+    max_rollbacks: int = 5
+
+    def __post_init__(self) -> None:
+        positive = ("experts", "expert_train_epochs", "syn_steps", "expert_epochs", "iterations",
+                    "checkpoint_every", "eval_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}.")
+        if self.labels not in LABEL_MODES:
+            raise ConfigError(f"labels must be one of {', '.join(LABEL_MODES)} (got {self.labels!r}).")
+        if self.init not in ("real", "noise"):
+            raise ConfigError(f"init must be 'real' or 'noise' (got {self.init!r}).")
+        if not 0 <= self.min_start_epoch < self.max_start_epoch:
+            raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
+        if self.max_start_epoch + self.expert_epochs > self.expert_train_epochs:
+            raise ConfigError(
+                f"Start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} need experts "
+                f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
+                f"(expert_train_epochs={self.expert_train_epochs})."
+            )
+        if min(self.lr_img, self.lr_lr, self.lr_init) <= 0:
+            raise ConfigError("lr_img, lr_lr and lr_init must be positive.")
+
+    def arch_options(self) -> dict:
+        options = {"width": self.width}
+        if self.depth:
+            options["depth"] = self.depth
+        return options
+
+
+# Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
+# "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 64).
+# "gpu": the full setting (width 128, more experts and iterations).
+FASHION_CPU = TrajectoryConfig(width=64, experts=5, expert_train_epochs=8, syn_steps=20, expert_epochs=2,
+                               max_start_epoch=4, iterations=300, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
+                               checkpoint_every=25)
+FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,
+                               max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
+                               checkpoint_every=200, eval_every=500)
+
+# The published MTT settings (methods.md §2): CIFAR experts are 50-epoch ConvNet-3 runs.
+_CIFAR = dict(experts=100, expert_train_epochs=50, iterations=5000)
+PUBLISHED_MTT = {
+    "cifar10-ipc1": TrajectoryConfig(syn_steps=50, expert_epochs=2, max_start_epoch=2, zca=True, lr_img=100,
+                                     lr_lr=1e-7, lr_init=0.01, **_CIFAR),
+    "cifar10-ipc10": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=20, zca=True, lr_img=100,
+                                      lr_lr=1e-5, lr_init=0.001, **_CIFAR),
+    "cifar10-ipc50": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=40, zca=False, lr_img=1000,
+                                      lr_lr=1e-5, lr_init=0.001, **_CIFAR),
+    "cifar100-ipc1": TrajectoryConfig(syn_steps=20, expert_epochs=3, max_start_epoch=20, zca=True, lr_img=1000,
+                                      lr_lr=1e-5, lr_init=0.01, **_CIFAR),
+    "cifar100-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=20, zca=False, lr_img=1000,
+                                       lr_lr=1e-5, lr_init=0.01, **_CIFAR),
+    "cifar100-ipc50": TrajectoryConfig(syn_steps=80, expert_epochs=2, max_start_epoch=40, batch_syn=125, zca=True,
+                                       lr_img=1000, lr_lr=1e-5, lr_init=0.01, **_CIFAR),
+    "tiny-ipc1": TrajectoryConfig(syn_steps=10, expert_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4,
+                                  lr_init=0.01, depth=4, **_CIFAR),
+    "tiny-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=200, lr_img=1e4,
+                                   lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
+    "tiny-ipc50": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=300, lr_img=1e4,
+                                   lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
+}
+
+
+@dataclass
+class MatchingState:
+    """Everything the outer loop changes; a checkpoint is exactly this."""
+
+    iteration: int
+    images: torch.Tensor
+    lr: torch.Tensor
+    label_logits: torch.Tensor | None
+    optimizer_states: dict
+    lr_scale: float = 1.0  # halved at each rollback
+    rollbacks: int = 0
+    best_val: float = -1.0
+    best: dict | None = None  # {"iteration", "images", "lr", "label_logits"} of the best validation score
+    extra: dict = dataclasses.field(default_factory=dict)  # subclass state (e.g. FTD's EMA)
+
+    def clone(self) -> "MatchingState":
+        return copy.deepcopy(self)
+
+
+class TrajectoryMatching(Method):
+    """MTT: match N student steps on the synthetic set to M expert epochs."""
+
+    config_class = TrajectoryConfig
+    default_protocol = "mtt"
+    default_preset = "fashion-cpu"
+    presets = {"fashion-cpu": FASHION_CPU, "fashion-gpu": FASHION_GPU,
+               **{f"mtt-{k}": v for k, v in PUBLISHED_MTT.items()}}
+
+    # ---- hooks for the methods built on this loop -------------------------------------------
+    def start_epoch_range(self, iteration: int) -> tuple[int, int]:
+        """Start epochs are drawn uniformly from [low, high)."""
+        return self.config.min_start_epoch, self.config.max_start_epoch
+
+    def initial_labels(self, ctx: DistillContext, real_labels: torch.Tensor) -> torch.Tensor | None:
+        """Learnable label logits, or None for fixed labels."""
+        if self.config.labels != "learned":
+            return None
+        return F.one_hot(real_labels, ctx.data.spec.num_classes).float() * 3.0
+
+    def fixed_targets(self, ctx: DistillContext, state: MatchingState, labels: torch.Tensor,
+                      forward, target_params: torch.Tensor) -> torch.Tensor:
+        if self.config.labels == "expert_soft":
+            # TESLA: the target-epoch expert's soft predictions on the current images.
+            with torch.no_grad():
+                logits = forward(target_params, state.images.detach())
+            return F.softmax(logits / self.config.soft_label_temperature, dim=1)
+        return labels
+
+    # ---- the loop --------------------------------------------------------------------------
+    def plan(self, ctx: DistillContext) -> list[str]:
+        c = self.config
+        lines = [
+            f"{self.name}: {ctx.ipc} images/class of {ctx.data.spec.name} ({ctx.ipc * ctx.data.spec.num_classes} images), "
+            f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
+            f"M={c.expert_epochs} expert epochs, start epochs [{c.min_start_epoch}, {c.max_start_epoch}), "
+            f"backend {c.backend}, labels {c.labels}",
+        ]
+        lines += self.experts_plan(ctx)
+        return lines
+
+    def experts_plan(self, ctx: DistillContext) -> list[str]:
+        from ddtool.methods.experts import describe_expert_plan
+
+        return describe_expert_plan(expert_config_for(self.config, ctx), ctx)
+
+    def distill(self, ctx: DistillContext) -> SyntheticSet:
+        c = self.config
+        data, device = ctx.data, ctx.device
+        experts = open_experts(expert_config_for(c, ctx), ctx)
+        spec = data.spec
+        with seeded(derive_seed(ctx.seed, "student")):
+            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
+                                 image_size=spec.image_size, **c.arch_options()).to(device)
+        layout = ParamLayout.from_module(net)
+        if layout.total != experts.num_params:
+            raise DDToolError(f"The experts have {experts.num_params} parameters but a {c.arch} with "
+                              f"{c.arch_options()} has {layout.total}: they were trained for another architecture.")
+
+        def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return layout.functional_forward(net, flat, x)
+
+        real_idx = sample_per_class(data.train_y, spec.num_classes, ctx.ipc, generator(ctx.seed, "init"))
+        real_labels = data.train_y[real_idx].to(device)
+        checkpoint = ctx.work_dir / "checkpoint.pt"
+        state = self._load_checkpoint(checkpoint, device) if ctx.resume and checkpoint.exists() else None
+        if state is None:
+            state = self._initial_state(ctx, real_idx, real_labels)
+        elif ctx.resume:
+            ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
+        images = state.images.requires_grad_(True)
+        lr = state.lr.requires_grad_(True)
+        label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
+        optimizers = self._optimizers(images, lr, label_logits, state.lr_scale)
+        if state.optimizer_states:
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state.optimizer_states[name])
+
+        backend = get_backend(c.backend)
+        dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
+        last_good = self._snapshot(state, images, lr, label_logits, optimizers)
+        log_path = ctx.work_dir / "log.jsonl"
+        if not ctx.resume and log_path.exists():
+            log_path.unlink()
+        bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
+        it = state.iteration
+        while it < c.iterations:
+            started = time.perf_counter()
+            rng = generator(ctx.seed, "iteration", it)
+            expert, start_epoch = experts.sample(rng, *self.start_epoch_range(it))
+            start = experts.params(expert, start_epoch).to(device)
+            target = experts.params(expert, start_epoch + c.expert_epochs).to(device)
+            syn = SyntheticBatch(images=images, lr=lr, label_logits=label_logits,
+                                 fixed_targets=None if label_logits is not None else
+                                 self.fixed_targets(ctx, state, real_labels, forward, target))
+            unroll = Unroll(forward=forward, start=start, steps=self._inner_steps(images.shape, rng, dsa),
+                            targets=[MatchTarget(step=c.syn_steps, params=target,
+                                                 normaliser=(start - target).pow(2).sum())],
+                            augmenter=dsa)
+            result = backend(unroll, syn)
+            diverged = self._diverged(result)
+            if not diverged:
+                images.grad, lr.grad = result.grad_images, result.grad_lr.reshape(lr.shape)
+                if label_logits is not None:
+                    label_logits.grad = result.grad_label_logits
+                for opt in optimizers.values():
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                diverged = self._diverged_after_step(images, lr, label_logits)
+            if diverged:
+                state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, it, diverged)
+                it += 1
+                state.iteration = it
+                bar.update(1)
+                continue
+            it += 1
+            state.iteration = it
+            state.images, state.lr, state.label_logits = images, lr, label_logits
+            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr), "expert": expert,
+                                 "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
+            if c.eval_every and it % c.eval_every == 0:
+                self._validate(ctx, state, real_labels)
+            if it % c.checkpoint_every == 0 or it == c.iterations:
+                state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+                self._save_checkpoint(checkpoint, state)
+                last_good = self._snapshot(state, images, lr, label_logits, optimizers)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr):.2e}")
+            bar.update(1)
+        bar.close()
+        return self._final_set(ctx, state, real_labels)
+
+    # ---- pieces of the loop -----------------------------------------------------------------
+    def _initial_state(self, ctx: DistillContext, real_idx: torch.Tensor, real_labels: torch.Tensor) -> MatchingState:
+        c, data = self.config, ctx.data
+        if c.init == "real":
+            images = data.train_x[real_idx].detach().clone()
+        else:
+            images = torch.randn(data.train_x[real_idx].shape, generator=generator(ctx.seed, "noise"))
+        images = images.to(ctx.device)
+        labels = self.initial_labels(ctx, data.train_y[real_idx])
+        return MatchingState(iteration=0, images=images, lr=torch.tensor(c.lr_init, device=ctx.device),
+                             label_logits=labels.to(ctx.device) if labels is not None else None,
+                             optimizer_states={})
+
+    def _optimizers(self, images, lr, label_logits, lr_scale: float) -> dict[str, torch.optim.Optimizer]:
+        c = self.config
+        optimizers = {
+            "images": torch.optim.SGD([images], lr=c.lr_img * lr_scale, momentum=c.img_momentum),
+            "lr": torch.optim.SGD([lr], lr=c.lr_lr * lr_scale, momentum=c.lr_momentum),
+        }
+        if label_logits is not None:
+            optimizers["labels"] = torch.optim.SGD([label_logits], lr=c.lr_label * lr_scale, momentum=c.label_momentum)
+        return optimizers
+
+    def _inner_steps(self, shape: torch.Size, rng: torch.Generator, dsa: DSA | None) -> list[InnerStep]:
+        """Minibatches walk through fresh permutations of the set; each step its own DSA draw."""
+        c = self.config
+        n_images, height, width = shape[0], shape[2], shape[3]
+        batch = min(c.batch_syn or n_images, n_images)
+        order: list[torch.Tensor] = []
+        steps = []
+        for _ in range(c.syn_steps):
+            if sum(o.numel() for o in order) < batch:
+                order.append(torch.randperm(n_images, generator=rng))
+            flat = torch.cat(order)
+            idx, rest = flat[:batch], flat[batch:]
+            order = [rest] if rest.numel() else []
+            aug = dsa.sample(idx.numel(), height, width, rng) if dsa is not None else None
+            steps.append(InnerStep(batch=idx, augmentation=aug))
+        return steps
+
+    def _diverged(self, result) -> str | None:
+        grads = [result.grad_images, result.grad_lr] + ([result.grad_label_logits]
+                                                       if result.grad_label_logits is not None else [])
+        if not math.isfinite(result.loss) or not all(torch.isfinite(g).all() for g in grads):
+            return "the matching loss or its gradient is NaN/inf"
+        return None
+
+    def _diverged_after_step(self, images, lr, label_logits) -> str | None:
+        c = self.config
+        if not torch.isfinite(images).all() or (label_logits is not None and not torch.isfinite(label_logits).all()):
+            return "the synthetic images or labels became NaN/inf"
+        if float(lr) <= 0:
+            return f"the learned step size went non-positive ({float(lr):.3g})"
+        if float(lr) > c.lr_init * c.max_lr_growth:
+            return f"the learned step size exploded ({float(lr):.3g} > {c.max_lr_growth:g} × α₀)"
+        return None
+
+    def _snapshot(self, state, images, lr, label_logits, optimizers) -> MatchingState:
+        snap = state.clone()
+        snap.images, snap.lr = images.detach().clone(), lr.detach().clone()
+        snap.label_logits = label_logits.detach().clone() if label_logits is not None else None
+        snap.optimizer_states = copy.deepcopy({k: o.state_dict() for k, o in optimizers.items()})
+        return snap
+
+    def _rollback(self, ctx: DistillContext, last_good: MatchingState, it: int, why: str):
+        """Return to the last good state with halved outer learning rates; give up after a few."""
+        state = last_good.clone()
+        state.rollbacks = last_good.rollbacks + 1
+        last_good.rollbacks = state.rollbacks
+        state.lr_scale = last_good.lr_scale * 0.5
+        last_good.lr_scale = state.lr_scale
+        if state.rollbacks > self.config.max_rollbacks:
+            raise DDToolError(
+                f"Distillation diverged {state.rollbacks} times ({why} at iteration {it + 1}); stopping rather than "
+                f"saving a broken set. Lower lr_img / lr_lr, or use fewer syn_steps.")
+        ctx.log(f"Iteration {it + 1}: {why}. Rolled back to iteration {last_good.iteration} and halved the outer "
+                f"learning rates (rollback {state.rollbacks} of at most {self.config.max_rollbacks}).")
+        images = state.images.requires_grad_(True)
+        lr = state.lr.requires_grad_(True)
+        label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
+        optimizers = self._optimizers(images, lr, label_logits, 1.0)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state.optimizer_states[name])
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+        state.images, state.lr, state.label_logits = images, lr, label_logits
+        return state, images, lr, label_logits, optimizers
+
+    def _validate(self, ctx: DistillContext, state: MatchingState, real_labels: torch.Tensor) -> None:
+        """Score the current set on the validation split; remember the best for saving."""
+        data = ctx.data
+        if data.val_x.shape[0] == 0:
+            return
+        protocol = get_protocol(self.default_protocol)
+        targets = self._eval_targets(state, real_labels)
+        score = train_fresh_network(state.images.detach(), targets, data, protocol=protocol, lr=float(state.lr),
+                                    arch=self.config.arch, arch_options=self.config.arch_options(),
+                                    seed=derive_seed(ctx.seed, "validation", state.iteration),
+                                    epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
+        ctx.log(f"Iteration {state.iteration}: validation accuracy {100 * score:.2f}%")
+        if score > state.best_val:
+            state.best_val = score
+            state.best = {"iteration": state.iteration, "images": state.images.detach().clone(),
+                          "lr": state.lr.detach().clone(),
+                          "label_logits": state.label_logits.detach().clone() if state.label_logits is not None else None}
+
+    def _eval_targets(self, state: MatchingState, real_labels: torch.Tensor) -> torch.Tensor:
+        if state.label_logits is not None:
+            return F.softmax(state.label_logits.detach() / self.config.soft_label_temperature, dim=1)
+        return real_labels
+
+    def _final_set(self, ctx: DistillContext, state: MatchingState, real_labels: torch.Tensor) -> SyntheticSet:
+        chosen = state.best if state.best is not None else {
+            "iteration": state.iteration, "images": state.images, "lr": state.lr, "label_logits": state.label_logits}
+        if chosen["label_logits"] is not None:
+            labels, kind = chosen["label_logits"], "logits"
+        else:
+            labels, kind = real_labels, "hard"
+        sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"]),
+                             label_temperature=self.config.soft_label_temperature)
+        sset.config["selected_iteration"] = chosen["iteration"]
+        return sset
+
+    @staticmethod
+    def _log(path: Path, record: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def _save_checkpoint(path: Path, state: MatchingState) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(dataclasses.asdict(state) | {"images": state.images.detach(), "lr": state.lr.detach(),
+                                                     "label_logits": state.label_logits.detach()
+                                                     if state.label_logits is not None else None}, tmp)
+
+    @staticmethod
+    def _load_checkpoint(path: Path, device: torch.device) -> MatchingState:
+        raw = torch.load(path, map_location=device, weights_only=False)
+        return MatchingState(**raw)
+
+
+@register_method("mtt")
+class MTT(TrajectoryMatching):
+    pass
+
+
+@register_method("tesla")
+class TESLA(TrajectoryMatching):
+    """TESLA: constant-memory matching with the target expert's soft labels.
+
+    The gradient backend is the exact adjoint by default (same memory as TESLA's rule, and
+    exact); `backend="tesla"` reproduces the published first-order rule.
+    """
+
+    presets = {name: dataclasses.replace(cfg, labels="expert_soft")
+               for name, cfg in TrajectoryMatching.presets.items()}
+
+
+def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
+    """Names the work folder of a run, so --resume finds it."""
+    key = json.dumps({"method": method, "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc,
+                      "seed": seed}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
