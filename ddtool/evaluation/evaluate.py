@@ -75,7 +75,7 @@ class EvaluationReport:
             "seed": self.seed,
             "device": self.device,
             "timestamp": self.timestamp,
-            **{f"synthetic_{k}": v for k, v in self.synthetic.to_dict().items()},
+            **self.synthetic.to_dict(),
             "baselines": {
                 name: acc.to_dict()
                 for name, acc in (("random_subset", self.random_subset), ("whole_dataset", self.whole_dataset))
@@ -154,7 +154,7 @@ def evaluate_images(
     return Accuracies(accs, seconds=time.perf_counter() - start)
 
 
-def _cached(key: dict, compute: Callable[[], Accuracies]) -> Accuracies:
+def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
     """Baselines are expensive and depend only on `key`: compute once, keep in the cache."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir("baselines") / f"{digest}.json"
@@ -162,6 +162,8 @@ def _cached(key: dict, compute: Callable[[], Accuracies]) -> Accuracies:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return Accuracies(stored["runs"], stored.get("seconds", 0.0))
+    if not compute_if_missing:
+        return None
     result = compute()
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
@@ -195,16 +197,17 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
 
 
 def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
-                            runs: int = 1, progress: bool = True) -> Accuracies:
+                            runs: int = 1, progress: bool = True, compute_if_missing: bool = True) -> Accuracies | None:
     """The same architecture and optimiser trained on the whole training split for
-    protocol.reference_epochs epochs (lr decay at the same fraction)."""
+    protocol.reference_epochs epochs (lr decay at the same fraction). With
+    compute_if_missing=False, only a cached result is returned (None if there is none)."""
     reference = dataclasses.replace(protocol, epochs=protocol.reference_epochs,
                                     batch_size=protocol.reference_batch_size)
     key = {"kind": "whole_dataset", "protocol": reference.to_dict(), "arch": arch, "seed": seed, "runs": runs,
            **_data_key(data)}
     return _cached(key, lambda: evaluate_images(
         data.train_x, data.train_y, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
-        desc="whole dataset", progress=progress))
+        desc="whole dataset", progress=progress), compute_if_missing=compute_if_missing)
 
 
 def evaluate_set(
@@ -216,10 +219,13 @@ def evaluate_set(
     seed: int = 0,
     runs: int | None = None,
     baselines: bool = True,
-    reference: bool = True,
+    reference: bool | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
-    """Evaluate a SyntheticSet under `protocol` on `arch`, with the matched baselines."""
+    """Evaluate a SyntheticSet under `protocol` on `arch`, with the matched baselines.
+
+    `reference`: True computes the whole-dataset reference if it is not cached, None uses it
+    only when cached (training on the whole split takes hours on a CPU), False skips it."""
     device = data.test_x.device
     soft = protocol.soft_labels and sset.label_kind != "hard"
     targets = sset.soft_targets() if soft else sset.hard_labels()
@@ -231,7 +237,7 @@ def evaluate_set(
     if baselines:
         report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
                                                       runs=runs, progress=progress)
-    if reference:
+    if reference is not False:
         report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
-                                                       progress=progress)
+                                                       progress=progress, compute_if_missing=bool(reference))
     return report

@@ -31,7 +31,7 @@ from ddtool.evaluation import get_protocol, train_fresh_network
 from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import BACKENDS
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.methods.experts import ExpertSource, expert_config_for, open_experts
+from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.networks import ParamLayout, create_network
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
@@ -55,6 +55,7 @@ class TrajectoryConfig:
     expert_weight_decay: float = 0.0
     expert_batch_size: int = 256
     expert_optimizer: str = "sgd"  # sgd | sam | gsam (FTD's flat experts)
+    expert_seed: int = 0  # experts are shared by runs of any seed; this picks the buffer
     # Matching (methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
     syn_steps: int = 20
     expert_epochs: int = 2
@@ -73,6 +74,7 @@ class TrajectoryConfig:
     lr_momentum: float = 0.5
     label_momentum: float = 0.9
     max_lr_growth: float = 100.0  # α beyond α₀ × this counts as divergence
+    min_lr_factor: float = 1e-3  # α is kept at or above α₀ × this (a negative step size is meaningless)
     labels: str = "hard"  # hard | expert_soft (TESLA) | learned (DATM)
     soft_label_temperature: float = 1.0
     init: str = "real"  # real | noise
@@ -104,6 +106,8 @@ class TrajectoryConfig:
             )
         if min(self.lr_img, self.lr_lr, self.lr_init) <= 0:
             raise ConfigError("lr_img, lr_lr and lr_init must be positive.")
+        if not 0 < self.min_lr_factor < 1 < self.max_lr_growth:
+            raise ConfigError("Need 0 < min_lr_factor < 1 < max_lr_growth.")
 
     def arch_options(self) -> dict:
         options = {"width": self.width}
@@ -207,8 +211,6 @@ class TrajectoryMatching(Method):
         return lines
 
     def experts_plan(self, ctx: DistillContext) -> list[str]:
-        from ddtool.methods.experts import describe_expert_plan
-
         return describe_expert_plan(expert_config_for(self.config, ctx), ctx)
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
@@ -220,8 +222,8 @@ class TrajectoryMatching(Method):
             net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
                                  image_size=spec.image_size, **c.arch_options()).to(device)
         layout = ParamLayout.from_module(net)
-        if layout.total != experts.num_params:
-            raise DDToolError(f"The experts have {experts.num_params} parameters but a {c.arch} with "
+        if layout.total != experts.layout.total:
+            raise DDToolError(f"The experts have {experts.layout.total} parameters but a {c.arch} with "
                               f"{c.arch_options()} has {layout.total}: they were trained for another architecture.")
 
         def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +231,7 @@ class TrajectoryMatching(Method):
 
         real_idx = sample_per_class(data.train_y, spec.num_classes, ctx.ipc, generator(ctx.seed, "init"))
         real_labels = data.train_y[real_idx].to(device)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / "checkpoint.pt"
         state = self._load_checkpoint(checkpoint, device) if ctx.resume and checkpoint.exists() else None
         if state is None:
@@ -254,7 +257,8 @@ class TrajectoryMatching(Method):
         while it < c.iterations:
             started = time.perf_counter()
             rng = generator(ctx.seed, "iteration", it)
-            expert, start_epoch = experts.sample(rng, *self.start_epoch_range(it))
+            low, high = self.start_epoch_range(it)
+            expert, start_epoch = experts.sample_segment(rng, high, c.expert_epochs, min_start=low)
             start = experts.params(expert, start_epoch).to(device)
             target = experts.params(expert, start_epoch + c.expert_epochs).to(device)
             syn = SyntheticBatch(images=images, lr=lr, label_logits=label_logits,
@@ -273,6 +277,9 @@ class TrajectoryMatching(Method):
                 for opt in optimizers.values():
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    lr_clamped = bool(lr < c.lr_init * c.min_lr_factor)
+                    lr.clamp_(min=c.lr_init * c.min_lr_factor)
                 diverged = self._diverged_after_step(images, lr, label_logits)
             if diverged:
                 state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, it, diverged)
@@ -283,7 +290,7 @@ class TrajectoryMatching(Method):
             it += 1
             state.iteration = it
             state.images, state.lr, state.label_logits = images, lr, label_logits
-            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr), "expert": expert,
+            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()), "lr_clamped": lr_clamped, "expert": expert,
                                  "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
                 self._validate(ctx, state, real_labels)
@@ -291,7 +298,7 @@ class TrajectoryMatching(Method):
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
                 self._save_checkpoint(checkpoint, state)
                 last_good = self._snapshot(state, images, lr, label_logits, optimizers)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr):.2e}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
         bar.close()
         return self._final_set(ctx, state, real_labels)
@@ -347,10 +354,9 @@ class TrajectoryMatching(Method):
         c = self.config
         if not torch.isfinite(images).all() or (label_logits is not None and not torch.isfinite(label_logits).all()):
             return "the synthetic images or labels became NaN/inf"
-        if float(lr) <= 0:
-            return f"the learned step size went non-positive ({float(lr):.3g})"
-        if float(lr) > c.lr_init * c.max_lr_growth:
-            return f"the learned step size exploded ({float(lr):.3g} > {c.max_lr_growth:g} × α₀)"
+        alpha = float(lr.detach())
+        if alpha > c.lr_init * c.max_lr_growth:
+            return f"the learned step size exploded ({alpha:.3g} > {c.max_lr_growth:g} × α₀)"
         return None
 
     def _snapshot(self, state, images, lr, label_logits, optimizers) -> MatchingState:
@@ -391,7 +397,7 @@ class TrajectoryMatching(Method):
             return
         protocol = get_protocol(self.default_protocol)
         targets = self._eval_targets(state, real_labels)
-        score = train_fresh_network(state.images.detach(), targets, data, protocol=protocol, lr=float(state.lr),
+        score = train_fresh_network(state.images.detach(), targets, data, protocol=protocol, lr=float(state.lr.detach()),
                                     arch=self.config.arch, arch_options=self.config.arch_options(),
                                     seed=derive_seed(ctx.seed, "validation", state.iteration),
                                     epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
@@ -414,7 +420,7 @@ class TrajectoryMatching(Method):
             labels, kind = chosen["label_logits"], "logits"
         else:
             labels, kind = real_labels, "hard"
-        sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"]),
+        sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"].detach()),
                              label_temperature=self.config.soft_label_temperature)
         sset.config["selected_iteration"] = chosen["iteration"]
         return sset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -21,9 +22,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
+    with _cleanup_on_failure(tmp, final):
         yield tmp
         os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Like atomic_path, for a folder: yield an empty temporary folder beside `path`, rename
+    it to `path` on success, delete it on failure.
+
+    `path` must not exist or be an empty folder (rename can replace only an empty folder; a
+    non-empty one is never deleted, to keep a mistyped output path from destroying data).
+    """
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise DDToolError(
+            f"{final} already exists and is not an empty folder. Choose another output folder, "
+            "or remove it first."
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    _remove(tmp)  # a leftover of a killed earlier run with the same pid
+    tmp.mkdir()
+    with _cleanup_on_failure(tmp, final):
+        yield tmp
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove `tmp` if the body fails; turn a full disk into a DDToolError naming `final`."""
+    try:
+        yield
     except OSError as exc:
         _remove(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -38,5 +69,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,130 @@
+"""`ddtool buffer` (train expert trajectories) and `ddtool buffer-merge` (merge shards)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ddtool.cli.main import cli
+from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
+
+_DEFAULTS = {f.name: f.default for f in fields(ExpertConfig)}
+
+
+def _default(name: str) -> Any:
+    return _DEFAULTS[name]
+
+
+@cli.command()
+@click.option("--dataset", default=_default("dataset"), show_default=True, help="Dataset name (see `ddtool datasets`).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder to look for the dataset in first.")
+@click.option("--arch", default=_default("arch"), show_default=True, help="Network of the experts.")
+@click.option("--width", type=int, help="Network width (ConvNet: feature maps per layer; default 128).")
+@click.option("--depth", type=int, help="Network depth (ConvNet: conv blocks; default from the image size).")
+@click.option("--experts", type=int, default=_default("experts"), show_default=True, help="Number of experts K.")
+@click.option("--epochs", type=int, default=_default("epochs"), show_default=True, help="Epochs per expert E.")
+@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True)
+@click.option("--lr", type=float, default=_default("lr"), show_default=True)
+@click.option("--momentum", type=float, default=_default("momentum"), show_default=True)
+@click.option("--weight-decay", type=float, default=_default("weight_decay"), show_default=True)
+@click.option("--lr-decay", type=click.Choice(LR_DECAYS), default=_default("lr_decay"), show_default=True,
+              help="step: x0.1 at half the epochs; cosine: per-epoch cosine to 0.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_default("optimizer"), show_default=True,
+              help="sam/gsam: sharpness-aware experts (FTD uses gsam); twice the cost of sgd.")
+@click.option("--rho", type=float, default=_default("rho"), show_default=True, help="SAM/GSAM radius.")
+@click.option("--gsam-alpha", type=float, default=_default("gsam_alpha"), show_default=True)
+@click.option("--adaptive/--no-adaptive", default=_default("adaptive"), show_default=True,
+              help="Adaptive (weight-scaled) SAM perturbation, as the published FTD code uses.")
+@click.option("--zca/--no-zca", default=_default("zca"), show_default=True, help="ZCA-whiten the images.")
+@click.option("--augment/--no-augment", default=_default("augment"), show_default=True, help="DSA augmentation.")
+@click.option("--ast-loss-scaling", is_flag=True, help="AST: scale the loss 0.50, 0.55 ... 0.95 over the first 10 epochs.")
+@click.option("--ast-input-grad-penalty", type=float, default=_default("ast_input_grad_penalty"), show_default=True,
+              help="AST: weight of (||d sum(logits)/dx|| - 1)^2; 0 = off (AST uses 2).")
+@click.option("--seed", type=int, default=_default("seed"), show_default=True, help="Expert i is fixed by (seed, i).")
+@click.option("--eval-every", type=int, default=_default("eval_every"), show_default=True,
+              help="Also measure test accuracy every N epochs (0: only at the end).")
+@click.option("--train-subset", type=int, help="Train on a seeded subset of this many images (quick runs).")
+@click.option("--shard", help="i/n: train only experts with index = i mod n, into <store>.shard-i-of-n.h5.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Store path [default: the cache, "
+              "$DDTOOL_CACHE or ~/.cache/ddtool, experts/<fingerprint>.h5].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the time estimate, train nothing.")
+def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, **settings) -> None:
+    """Train expert trajectories (for mtt, tesla, datm, ftd) into an HDF5 store.
+
+    Experts already in the store are skipped and an interrupted expert resumes from its last
+    epoch, so re-running the same command after a kill continues where it stopped. Without
+    --out the store goes to the cache, where `ddtool distill` finds it by configuration.
+
+    \b
+    Examples:
+      ddtool buffer --experts 10 --epochs 50                  # MTT experts, Fashion-MNIST
+      ddtool buffer --optimizer gsam --experts 10             # FTD's flat experts
+      ddtool buffer --shard 0/2 & ddtool buffer --shard 1/2   # two processes, then buffer-merge
+    """
+    from ddtool.data import prepare
+    from ddtool.device import resolve_device
+    from ddtool.experts.plan import estimate_training_time, format_duration, store_path_for, stored_experts
+    from ddtool.experts.runner import Shard, run_buffer
+    from ddtool.experts.store import ExpertStore
+
+    arch_options = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
+    config = ExpertConfig(dataset=dataset, arch=arch, arch_options=arch_options, **settings)
+    target = resolve_device(device)
+    parts = Shard.parse(shard) if shard else Shard()
+    store = Path(out) if out else store_path_for(config)
+    path = parts.store_path(store)
+
+    have = stored_experts(config, path)  # before loading data: a clashing store fails fast
+    click.echo(f"Loading {config.dataset}{' with ZCA whitening' if config.zca else ''} ...", err=True)
+    data = prepare(config.dataset, data_root, zca=config.zca, device=target)
+    mine = [i for i in range(config.experts) if parts.owns(i)]
+    missing = [i for i in mine if i not in have]
+
+    click.echo(f"Plan: {config.experts} experts x {config.epochs} epochs: {config.describe()}.")
+    click.echo(f"  store: {path}")
+    if parts.count > 1:
+        click.echo(f"  shard {parts.index}/{parts.count}: experts with index = {parts.index} mod {parts.count}")
+    click.echo(f"  already stored: {len(mine) - len(missing)}; to train: {len(missing)} on {target}")
+    if missing:
+        estimate = estimate_training_time(config, data, target, len(missing))
+        click.echo(f"  {estimate.train_images:,} training images (validation split excluded); "
+                   f"measured {estimate.images_per_second:,.0f} images/s")
+        click.echo(f"  estimated time: {format_duration(estimate.total_seconds)} "
+                   f"({format_duration(estimate.seconds_per_expert)} per expert)")
+    if dry_run:
+        return
+
+    result = run_buffer(config, store, data, target, shard=parts, progress=True)
+    with ExpertStore.open(result.path) as done:
+        accuracies = [r.test_accuracy for r in done.manifest.experts]
+        click.echo(f"Done: {result.path} holds {done.num_experts} experts "
+                   f"(trained now: {len(result.trained)}; mean final test accuracy "
+                   f"{sum(accuracies) / max(1, len(accuracies)):.4f}).")
+    if parts.count > 1:
+        shards = " ".join(str(Shard(i, parts.count).store_path(store)) for i in range(parts.count))
+        click.echo(f"When every shard is done: ddtool buffer-merge {shards} --out {store}")
+
+
+@cli.command("buffer-merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The merged store (created or extended).")
+def buffer_merge(shards, out) -> None:
+    """Merge expert stores of one configuration (shards of `ddtool buffer --shard i/n`) into one.
+
+    The merged store's expert files are hard links to the shards' when they share a file
+    system (no copy), copies otherwise; the shard stores can be deleted afterwards.
+    """
+    from ddtool.experts.runner import merge_shards
+    from ddtool.experts.store import read_manifest
+
+    path = merge_shards([Path(s) for s in shards], Path(out))
+    manifest = read_manifest(path)
+    indices = [r.index for r in manifest.experts]
+    gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+    click.echo(f"Merged {len(shards)} stores into {path}: {manifest.describe()}.")
+    if gaps:
+        click.echo(f"Missing experts: {gaps} (run the shards that train them, then merge again).")

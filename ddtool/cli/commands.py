@@ -1,0 +1,326 @@
+"""The `ddtool` subcommands other than `buffer` (ddtool/cli/buffer.py).
+
+Commands are thin: they parse options, call the library, print. All checks of input live in
+the library (typed configs validated once), so the CLI and the Python API behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import typing
+from pathlib import Path
+
+import click
+import torch
+
+from ddtool.cli import buffer  # noqa: F401  (registers `ddtool buffer`)
+from ddtool.cli.main import cli
+from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, search_paths
+from ddtool.device import resolve_device
+from ddtool.errors import ConfigError
+from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
+from ddtool.methods.base import DistillContext, build_config, get_method_class, list_methods
+from ddtool.paths import cache_dir
+from ddtool.storage import (
+    EXPORT_FORMATS,
+    IMPORT_FORMATS,
+    append_evaluation,
+    export_set,
+    import_set,
+    load_synthetic_set,
+    save_grid_png,
+    save_synthetic_set,
+)
+
+_data_root = click.option("--data-root", type=click.Path(file_okay=False), default=None,
+                          help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
+_device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+_seed = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Every random choice derives from it: a CPU run repeats bit for bit.")
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+# ---- datasets -------------------------------------------------------------------------------
+@cli.command()
+@_data_root
+def datasets(data_root: str | None) -> None:
+    """Which datasets ddtool knows, which are found on this machine, and where."""
+    click.echo(f"{'dataset':<15} {'images':<10} {'classes':>7}  found at")
+    for spec in list_specs():
+        where = locate(spec.name, data_root)
+        size = f"{spec.image_size}x{spec.image_size}x{spec.channels}"
+        found = str(where) if where else "not found (looked in: " + ", ".join(
+            str(p) for p in search_paths(spec.name, data_root)[:3]) + ", ...)"
+        default = " (default)" if spec.name == DEFAULT_DATASET else ""
+        click.echo(f"{spec.name + default:<15} {size:<10} {spec.num_classes or '?':>7}  {found}")
+    click.echo("\nAny ImageFolder (root/train/<class>/*.png, root/test/<class>/*.png) works as "
+               "--dataset folder:/path/to/root.")
+
+
+# ---- distill --------------------------------------------------------------------------------
+def _parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
+    """`--set key=value` pairs, each value converted to the type of the config field."""
+    hints = typing.get_type_hints(config_class)
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}.")
+        key, text = (part.strip() for part in pair.split("=", 1))
+        if key not in hints:
+            raise ConfigError(f"No setting {key!r}; settings: {', '.join(sorted(hints))}.")
+        overrides[key] = _convert(key, text, hints[key])
+    return overrides
+
+
+def _convert(key: str, text: str, hint) -> object:
+    kind = hint if isinstance(hint, type) else next((t for t in typing.get_args(hint) if t is not type(None)), str)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if kind in (int, float):
+            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        if kind in (dict, list, tuple):
+            return kind(json.loads(text))
+        return text
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--set {key}={text}: expected a {getattr(kind, '__name__', kind)}.") from None
+
+
+def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
+    return Path("synthetic_sets") / f"{dataset}_{method}_ipc{ipc}_seed{seed}.h5"
+
+
+@cli.command()
+@click.option("--method", "-m", default="mtt", show_default=True,
+              help="Distillation method: " + ", ".join(["mtt", "tesla", "random", "herding", "kcenter", "..."]))
+@click.option("--ipc", type=click.IntRange(min=1), default=10, show_default=True, help="Images per class.")
+@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True)
+@_data_root
+@click.option("--preset", default=None, help="A named configuration of the method (see --list-presets).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override one setting of the method's configuration (repeatable).")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Shortcut for --set iterations=N.")
+@click.option("--backend", type=click.Choice(["exact", "bptt", "tesla"]), default=None,
+              help="Gradient backend of trajectory matching (exact: constant memory and exact; default).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Where to save the set [default: synthetic_sets/<dataset>_<method>_ipc<N>_seed<S>.h5].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run with the same settings.")
+@click.option("--no-eval", is_flag=True, help="Save the set without evaluating it.")
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
+              help="Evaluation protocol [default: the method's own].")
+@click.option("--eval-runs", type=click.IntRange(min=1), default=None, help="Fresh networks to evaluate with.")
+@click.option("--eval-epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
+@click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
+@_seed
+@_device
+@_quiet
+def distill(method, ipc, dataset, data_root, preset, settings, iterations, backend, output, resume, no_eval,
+            protocol, eval_runs, eval_epochs, list_presets, seed, device, quiet) -> None:
+    """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
+
+    Finds or trains the expert trajectories it needs (cached by configuration), prints its
+    plan, checkpoints regularly (--resume continues an interrupted run to the same result),
+    saves one HDF5 file and, unless --no-eval, evaluates it beside the random-subset baseline
+    and the whole-dataset reference.
+    """
+    method_cls = get_method_class(method)
+    if list_presets:
+        default = method_cls.default_preset
+        for name, cfg in method_cls.presets.items():
+            click.echo(f"{name}{' (default)' if name == default else ''}: {cfg}")
+        return
+    overrides = _parse_overrides(method_cls.config_class, settings)
+    if iterations is not None:
+        overrides["iterations"] = iterations
+    if backend is not None:
+        overrides["backend"] = backend
+    config = build_config(method_cls, preset, overrides)
+    runner = method_cls(config)
+    torch_device = resolve_device(device)
+    spec = get_spec(dataset)
+    data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
+    out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
+    from ddtool.methods.trajectory import run_fingerprint
+
+    work_dir = cache_dir("runs", run_fingerprint(method, config, data.spec.name, ipc, seed))
+    ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
+                         resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo("Plan:")
+    for line in runner.plan(ctx):
+        click.echo(f"  - {line}")
+    click.echo(f"  - save to {out}" + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
+    click.echo(f"  - checkpoints and log in {work_dir}")
+    started = time.perf_counter()
+    sset = runner.distill(ctx)
+    sset.config["seconds"] = round(time.perf_counter() - started, 1)
+    sset.config["device"] = str(torch_device)
+    save_synthetic_set(out, sset)
+    click.echo(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
+    if not no_eval:
+        _evaluate_and_record(out, protocol or method_cls.default_protocol, ["convnet"], eval_runs, seed,
+                             data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs)
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str], runs: int | None, seed: int,
+                         data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
+                         reference: bool | None, epochs: int | None = None, record: bool = True) -> None:
+    sset = load_synthetic_set(path)
+    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
+    data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
+    click.echo(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
+               f"{protocol.name!r} protocol: {protocol.runs} fresh networks x {protocol.epochs} epochs.")
+    rows = []
+    for arch in archs:
+        report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
+                              reference=reference, progress=not quiet)
+        if record:
+            append_evaluation(path, report.to_record())
+        rows.append(report)
+    click.echo(f"\n{'architecture':<14} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
+    for r in rows:
+        cells = [str(r.synthetic), str(r.random_subset) if r.random_subset else "-",
+                 str(r.whole_dataset) if r.whole_dataset else "not cached"]
+        click.echo(f"{r.arch:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+    click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} runs; lr {rows[0].lr:.4g}, "
+               f"{rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
+    if any(r.whole_dataset is None for r in rows) and reference is None:
+        click.echo("The whole-dataset reference is computed once with `ddtool evaluate SET.h5 --reference` "
+                   "and cached (hours on a CPU).")
+    if record:
+        click.echo(f"Recorded in {path}.")
+
+
+@cli.command()
+@click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
+              help="Evaluation protocol [default: the method's own; mtt for sets with a learned lr].")
+@click.option("--arch", "archs", multiple=True, default=("convnet",), show_default=True,
+              help="Architecture(s) to train (repeat for cross-architecture transfer).")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="Fresh networks per architecture.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
+@click.option("--no-baselines", is_flag=True, help="Skip the matched random-subset baseline.")
+@click.option("--reference/--no-reference", default=None,
+              help="Compute the whole-dataset reference if it is not cached yet (hours on a CPU) / skip it. "
+                   "[default: show it when cached]")
+@click.option("--no-record", is_flag=True, help="Do not write the results into the file.")
+@_data_root
+@_seed
+@_device
+@_quiet
+def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, data_root, seed,
+             device, quiet) -> None:
+    """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
+    beside the matched random-subset baseline and the whole-dataset reference (both computed
+    once under the same protocol and cached), and record everything in the file."""
+    path = Path(set_path)
+    sset = load_synthetic_set(path)
+    if protocol is None:
+        try:
+            protocol = get_method_class(sset.method).default_protocol
+        except ConfigError:  # imported or foreign method name
+            protocol = "mtt" if sset.learned_lr is not None else "classic"
+    _evaluate_and_record(path, protocol, list(archs), runs, seed, data_root, resolve_device(device), quiet,
+                         baselines=not no_baselines, reference=reference, epochs=epochs,
+                         record=not no_record)
+
+
+# ---- info / show / export / import ----------------------------------------------------------
+@cli.command()
+@click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
+def info(set_path) -> None:
+    """Describe a synthetic set: what it is, how it was made, how it scored."""
+    sset = load_synthetic_set(set_path)
+    c, h, w = sset.image_shape
+    click.echo(f"{set_path}")
+    click.echo(f"  dataset      {sset.dataset} ({sset.num_classes} classes)")
+    click.echo(f"  method       {sset.method}, IPC {sset.ipc}, seed {sset.seed}")
+    click.echo(f"  images       {sset.num_images} x {c}x{h}x{w}")
+    labels = sset.label_kind + (f" (temperature {sset.label_temperature:g})" if sset.is_soft else "")
+    click.echo(f"  labels       {labels}")
+    click.echo(f"  learned lr   {sset.learned_lr:.6g}" if sset.learned_lr is not None else "  learned lr   -")
+    click.echo(f"  input space  {sset.preprocessing.describe()}")
+    click.echo(f"  made         {sset.created} with ddtool {sset.ddtool_version}")
+    if sset.teacher:
+        click.echo(f"  teacher      {sset.teacher['arch']} (saved in the file)")
+    if sset.extras:
+        click.echo("  extras       " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sset.extras.items()))
+    click.echo("  config       " + json.dumps(sset.config, sort_keys=True))
+    if not sset.evaluations:
+        click.echo("  evaluations  none yet (ddtool evaluate)")
+    for e in sset.evaluations:
+        base = e.get("baselines", {})
+        extra = "".join(f", {name.replace('_', ' ')} {100 * b['mean']:.2f} ± {100 * b['std']:.2f}"
+                        for name, b in base.items())
+        click.echo(f"  evaluation   {e['protocol']['name']} on {e['arch']}: {100 * e['mean']:.2f} ± "
+                   f"{100 * e['std']:.2f} over {len(e['runs'])} runs{extra} ({e.get('timestamp', '')})")
+
+
+@cli.command()
+@click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Images shown per class (one row per class).")
+def show(set_path, output, per_class) -> None:
+    """Save the images as a PNG grid, one row per class, un-whitened and de-normalised."""
+    sset = load_synthetic_set(set_path)
+    path = save_grid_png(sset, output, max_per_class=per_class)
+    click.echo(f"Wrote {path}")
+
+
+@cli.command("export")
+@click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--output", "-o", type=click.Path(), required=True,
+              help="Folder (imagefolder) or file (npz, torch) to write.")
+def export_command(set_path, fmt, output) -> None:
+    """Write a set as an ImageFolder of PNGs, an npz archive or a torch file."""
+    path = export_set(load_synthetic_set(set_path), output, fmt)
+    click.echo(f"Wrote {path}")
+
+
+@cli.command("import")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), required=True,
+              help="mtt: images/labels/lr tensors (MTT, DATM); dc: a DC-style dict; npz; torch.")
+@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True,
+              help="The dataset the set was distilled from.")
+@click.option("--zca/--no-zca", default=False, help="The images are in ZCA-whitened space.")
+@click.option("--ipc", type=click.IntRange(min=1), default=None, help="Images per class [default: inferred].")
+@click.option("--experiment", type=int, default=0, show_default=True, help="dc: which experiment of the file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The .h5 file to write.")
+@_data_root
+def import_command(sources, fmt, dataset, zca, ipc, experiment, output, data_root) -> None:
+    """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
+
+    The input space (mean/std and, with --zca, the ZCA fitted on the training split) is
+    rebuilt from the dataset, so the dataset's files must be found.
+    """
+    spec = get_spec(dataset)
+    preprocessing = None
+    if zca:
+        preprocessing = prepare(spec.name, data_root, zca=True).preprocessing
+    else:
+        from ddtool.data import Preprocessing
+
+        preprocessing = Preprocessing(spec.mean, spec.std)
+    classes = list(spec.classes) if spec.classes else None
+    sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
+                      dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment)
+    save_synthetic_set(output, sset)
+    click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"
+               f"{', learned lr %.4g' % sset.learned_lr if sset.learned_lr is not None else ''}) into {output}")
+
+
+@cli.command("methods")
+def methods_command() -> None:
+    """List the distillation methods, their presets and default evaluation protocols."""
+    for name in list_methods():
+        cls = get_method_class(name)
+        presets = ", ".join(cls.presets) or "-"
+        click.echo(f"{name:<10} protocol {cls.default_protocol:<8} presets: {presets}")
+
+

@@ -1,0 +1,113 @@
+"""Finding a cached store by configuration, and estimating what training the rest costs.
+
+Stores live in `<cache>/experts/<fingerprint>.h5` (cache: $DDTOOL_CACHE, else
+~/.cache/ddtool). A store serves any request for K experts of its fingerprint once it holds
+experts 0..K-1; `ddtool buffer` / `run_buffer` on the same path adds the missing ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddtool.data import PreparedData
+from ddtool.experts.config import ExpertConfig
+from ddtool.experts.manifest import raise_if_differences, settings_differences
+from ddtool.experts.store import read_manifest
+from ddtool.experts.train import build_setup, run_epoch, training_split
+from ddtool.seeding import derive_seed
+from ddtool.training import accuracy
+
+
+def default_cache_dir() -> Path:
+    from ddtool.data.cache import resolve_cache_dir
+
+    return resolve_cache_dir() / "experts"
+
+
+def store_path_for(config: ExpertConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return folder / f"{config.fingerprint()}.h5"
+
+
+def find_or_plan_store(config: ExpertConfig, cache_dir: str | os.PathLike | None = None) -> tuple[Path, list[int]]:
+    """(the store for `config` in the cache, the expert indices < config.experts it lacks).
+
+    An empty list means the store is ready; a missing store means all experts are missing.
+    A damaged or foreign file at that path raises FormatError (it is not silently replaced).
+    """
+    path = store_path_for(config, cache_dir)
+    have = stored_experts(config, path)
+    return path, [i for i in range(config.experts) if i not in have]
+
+
+def stored_experts(config: ExpertConfig, path: str | os.PathLike) -> set[int]:
+    """The indices of `config`'s experts already in the store at `path` (none if it does not
+    exist); ConfigError naming the differing settings if it holds another configuration."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    manifest = read_manifest(path)
+    if manifest.fingerprint != config.fingerprint():
+        raise_if_differences(
+            settings_differences(manifest.settings, config.trajectory_settings())
+            or [f"fingerprint {manifest.fingerprint} vs {config.fingerprint()}"],
+            f"The expert store {path} was made with a different configuration (store vs this run)",
+            "Use another --out path, or the same settings as that store.",
+        )
+    return {record.index for record in manifest.experts}
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    experts: int
+    epochs: int
+    train_images: int
+    images_per_second: float  # training throughput (augmentation and SAM's second pass included)
+    seconds_per_expert: float  # E epochs plus the final accuracy measurement
+
+    @property
+    def total_seconds(self) -> float:
+        return self.experts * self.seconds_per_expert
+
+
+def estimate_training_time(config: ExpertConfig, data: PreparedData, device: torch.device | str,
+                           experts: int, *, batches: int = 3) -> TrainingEstimate:
+    """Time `batches` training batches (after one warm-up batch) and one evaluation pass of the
+    same images with a throw-away network, and scale up to `experts` full experts."""
+    device = torch.device(device)
+    images, labels = training_split(config, data, device)
+    n_train, n_test = images.shape[0], data.test_x.shape[0]
+    # Expert 0's network, trained on a few batches and thrown away: only its speed matters,
+    # and nothing global (RNG, files) is touched.
+    setup = build_setup(config, 0, data, device, (images, labels))
+    seed = derive_seed(config.seed, "timing")
+    warm = min(n_train, config.batch_size)
+    run_epoch(config, setup, seed, 0, images[:warm], labels[:warm])
+    timed = min(n_train, batches * config.batch_size)
+    started = time.perf_counter()
+    run_epoch(config, setup, seed, 1, images[:timed], labels[:timed])  # ends in a sync (float())
+    train_ips = timed / max(time.perf_counter() - started, 1e-9)
+    started = time.perf_counter()
+    accuracy(setup.model, images[:timed], labels[:timed])
+    eval_ips = timed / max(time.perf_counter() - started, 1e-9)
+    per_expert = config.epochs * n_train / train_ips + (n_train + n_test) / eval_ips
+    return TrainingEstimate(experts, config.epochs, n_train, train_ips, per_expert)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"

@@ -1,0 +1,153 @@
+"""Filling a store: train the experts it lacks (resumable, shardable), and merge shards.
+
+Resuming is skipping: an expert is a pure function of (configuration, index), so experts
+already in the store are skipped and an interrupted expert continues from its per-epoch
+checkpoint; the store then equals an uninterrupted run's, bit for bit on CPU. Sharding is a
+partition of the indices (i mod n), each shard into its own store, merged afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ddtool.data import PreparedData
+from ddtool.errors import ConfigError
+from ddtool.experts.config import ExpertConfig
+from ddtool.experts.manifest import build_manifest, merge_differences, raise_if_differences
+from ddtool.experts.store import StoreWriter, read_manifest
+from ddtool.experts.train import expert_layout, train_expert, training_split
+from ddtool.training import EpochStats
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` trains the experts whose index is congruent to it mod count."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(f"Shard {self.index}/{self.count}: need 0 <= i < n (e.g. --shard 0/4 ... 3/4).")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """'i/n' -> Shard(i, n)."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard takes i/n (for example 0/4), got {text!r}.") from None
+        return cls(index, count)
+
+    def owns(self, expert: int) -> bool:
+        return expert % self.count == self.index
+
+    def store_path(self, store: Path) -> Path:
+        """Where this shard writes: the store itself, or `<store>.shard-i-of-n.h5` beside it."""
+        if self.count == 1:
+            return store
+        return store.with_name(f"{store.stem}.shard-{self.index}-of-{self.count}{store.suffix or '.h5'}")
+
+
+@dataclass(frozen=True)
+class BufferResult:
+    path: Path  # the store written (the shard's own store when sharded)
+    trained: tuple[int, ...]  # experts trained by this call
+    skipped: tuple[int, ...]  # experts of this shard already in the store
+
+
+def run_buffer(
+    config: ExpertConfig,
+    store_path: str | os.PathLike,
+    data: PreparedData,
+    device: torch.device | str = "cpu",
+    shard: Shard | tuple[int, int] = Shard(),
+    progress: bool = True,
+) -> BufferResult:
+    """Train this shard's experts 0..config.experts-1 that the store lacks, adding each to it
+    as soon as it is complete."""
+    shard = shard if isinstance(shard, Shard) else Shard(*shard)
+    device = torch.device(device)
+    path = shard.store_path(Path(store_path))
+    split = training_split(config, data, device)
+    manifest = build_manifest(config, data, expert_layout(config, data), train_images=split[0].shape[0])
+    writer = StoreWriter.open(path, manifest)
+    mine = [i for i in range(config.experts) if shard.owns(i)]
+    skipped = tuple(i for i in mine if i in writer.completed())
+    todo = [i for i in mine if i not in writer.completed()]
+
+    with ExitStack() as bars:
+        report = _Progress(bars, len(mine), len(skipped), config.epochs) if progress else None
+        for index in todo:
+            on_epoch = report.start_expert(index) if report else None
+            trajectory = train_expert(config, index, data, device, checkpoint=writer.checkpoint_path(index),
+                                      on_epoch=on_epoch, split=split)
+            writer.add(trajectory)
+            if report:
+                report.finish_expert(trajectory.test_accuracy)
+    return BufferResult(path, tuple(todo), skipped)
+
+
+def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Merge shard stores (and `out`, if it exists) into the store `out`, experts in index
+    order. ConfigError if they differ in configuration or hold the same expert twice."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ConfigError("Nothing to merge: name the shard stores.")
+    out = Path(out)
+    manifests = [read_manifest(p) for p in paths]
+    reference, reference_path = manifests[0], paths[0]
+    for path, manifest in zip(paths[1:], manifests[1:]):
+        raise_if_differences(
+            merge_differences(reference, manifest),
+            f"The shards {reference_path} and {path} were trained with different configurations",
+            "Only shards of one configuration (one `ddtool buffer` command with different --shard) merge.",
+        )
+    owner: dict[int, Path] = {}
+    for path, manifest in zip(paths, manifests):
+        for record in manifest.experts:
+            if record.index in owner and owner[record.index] != path:
+                raise ConfigError(f"Expert {record.index} is in both {owner[record.index]} and {path}; "
+                                  "merge each shard once.")
+            owner[record.index] = path
+    writer = StoreWriter.open(out, reference)  # checks an existing `out` against the shards
+    for path, manifest in zip(paths, manifests):
+        for record in manifest.experts:
+            writer.add_file(path.parent / record.file)
+    writer.flush()
+    return out
+
+
+class _Progress:
+    """Two tqdm bars: experts of this shard, and epochs of the current expert (images/s, ETA)."""
+
+    def __init__(self, bars: ExitStack, total: int, done: int, epochs: int):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.epochs = epochs
+        self.experts = bars.enter_context(tqdm(total=total, initial=done, desc="experts", unit="expert",
+                                               position=0, dynamic_ncols=True))
+        self.epoch_bar = bars.enter_context(tqdm(total=epochs, desc="epochs", unit="epoch", position=1,
+                                                 leave=False, dynamic_ncols=True))
+
+    def start_expert(self, index: int):
+        self.epoch_bar.reset(total=self.epochs)
+        self.epoch_bar.set_description(f"expert {index}", refresh=False)
+        self.epoch_bar.set_postfix_str("", refresh=False)  # the previous expert's numbers
+
+        def on_epoch(done: int, stats: EpochStats, seconds: float) -> None:
+            self.epoch_bar.update(done - self.epoch_bar.n)  # a resumed expert jumps to its epoch
+            self.epoch_bar.set_postfix(loss=f"{stats.loss:.3f}", img_s=f"{stats.images / max(seconds, 1e-9):,.0f}")
+
+        return on_epoch
+
+    def finish_expert(self, test_accuracy: float) -> None:
+        self.experts.update(1)
+        self.experts.set_postfix(last_test_acc=f"{test_accuracy:.4f}")

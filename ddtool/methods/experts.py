@@ -1,0 +1,53 @@
+"""How a trajectory method gets its experts: find a cached store by configuration, or train
+the missing experts (saying so, with an estimate), then check the store fits the run."""
+
+from __future__ import annotations
+
+from ddtool.experts import (
+    ExpertConfig,
+    ExpertStore,
+    estimate_training_time,
+    find_or_plan_store,
+    format_duration,
+    run_buffer,
+)
+from ddtool.methods.base import DistillContext
+
+
+def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
+    """The expert buffer a TrajectoryConfig needs on the run's dataset."""
+    return ExpertConfig(
+        dataset=ctx.data.spec.name,
+        arch=config.arch,
+        arch_options=config.arch_options(),
+        zca=config.zca,
+        experts=config.experts,
+        epochs=config.expert_train_epochs,
+        batch_size=config.expert_batch_size,
+        lr=config.expert_lr,
+        momentum=config.expert_momentum,
+        weight_decay=config.expert_weight_decay,
+        optimizer=config.expert_optimizer,
+        seed=config.expert_seed,
+    )
+
+
+def describe_expert_plan(expert_config: ExpertConfig, ctx: DistillContext) -> list[str]:
+    path, missing = find_or_plan_store(expert_config)
+    line = f"experts: {expert_config.experts} x {expert_config.epochs} epochs of {expert_config.describe()}"
+    if not missing:
+        return [line + f", found in {path}"]
+    estimate = estimate_training_time(expert_config, ctx.data, ctx.device, len(missing))
+    return [line + f"; {len(missing)} to train first (about {format_duration(estimate.total_seconds)} at "
+                   f"{estimate.images_per_second:.0f} images/s), cached in {path}"]
+
+
+def open_experts(expert_config: ExpertConfig, ctx: DistillContext) -> ExpertStore:
+    path, missing = find_or_plan_store(expert_config)
+    if missing:
+        ctx.log(f"Training {len(missing)} expert(s) into {path} (resumable; reused by later runs).")
+        run_buffer(expert_config, path, ctx.data, ctx.device, progress=ctx.progress)
+    store = ExpertStore.open(path, num_experts=expert_config.experts)
+    store.check_compatible(ctx.data.spec.name, expert_config.arch, expert_config.arch_options,
+                           ctx.data.preprocessing)
+    return store

@@ -1,0 +1,19 @@
+"""Networks by name and a flat-parameter view of any network.
+
+    create_network(name, *, channels, num_classes, image_size, generator=None, **options)
+    list_networks(); network_options(name); register_network(name); register_alias(name, base, **pinned)
+    ParamLayout.from_module(module): flatten / unflatten / load_ / functional_forward
+"""
+
+from ddtool.networks.registry import (
+    create_network, list_networks, network_options, register_alias, register_network,
+)
+from ddtool.networks.functional import ParamLayout
+
+# Importing the architecture modules registers them.
+from ddtool.networks import convnet, classic, resnet  # noqa: E402,F401
+
+__all__ = [
+    "ParamLayout", "create_network", "list_networks", "network_options", "register_alias",
+    "register_network",
+]

@@ -1,0 +1,514 @@
+"""Export synthetic sets to other formats, import sets made by other tools, draw a grid.
+
+Export: "imagefolder" (PNGs, one folder per class), "npz", "torch" (.pt dict).
+Import: "mtt" (MTT/DATM/FTD tensors saved with torch.save), "dc" (Dataset Condensation
+result dicts), "npz" and "torch" (also what export writes).
+
+Images are always kept in network space by npz/torch; PNGs hold pixels recovered with
+`Preprocessing.invert` (rounded to 8 bits, so they are for looking at and for tools that
+want pictures, not a lossless copy). `.pt` files are read with torch.load(weights_only=True):
+tensors and plain containers only, never arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddtool.data.preprocess import Preprocessing
+from ddtool.errors import ConfigError, FormatError
+from ddtool.storage.atomic import atomic_directory, atomic_path
+from ddtool.storage.synthetic_set import SyntheticSet, to_plain
+
+EXPORT_FORMATS = ("imagefolder", "npz", "torch")
+IMPORT_FORMATS = ("mtt", "dc", "npz", "torch")
+
+# Grid picture: pixels between tiles, and the value (white) of padding and empty tiles.
+GRID_PADDING = 2
+_GRID_BACKGROUND = 1.0
+
+_PREPROCESSING_PREFIX = "preprocessing_"
+
+PathLike = str | os.PathLike
+
+
+# ====================================================================== export
+def export_set(sset: SyntheticSet, out: PathLike, fmt: str) -> Path:
+    """Write `sset` to `out` in `fmt` (one of EXPORT_FORMATS); return the path written.
+
+    imagefolder: `out` is a folder (must not exist, or be empty) receiving
+        <class folder>/<index>.png per image (index = position in the set, zero-padded) and
+        labels.json (classes in order, their folder names, label kind, learned lr, the file of
+        each image, and for soft labels the stored label vector of each image). Soft-labelled
+        images go to the folder of their argmax class. Folder names are the class names with
+        "/" and other unsafe characters replaced; note that torchvision's ImageFolder numbers
+        folders alphabetically, which need not be the set's class order (labels.json has it).
+    npz / torch: `out` is a file with images, labels, learned_lr (when known), classes,
+        label_kind, label_temperature, dataset, ipc, method and preprocessing_<name> for every
+        array of Preprocessing.to_arrays() (mean, std, and zca_* with ZCA), all in network space.
+    """
+    writers: dict[str, Callable[[SyntheticSet, Path], None]] = {
+        "imagefolder": _export_imagefolder,
+        "npz": _export_npz,
+        "torch": _export_torch,
+    }
+    if fmt not in writers:
+        raise ConfigError(f"Unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+    out = Path(out)
+    writers[fmt](sset, out)
+    return out
+
+
+def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
+    pixels = sset.preprocessing.invert(sset.images.detach().cpu())
+    folders = class_folder_names(sset.classes)
+    classes_of_images = sset.hard_labels().tolist()
+    width = len(str(sset.num_images - 1))
+    files = []
+    with atomic_directory(out) as tmp:
+        for folder in folders:
+            (tmp / folder).mkdir()
+        for index, (image, cls) in enumerate(zip(pixels, classes_of_images)):
+            relative = f"{folders[cls]}/{index:0{width}d}.png"
+            _to_pil(image).save(tmp / relative, format="PNG")
+            files.append(relative)
+        meta: dict[str, Any] = {
+            "dataset": sset.dataset,
+            "classes": sset.classes,
+            "folders": folders,
+            "label_kind": sset.label_kind,
+            "label_temperature": sset.label_temperature,
+            "learned_lr": sset.learned_lr,
+            "files": files,
+        }
+        if sset.is_soft:
+            meta["soft_labels"] = sset.labels.cpu().tolist()
+        (tmp / "labels.json").write_text(json.dumps(meta, indent=1))
+
+
+def class_folder_names(classes: Sequence[str]) -> list[str]:
+    """File-system-safe, unique folder names for the classes, in class order.
+
+    "/" (as in Fashion-MNIST's "T-shirt/top"), "\\", control characters and leading dots are
+    replaced; a name that clashes with an earlier one gets its class index appended.
+    """
+    names: list[str] = []
+    for index, name in enumerate(classes):
+        safe = re.sub(r"[\x00-\x1f/\\]", "_", name).strip().lstrip(".") or f"class_{index}"
+        if safe in names:
+            safe = f"{safe}_{index}"
+        names.append(safe)
+    return names
+
+
+def _export_arrays(sset: SyntheticSet) -> dict[str, np.ndarray]:
+    """The contents shared by the npz and torch exports, as numpy arrays."""
+    arrays = {
+        "images": sset.images.detach().cpu().numpy(),
+        "labels": sset.labels.cpu().numpy(),
+        "classes": np.asarray(sset.classes, dtype=str),
+        "label_kind": np.asarray(sset.label_kind),
+        "label_temperature": np.float64(sset.label_temperature),
+        "dataset": np.asarray(sset.dataset),
+        "ipc": np.int64(sset.ipc),
+        "method": np.asarray(sset.method),
+    }
+    if sset.learned_lr is not None:
+        arrays["learned_lr"] = np.float64(sset.learned_lr)
+    for name, value in sset.preprocessing.to_arrays().items():
+        arrays[_PREPROCESSING_PREFIX + name] = np.asarray(value)
+    return arrays
+
+
+def _export_npz(sset: SyntheticSet, out: Path) -> None:
+    arrays = _export_arrays(sset)
+    # A file handle, not a name: np.savez would append ".npz" to the temporary name.
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def _export_torch(sset: SyntheticSet, out: Path) -> None:
+    # Strings stay strings (the class names a list); everything numeric becomes a tensor.
+    content = {
+        name: (array.tolist() if array.dtype.kind == "U" else torch.from_numpy(np.array(array)))
+        for name, array in _export_arrays(sset).items()
+    }
+    with atomic_path(out) as tmp:
+        torch.save(content, tmp)
+
+
+# ====================================================================== import
+def import_set(
+    source: PathLike | Sequence[PathLike],
+    fmt: str,
+    *,
+    dataset: str,
+    preprocessing: Preprocessing | None = None,
+    classes: Sequence[str] | None = None,
+    ipc: int | None = None,
+    label_kind: str | None = None,
+    label_temperature: float | None = None,
+    experiment: int = 0,
+    iteration: int | str | None = None,
+) -> SyntheticSet:
+    """Build a SyntheticSet from a set made by another tool; bad input raises FormatError.
+
+    source: one file, or for "mtt" a folder or the explicit files.
+      mtt: torch.save'd tensors as MTT/DATM/FTD write them: images_<it>.pt (N, C, H, W) in
+        network space, labels_<it>.pt (hard ids (N,), or DATM's soft logits (N, K)), optional
+        lr_<it>.pt (a scalar tensor or float). In a folder, `iteration` picks <it> (default
+        "best" when present, else the highest number); a DATM/FTD folder's "Normal" subfolder
+        is used when the folder itself has no images. images_zca_*.pt (un-whitened copies
+        for viewing) are ignored. Explicit files are recognised by the same names.
+      dc: a Dataset Condensation result dict {'data': [[images, labels], ...],
+        'accs_all_exps': {...}}; `experiment` picks the entry (default 0).
+      npz / torch: keys images, labels, classes (optional if `classes` is given), optional
+        learned_lr, label_kind, label_temperature and preprocessing_* (what export_set writes).
+    dataset: the dataset the images belong to (recorded; the caller builds preprocessing from it).
+    preprocessing: the input space of the images (mean/std and ZCA exactly as used when they
+        were made). Required unless the file carries it (npz/torch exports); when both are
+        present they must agree.
+    classes: class names; required unless the file carries them.
+    ipc: images per class; inferred as N / num_classes when not given.
+    label_kind: "logits" or "probs" for soft labels (default: the file's, else "logits", as
+        DATM saves logits); hard labels are recognised by their shape.
+    """
+    readers: dict[str, Callable[..., dict[str, Any]]] = {
+        "mtt": _read_mtt,
+        "dc": _read_dc,
+        "npz": _read_npz,
+        "torch": _read_torch_dict,
+    }
+    if fmt not in readers:
+        raise ConfigError(f"Unknown import format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}.")
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    if not paths:
+        raise FormatError(f"No input files were given to import ({fmt}).")
+    found = readers[fmt](paths, experiment=experiment, iteration=iteration)
+    sources = [str(p) for p in found.pop("sources")]
+    where = ", ".join(sources)
+    try:
+        return _assemble(found, fmt, sources, dataset=dataset, preprocessing=preprocessing, classes=classes,
+                         ipc=ipc, label_kind=label_kind, label_temperature=label_temperature)
+    except ConfigError as exc:
+        raise FormatError(f"Could not import {where} as a synthetic set ({fmt}): {exc}") from None
+
+
+def _assemble(found: dict[str, Any], fmt: str, sources: list[str], *, dataset: str,
+              preprocessing: Preprocessing | None, classes: Sequence[str] | None, ipc: int | None,
+              label_kind: str | None, label_temperature: float | None) -> SyntheticSet:
+    """Turn what a reader found into a SyntheticSet, filling in what the caller supplied."""
+    where = ", ".join(sources)
+    images = _tensor(found["images"], "images", where)  # shape, dtype, NaN: checked by SyntheticSet
+    labels = _tensor(found["labels"], "labels", where)
+    labels, kind = _labels_and_kind(labels, label_kind or found.get("label_kind"), where)
+
+    classes = list(classes) if classes is not None else found.get("classes")
+    if classes is None:
+        raise ConfigError("the file has no class names; pass the dataset's classes.")
+    stored_pre = found.get("preprocessing")
+    if preprocessing is None:
+        preprocessing = stored_pre
+        if preprocessing is None:
+            raise ConfigError("the file does not record its preprocessing; pass the dataset's "
+                              "(mean/std, and ZCA if the images were made with it).")
+    elif stored_pre is not None:
+        _check_same_preprocessing(preprocessing, stored_pre)
+
+    if ipc is None:
+        ipc = found.get("ipc")
+    if ipc is None:
+        if images.shape[0] % len(classes):
+            raise ConfigError(f"{images.shape[0]} images do not divide into {len(classes)} classes; "
+                              "give the IPC explicitly.")
+        ipc = images.shape[0] // len(classes)
+
+    temperature = label_temperature if label_temperature is not None else found.get("label_temperature", 1.0)
+    return SyntheticSet(
+        images=images,
+        labels=labels,
+        classes=classes,
+        preprocessing=preprocessing,
+        dataset=dataset,
+        ipc=int(ipc),
+        method=f"imported:{fmt}",
+        label_kind=kind,
+        label_temperature=float(temperature),
+        learned_lr=found.get("learned_lr"),
+        config={"format": fmt, "sources": sources, **found.get("config", {})},
+    )
+
+
+def _labels_and_kind(labels: torch.Tensor, kind: str | None, where: str) -> tuple[torch.Tensor, str]:
+    """Hard labels are 1-D class ids (float ids that are whole numbers are accepted, as some
+    code stores them so); soft labels are 2-D scores of the kind given or found."""
+    if labels.dim() == 1:
+        if labels.is_floating_point():
+            if not torch.equal(labels, labels.round()):
+                raise FormatError(f"The 1-D labels in {where} are not whole class ids.")
+            labels = labels.to(torch.int64)
+        return labels, "hard"
+    if labels.dim() == 2 and labels.is_floating_point():
+        kind = kind or "logits"
+        if kind not in ("logits", "probs"):
+            raise ConfigError(f"soft labels must be 'logits' or 'probs', not {kind!r}.")
+        return labels, kind
+    raise FormatError(f"The labels in {where} must be class ids (N,) or soft scores (N, K); got "
+                      f"{labels.dtype} {tuple(labels.shape)}.")
+
+
+def _check_same_preprocessing(given: Preprocessing, stored: Preprocessing) -> None:
+    same = (
+        np.allclose(given.mean, stored.mean)
+        and np.allclose(given.std, stored.std)
+        and (given.zca is None) == (stored.zca is None)
+    )
+    if not same:
+        raise ConfigError(
+            f"the file was made with {stored.describe()}, but {given.describe()} was given. The "
+            "images only make sense in the space they were made in; drop the override or fix it "
+            "(e.g. the --zca flag)."
+        )
+
+
+# ---------------------------------------------------------------------- readers
+_MTT_NAME = re.compile(r"^(?:ema_)?(images|labels|lr)_(.+)\.pt$")
+
+
+def _read_mtt(paths: list[Path], *, iteration: int | str | None, **_: Any) -> dict[str, Any]:
+    if len(paths) == 1 and paths[0].is_dir():
+        files, chosen = _mtt_files_in_folder(paths[0], iteration)
+    else:
+        files, chosen = {}, None
+        for path in paths:
+            match = _MTT_NAME.match(path.name)
+            if not match or match.group(2).startswith("zca"):
+                raise FormatError(
+                    f"{path} is not named like an MTT/DATM file (images_<it>.pt, labels_<it>.pt, "
+                    "lr_<it>.pt), so its role is unknown."
+                )
+            if match.group(1) in files:
+                raise FormatError(f"Two {match.group(1)} files were given: {files[match.group(1)]} and {path}.")
+            files[match.group(1)] = path
+    for role in ("images", "labels"):
+        if role not in files:
+            raise FormatError(f"The MTT/DATM import needs a {role}_<it>.pt file; none was given "
+                              f"(got {', '.join(str(p) for p in paths)}).")
+    found: dict[str, Any] = {
+        "images": _torch_load(files["images"]),
+        "labels": _torch_load(files["labels"]),
+        "sources": list(files.values()),
+        "config": {"iteration": chosen} if chosen is not None else {},
+    }
+    if "lr" in files:
+        found["learned_lr"] = _scalar(_torch_load(files["lr"]), files["lr"])
+    return found
+
+
+def _mtt_files_in_folder(folder: Path, iteration: int | str | None) -> tuple[dict[str, Path], str]:
+    by_iteration: dict[str, dict[str, Path]] = {}
+    for path in folder.glob("*.pt"):
+        match = _MTT_NAME.match(path.name)
+        if match and not path.name.startswith("ema_") and not match.group(2).startswith("zca"):
+            by_iteration.setdefault(match.group(2), {})[match.group(1)] = path
+    with_images = {it: roles for it, roles in by_iteration.items() if "images" in roles}
+    if not with_images:
+        if (folder / "Normal").is_dir():  # DATM/FTD keep the plain (non-EMA) set in Normal/
+            return _mtt_files_in_folder(folder / "Normal", iteration)
+        raise FormatError(f"{folder} holds no images_<it>.pt file: it is not an MTT/DATM output folder.")
+    if iteration is None:
+        chosen = "best" if "best" in with_images else max(with_images, key=_iteration_order)
+    else:
+        chosen = str(iteration)
+        if chosen not in with_images:
+            raise FormatError(f"{folder} has no images_{chosen}.pt; it has iterations "
+                              f"{', '.join(sorted(with_images, key=_iteration_order))}.")
+    return with_images[chosen], chosen
+
+
+def _iteration_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (-1, name)
+
+
+def _read_dc(paths: list[Path], *, experiment: int, **_: Any) -> dict[str, Any]:
+    path = _single(paths, "dc")
+    content = _torch_load(path)
+    if not isinstance(content, Mapping) or not isinstance(content.get("data"), (list, tuple)):
+        raise FormatError(f"{path} is not a Dataset Condensation result: expected a dict with a 'data' "
+                          "list of [images, labels] pairs.")
+    data = content["data"]
+    if not 0 <= experiment < len(data):
+        raise FormatError(f"{path} holds {len(data)} experiments (0..{len(data) - 1}); experiment "
+                          f"{experiment} does not exist.")
+    entry = data[experiment]
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+        raise FormatError(f"{path}: data[{experiment}] is not an [images, labels] pair.")
+    config: dict[str, Any] = {"experiment": experiment, "experiments_in_file": len(data)}
+    if content.get("accs_all_exps") is not None:
+        try:  # the accuracies the original code measured, kept for reference
+            config["published_accuracies"] = to_plain(content["accs_all_exps"], "accs_all_exps")
+        except ConfigError:  # something exotic: not worth failing the import for
+            pass
+    return {"images": entry[0], "labels": entry[1], "sources": [path], "config": config}
+
+
+def _read_npz(paths: list[Path], **_: Any) -> dict[str, Any]:
+    path = _single(paths, "npz")
+    _require_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            content = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError) as exc:  # not a zip / pickled objects / truncated
+        raise FormatError(f"{path} is not a readable npz file ({type(exc).__name__}: {exc}).") from None
+    return _from_export_dict(content, path)
+
+
+def _read_torch_dict(paths: list[Path], **_: Any) -> dict[str, Any]:
+    path = _single(paths, "torch")
+    content = _torch_load(path)
+    if not isinstance(content, Mapping):
+        raise FormatError(f"{path} does not hold a dict of tensors (found {type(content).__name__}).")
+    return _from_export_dict(dict(content), path)
+
+
+def _from_export_dict(content: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The keys export_set writes (and the minimal images/labels of foreign npz files)."""
+    for key in ("images", "labels"):
+        if key not in content:
+            raise FormatError(f"{path} lacks the {key!r} entry (it has {', '.join(sorted(content)) or 'none'}).")
+    found: dict[str, Any] = {"images": content["images"], "labels": content["labels"], "sources": [path]}
+    if "classes" in content:
+        found["classes"] = [str(c) for c in np.asarray(content["classes"]).ravel().tolist()]
+    if "learned_lr" in content:
+        found["learned_lr"] = _scalar(content["learned_lr"], path)
+    for key in ("label_kind", "label_temperature", "ipc"):
+        if key in content:
+            found[key] = _plain(content[key])
+    pre = {key[len(_PREPROCESSING_PREFIX):]: _numpy(value) for key, value in content.items()
+           if key.startswith(_PREPROCESSING_PREFIX)}
+    if pre:
+        found["preprocessing"] = Preprocessing.from_arrays(pre)
+    config = {key: _plain(content[key]) for key in ("dataset", "method") if key in content}
+    if config:
+        found["config"] = {"original": config}
+    return found
+
+
+# ---------------------------------------------------------------------- reading helpers
+def _numpy_safe_globals() -> list:
+    """numpy scalars inside DC result dicts (the accuracies) pickle as these; they only
+    rebuild numbers, so allowing them is safe. The scalar's module is numpy.core in files
+    from numpy 1.x and numpy._core from numpy 2, whichever numpy reads them."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    aliases = [(scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")]
+    dtypes = [np.dtype] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdg"]
+    return aliases + dtypes
+
+
+def _torch_load(path: Path) -> Any:
+    _require_file(path)
+    # torch < 2.5 has no safe_globals: numpy scalars are then refused (a clear FormatError).
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    allow_numpy = safe_globals(_numpy_safe_globals()) if safe_globals else contextlib.nullcontext()
+    try:
+        with allow_numpy:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a tensor file
+        raise FormatError(
+            f"{path} could not be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). It must be a file written by torch.save "
+            "holding tensors, numbers, strings, lists and dicts only; other pickled objects are "
+            "refused because loading them could run arbitrary code."
+        ) from None
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist (or is not a file).")
+
+
+def _single(paths: list[Path], fmt: str) -> Path:
+    if len(paths) != 1:
+        raise FormatError(f"The {fmt} import reads one file; {len(paths)} were given.")
+    return paths[0]
+
+
+def _tensor(value: Any, what: str, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return torch.from_numpy(np.array(value))
+    raise FormatError(f"The {what} in {where} are not a numeric tensor or array (found {type(value).__name__}).")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _plain(value: Any) -> Any:
+    """A 0-d array/tensor or Python value as a Python scalar or string."""
+    array = _numpy(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+
+
+def _scalar(value: Any, path: Path) -> float:
+    """A learned lr: saved as a 0-d/1-element tensor (DATM) or a Python float (some forks)."""
+    try:
+        array = _numpy(value).astype(np.float64)
+        if array.size != 1:
+            raise ValueError(f"{array.size} values")
+        return float(array.reshape(()))
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"The learned lr in {path} is not a single number ({exc}).") from None
+
+
+# ====================================================================== grid picture
+def save_grid_png(sset: SyntheticSet, path: PathLike, max_per_class: int = 10) -> Path:
+    """One PNG with a row per class showing its first `max_per_class` images (by hard label,
+    the argmax for soft labels), un-whitened and de-normalised with Preprocessing.invert
+    (clamped, not rescaled per image, so colours are what the network sees).
+
+    Size: height = K * (H + p) + p, width = cols * (W + p) + p, with p = GRID_PADDING and
+    cols = min(max_per_class, the largest class count); short rows are padded with white.
+    Grayscale for 1-channel images, RGB for 3.
+    """
+    if max_per_class < 1:
+        raise ConfigError(f"max_per_class must be at least 1, not {max_per_class}.")
+    labels = sset.hard_labels().cpu()
+    per_class = [torch.nonzero(labels == c).flatten()[:max_per_class] for c in range(sset.num_classes)]
+    cols = max(1, max(len(indices) for indices in per_class))
+    channels, height, width = sset.image_shape
+    pad = GRID_PADDING
+    canvas = torch.full((channels, sset.num_classes * (height + pad) + pad, cols * (width + pad) + pad),
+                        _GRID_BACKGROUND)
+    for row, indices in enumerate(per_class):
+        if len(indices) == 0:
+            continue
+        pixels = sset.preprocessing.invert(sset.images[indices].detach().cpu())
+        top = pad + row * (height + pad)
+        for col, image in enumerate(pixels):
+            left = pad + col * (width + pad)
+            canvas[:, top:top + height, left:left + width] = image
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _to_pil(canvas).save(tmp, format="PNG")
+    return path
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """A (C, H, W) tensor of [0, 1] pixels as an 8-bit PIL image (L, RGB or RGBA)."""
+    if image.shape[0] not in (1, 3, 4):
+        raise ConfigError(f"Images with {image.shape[0]} channels cannot be written as PNG (1, 3 or 4 needed).")
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array)  # mode from the shape

@@ -1,0 +1,114 @@
+"""Seconds per outer iteration and peak memory of each matching backend.
+
+ConvNet-3 on Fashion-MNIST-shaped data (28x28x1, 10 classes), IPC 10 (100 images, the whole
+set at every inner step), DSA on, N = 10, 20, 40, 80 student steps. Each (backend, N) runs in
+a fresh subprocess so peak memory is its own: on CPU the growth of peak RSS over the
+process's RSS before the first iteration, on CUDA torch.cuda.max_memory_allocated.
+
+    python scripts/bench_matching.py                 # CPU, width 128
+    python scripts/bench_matching.py --device cuda --iterations 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(backend: str, steps: int, device: str, width: int, ipc: int, iterations: int) -> dict:
+    from ddtool.augment import DSA, DSAConfig
+    from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
+    from ddtool.networks import ParamLayout, create_network
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = create_network("convnet", channels=1, num_classes=10, image_size=28, width=width).to(dev)
+    layout = ParamLayout.from_module(net)
+    start = layout.flatten(net).to(dev)
+    target = start + 0.01 * torch.randn(start.shape, generator=g).to(dev)
+    images = torch.randn(10 * ipc, 1, 28, 28, generator=g).to(dev).requires_grad_(True)
+    labels = torch.arange(10, device=dev).repeat_interleave(ipc)
+    lr = torch.tensor(0.01, device=dev, requires_grad=True)
+    dsa = DSA(DSAConfig())
+
+    def one_iteration() -> None:
+        steps_ = [InnerStep(batch=torch.randperm(images.shape[0], generator=g), augmentation=dsa.sample(images.shape[0], 28, 28, g))
+                  for _ in range(steps)]
+        unroll = Unroll(forward=lambda p, x: layout.functional_forward(net, p, x), start=start, steps=steps_,
+                        targets=[MatchTarget(steps, target, (start - target).pow(2).sum())], augmenter=dsa)
+        get_backend(backend)(unroll, SyntheticBatch(images=images, lr=lr, fixed_targets=labels))
+
+    one_iteration()  # warm-up (allocator, kernels)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mib()
+    began = time.perf_counter()
+    for _ in range(iterations):
+        one_iteration()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _peak_rss_mib() - base
+    return {"backend": backend, "steps": steps, "seconds": (time.perf_counter() - began) / iterations,
+            "peak_mib": peak}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40, 80])
+    parser.add_argument("--backends", nargs="+", default=["bptt", "tesla", "exact"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args()
+    if args.one:
+        backend, steps = args.one.split(":")
+        print(json.dumps(measure(backend, int(steps), args.device, args.width, args.ipc, args.iterations)))
+        return
+    rows = []
+    for steps in args.steps:
+        for backend in args.backends:
+            out = subprocess.run([sys.executable, __file__, "--one", f"{backend}:{steps}", "--device", args.device,
+                                  "--width", str(args.width), "--ipc", str(args.ipc),
+                                  "--iterations", str(args.iterations)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  measured {backend} N={steps}: {rows[-1]['seconds']:.2f} s, {rows[-1]['peak_mib']:.0f} MiB",
+                  file=sys.stderr)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nConvNet-3 width {args.width}, IPC {args.ipc} Fashion-MNIST shape, DSA on, {device_name}, torch {torch.__version__}\n")
+    print("| N | " + " | ".join(f"{b} s/it | {b} peak MiB" for b in args.backends) + " | exact/bptt time |")
+    print("|---|" + "---|---|" * len(args.backends) + "---|")
+    for steps in args.steps:
+        by = {r["backend"]: r for r in rows if r["steps"] == steps}
+        cells = " | ".join(f"{by[b]['seconds']:.2f} | {by[b]['peak_mib']:.0f}" for b in args.backends)
+        ratio = by["exact"]["seconds"] / by["bptt"]["seconds"] if {"exact", "bptt"} <= by.keys() else float("nan")
+        print(f"| {steps} | {cells} | {ratio:.2f}x |")
+    if {"exact"} <= set(args.backends) and len(args.steps) > 1:
+        peaks = [r["peak_mib"] for r in rows if r["backend"] == "exact"]
+        print(f"\nexact peak memory, N={args.steps[-1]} vs N={args.steps[0]}: {peaks[-1] / peaks[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Expert trajectories: SAM/GSAM steps, resumable/shardable buffers, the HDF5 store, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ddtool.experts.runner as runner_module
+import ddtool.experts.train as train_module
+from ddtool.data import DatasetSpec, RawDataset, get_spec, prepare_raw
+from ddtool.errors import ConfigError, FormatError
+from ddtool.experts import (
+    GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, merge_shards, read_manifest,
+    run_buffer, train_expert,
+)
+from ddtool.experts.losses import input_gradient_penalty
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- tiny data ---------------------------------------------------------------------------------
+
+
+def tiny_data(name: str = "fashion-mnist", *, zca: bool = False, size: int = 8, per_class: int = 4, seed: int = 0):
+    """A registry dataset's spec at `size` px with a few random images per class, prepared as
+    the real pipeline prepares it (validation split carved out, normalisation, ZCA)."""
+    spec = replace(get_spec(name), image_size=size)
+    g = torch.Generator().manual_seed(seed)
+    n, n_test = spec.num_classes * per_class, spec.num_classes * 2
+    raw = RawDataset(
+        spec,
+        torch.randint(0, 256, (n, spec.channels, size, size), generator=g, dtype=torch.uint8),
+        torch.arange(n) % spec.num_classes,
+        torch.randint(0, 256, (n_test, spec.channels, size, size), generator=g, dtype=torch.uint8),
+        torch.arange(n_test) % spec.num_classes,
+        Path("memory"),
+    )
+    return prepare_raw(raw, zca=zca, val_per_class=1)
+
+
+def tiny_config(**overrides) -> ExpertConfig:
+    values = dict(arch_options={"width": 8}, experts=3, epochs=3, batch_size=8, seed=7)
+    return ExpertConfig(**{**values, **overrides})
+
+
+def store_contents(path: Path) -> dict:
+    """Everything a store says, for equality between runs: manifest and every trajectory."""
+    with ExpertStore.open(path) as store:
+        # Where each expert's file lives depends on the store's name, nothing else does.
+        manifest = replace(store.manifest, experts=tuple(replace(r, file="") for r in store.manifest.experts))
+        params = {i: np.stack([store.params(i, e).numpy() for e in range(store.epochs + 1)])
+                  for i in store.expert_indices}
+    return {"manifest": manifest.to_json(), "params": params}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ca, cb = store_contents(a), store_contents(b)
+    assert ca["manifest"] == cb["manifest"]
+    assert ca["params"].keys() == cb["params"].keys()
+    for i in ca["params"]:
+        np.testing.assert_array_equal(ca["params"][i], cb["params"][i])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_data()
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, data):
+    """One uninterrupted run: 3 experts x 3 epochs, GSAM with momentum (optimiser state matters)."""
+    path = tmp_path_factory.mktemp("reference") / "store.h5"
+    run_buffer(tiny_config(optimizer="gsam", momentum=0.9), path, data, progress=False)
+    return path
+
+
+# -- SAM / GSAM against a hand computation ----------------------------------------------------------
+
+
+class Quadratic(nn.Module):
+    """f(theta) = 1/2 theta^T A theta + b^T theta, theta = (w1, w2) split over two tensors so
+    norms and inner products must be taken over all parameters jointly."""
+
+    A = np.array([[3.0, 0.5, -1.0], [0.5, 2.0, 0.3], [-1.0, 0.3, 1.5]])
+    b = np.array([0.2, -0.7, 0.4])
+
+    def __init__(self, theta):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.tensor(theta[:2], dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.tensor(theta[2:], dtype=torch.float64))
+
+    def loss(self):
+        theta = torch.cat([self.w1, self.w2])
+        A, b = torch.tensor(self.A), torch.tensor(self.b)
+        return 0.5 * theta @ A @ theta + b @ theta
+
+    @classmethod
+    def grad(cls, theta):
+        return cls.A @ theta + cls.b
+
+
+def sharpness_step(optimizer_cls, theta, *, lr, rho, adaptive, momentum=0.0, weight_decay=0.0, steps=1, **kw):
+    model = Quadratic(theta)
+    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer_cls(base, rho=rho, adaptive=adaptive, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = model.loss()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return torch.cat([model.w1, model.w2]).detach().numpy()
+
+
+def hand_direction(theta, *, rho, adaptive, alpha=None):
+    g = Quadratic.grad(theta)
+    if adaptive:
+        e = rho * theta**2 * g / np.linalg.norm(np.abs(theta) * g)
+    else:
+        e = rho * g / np.linalg.norm(g)
+    g_perturbed = Quadratic.grad(theta + e)
+    if alpha is None:
+        return g_perturbed
+    g_perp = g - (g @ g_perturbed) / (g_perturbed @ g_perturbed) * g_perturbed
+    return g_perturbed - alpha * g_perp
+
+
+THETA = np.array([0.8, -1.3, 0.45])
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_matches_hand_computation(adaptive):
+    got = sharpness_step(SAM, THETA, lr=0.1, rho=0.05, adaptive=adaptive)
+    expected = THETA - 0.1 * hand_direction(THETA, rho=0.05, adaptive=adaptive)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gsam_step_matches_hand_computation(adaptive):
+    got = sharpness_step(GSAM, THETA, lr=0.1, rho=0.05, adaptive=adaptive, alpha=0.3)
+    d = hand_direction(THETA, rho=0.05, adaptive=adaptive, alpha=0.3)
+    np.testing.assert_allclose(got, THETA - 0.1 * d, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(d, hand_direction(THETA, rho=0.05, adaptive=adaptive))  # GSAM != SAM here
+
+
+def test_gsam_two_steps_with_momentum_and_weight_decay():
+    lr, mom, wd, rho, alpha = 0.1, 0.9, 0.01, 0.05, 0.3
+    got = sharpness_step(GSAM, THETA, lr=lr, rho=rho, adaptive=False, alpha=alpha, momentum=mom,
+                         weight_decay=wd, steps=2)
+    theta, buf = THETA.copy(), None
+    for _ in range(2):
+        d = hand_direction(theta, rho=rho, adaptive=False, alpha=alpha) + wd * theta
+        buf = d if buf is None else mom * buf + d
+        theta = theta - lr * buf
+    np.testing.assert_allclose(got, theta, rtol=1e-12, atol=1e-14)
+
+
+# -- the training loss --------------------------------------------------------------------------
+
+
+def test_input_gradient_penalty_of_a_linear_model():
+    # logits = W x: d sum(logits)/dx = column sums of W, the same for every sample.
+    model = nn.Linear(3, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]]))
+    penalty, _ = input_gradient_penalty(model, torch.randn(4, 3, dtype=torch.float64), 2.0)
+    expected = 2.0 * (np.linalg.norm([1.5, 1.0, 2.0]) - 1.0) ** 2
+    assert penalty.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_ast_loss_scaling_schedule():
+    config = tiny_config(ast_loss_scaling=True, epochs=20)
+    assert [config.loss_scale_at(e) for e in (0, 1, 9, 10, 19)] == pytest.approx([0.5, 0.55, 0.95, 1.0, 1.0])
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_fingerprint_identifies_trajectories_not_their_number():
+    base = tiny_config()
+    assert base.fingerprint() == replace(base, experts=50).fingerprint()
+    assert base.fingerprint() == replace(base, eval_every=1).fingerprint()
+    assert base.fingerprint() == replace(base, rho=0.5).fingerprint()  # no effect on plain SGD
+    assert base.fingerprint() != replace(base, lr=0.02).fingerprint()
+    assert base.fingerprint() != replace(base, optimizer="gsam").fingerprint()
+    assert replace(base, optimizer="gsam").fingerprint() != replace(base, optimizer="gsam", gsam_alpha=1.0).fingerprint()
+    assert ExpertConfig(arch_options={}).fingerprint() == ExpertConfig(arch_options={"width": 128}).fingerprint()
+
+
+@pytest.mark.parametrize("bad", [dict(optimizer="adam"), dict(epochs=0), dict(lr=-1.0), dict(lr_decay="linear"),
+                                 dict(arch_options={"widht": 3}), dict(arch="nonet"), dict(dataset="nope")])
+def test_invalid_configuration_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        ExpertConfig(**bad)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone(data):
+    config = tiny_config(epochs=2)
+    rng_before = torch.get_rng_state()
+    first = train_expert(config, 1, data)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    again = train_expert(config, 1, data)
+    other = train_expert(config, 2, data)
+    assert first.params.shape == (3, other.params.shape[1]) and first.params.dtype == torch.float32
+    assert torch.equal(first.params, again.params)
+    assert not torch.equal(first.params[0], other.params[0])
+    assert not torch.equal(first.params[0], first.params[1])
+    assert 0.0 <= first.test_accuracy <= 1.0 and len(first.epoch_loss) == 2
+
+
+# -- resume and shards --------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_between_experts(tmp_path, data, reference_store, monkeypatch):
+    config, path = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    real = runner_module.train_expert
+
+    def dies_at_expert_2(config, index, *args, **kwargs):
+        if index == 2:
+            raise Killed
+        return real(config, index, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_expert", dies_at_expert_2)
+    with pytest.raises(Killed):
+        run_buffer(config, path, data, progress=False)
+    assert ExpertStore.open(path).num_experts == 2  # experts 0 and 1 complete, 2 absent
+    monkeypatch.setattr(runner_module, "train_expert", real)
+    result = run_buffer(config, path, data, progress=False)
+    assert result.skipped == (0, 1) and result.trained == (2,)
+    assert_same_store(path, reference_store)
+
+
+def test_resume_mid_expert_continues_from_its_last_epoch(tmp_path, data, reference_store, monkeypatch):
+    config, path = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    real, calls = train_module.train_epoch, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", counting)
+    kill_at = 3 + 2 + 1  # expert 0's three epochs, two of expert 1's, then die in its third
+    with pytest.raises(Killed):
+        run_buffer(config, path, data, progress=False)
+    calls.clear()
+    kill_at = -1
+    run_buffer(config, path, data, progress=False)
+    assert len(calls) == 1 + 3  # expert 1's last epoch, then expert 2
+    assert_same_store(path, reference_store)
+    assert not list((tmp_path / "store.experts").glob("*.partial.pt"))
+
+
+def test_two_shards_merged_equal_one_run(tmp_path, data, reference_store):
+    config, store = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    results = [run_buffer(config, store, data, shard=Shard(i, 2), progress=False) for i in (1, 0)]
+    assert [r.path.name for r in results] == ["store.shard-1-of-2.h5", "store.shard-0-of-2.h5"]
+    assert ExpertStore.open(results[0].path).expert_indices == (1,)
+    merged = merge_shards([r.path for r in results], tmp_path / "merged.h5")
+    assert list(h5py.File(merged)["experts"]) == ["0", "1", "2"]
+    assert_same_store(merged, reference_store)
+
+
+def test_merge_refuses_shards_of_different_configurations(tmp_path, data):
+    a = run_buffer(tiny_config(experts=1, epochs=1), tmp_path / "a.h5", data, progress=False).path
+    b = run_buffer(tiny_config(experts=1, epochs=1, lr=0.02), tmp_path / "b.h5", data, progress=False).path
+    with pytest.raises(ConfigError, match="lr"):
+        merge_shards([a, b], tmp_path / "merged.h5")
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_buffer(tiny_config(experts=1, epochs=1, lr=0.02), a, data, progress=False)
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+def test_store_reads_single_epochs(reference_store, data):
+    trajectory = train_expert(tiny_config(optimizer="gsam", momentum=0.9), 1, data)
+    with ExpertStore.open(reference_store) as store:
+        assert (store.num_experts, store.epochs, store.layout.total) == (3, 3, trajectory.params.shape[1])
+        assert torch.equal(store.params(1, 2), trajectory.params[2])
+        start, target = store.segment(1, 1, 2)
+        assert torch.equal(start, trajectory.params[1]) and torch.equal(target, trajectory.params[3])
+        seeds = store.manifest.experts[1].seed
+        assert seeds == trajectory.seed
+        g = torch.Generator().manual_seed(0)
+        draws = [store.sample_segment(g, max_start=2, span=1) for _ in range(50)]
+        assert {e for e, _ in draws} == {0, 1, 2} and {s for _, s in draws} == {0, 1}
+        with pytest.raises(ConfigError):
+            store.sample_segment(g, max_start=3, span=2)
+    # Plain h5py sees one store; each epoch is its own chunk, so a row read touches one chunk.
+    with h5py.File(reference_store, "r") as f:
+        params = f["experts/1/params"]
+        assert params.chunks == (1, params.shape[1])
+        np.testing.assert_array_equal(params[2], trajectory.params[2].numpy())
+        assert f.attrs["format"] == "ddtool.expert_store" and list(f.attrs["expert_indices"]) == [0, 1, 2]
+    assert ExpertStore.open(reference_store, num_experts=2).expert_indices == (0, 1)
+    with pytest.raises(ConfigError, match="missing"):
+        ExpertStore.open(reference_store, num_experts=5)
+
+
+def test_store_rejects_mismatched_runs(reference_store, data):
+    store = ExpertStore.open(reference_store)
+    store.check_compatible("fashion-mnist", "convnet", {"width": 8}, data.preprocessing)  # the right one
+    with pytest.raises(ConfigError, match="dataset"):
+        store.check_compatible("mnist", "convnet", {"width": 8}, tiny_data("mnist").preprocessing)
+    with pytest.raises(ConfigError, match="architecture"):
+        store.check_compatible("fashion-mnist", "mlp", {}, data.preprocessing)
+    with pytest.raises(ConfigError, match="width"):
+        store.check_compatible("fashion-mnist", "convnet", {}, data.preprocessing)
+    with pytest.raises(ConfigError, match="ZCA"):
+        store.check_compatible("fashion-mnist", "convnet", {"width": 8}, tiny_data(zca=True).preprocessing)
+
+
+def test_foreign_and_corrupt_files_are_format_errors(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all" * 10)
+    for path in (foreign, garbage):
+        with pytest.raises(FormatError):
+            ExpertStore.open(path)
+
+
+def test_cache_lookup_finds_a_store_by_configuration(tmp_path, data):
+    config = tiny_config(experts=2, epochs=1)
+    path, missing = find_or_plan_store(config, tmp_path)
+    assert path == tmp_path / f"{config.fingerprint()}.h5" and missing == [0, 1]
+    run_buffer(config, path, data, progress=False)
+    assert find_or_plan_store(config, tmp_path) == (path, [])
+    assert find_or_plan_store(replace(config, experts=1), tmp_path) == (path, [])  # more serves fewer
+    assert find_or_plan_store(replace(config, experts=4), tmp_path) == (path, [2, 3])
+    assert read_manifest(path).fingerprint == config.fingerprint()
+
+
+# -- the CLI, through a real process ------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x0800 | array.ndim
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 100), ("t10k", 20)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    out = tmp_path / "experts.h5"
+    args = [sys.executable, "-m", "ddtool", "buffer", "--data-root", str(root), "--width", "4", "--depth", "1",
+            "--experts", "2", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "DDTOOL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+
+    def run(*extra):
+        return subprocess.run(args + list(extra), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "Plan: 2 experts x 2 epochs" in first.stdout and "estimated time" in first.stdout
+    with ExpertStore.open(out) as store:
+        assert (store.num_experts, store.epochs) == (2, 2)
+        assert store.manifest.dataset["train_images"] == 90  # one validation image per class carved out
+    again = run()
+    assert again.returncode == 0 and "to train: 0" in again.stdout
+    clash = run("--lr", "0.5")
+    assert clash.returncode == 2 and "different configuration" in clash.stderr and "Traceback" not in clash.stderr

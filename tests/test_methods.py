@@ -1,0 +1,167 @@
+"""Methods end to end on tiny data: coresets, MTT/TESLA outer loop, resume, rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_prepared
+from ddtool.errors import ConfigError, DDToolError
+from ddtool.methods import trajectory
+from ddtool.methods.base import DistillContext, build_config, get_method_class
+from ddtool.methods.coresets import Herding, KCenter
+
+
+def context(tmp_path, data, ipc=1, seed=0, resume=False):
+    return DistillContext(data=data, ipc=ipc, seed=seed, device=torch.device("cpu"), work_dir=tmp_path / "run",
+                          resume=resume, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_prepared(per_class=6)
+
+
+def tiny_mtt(**overrides):
+    values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, expert_epochs=1,
+                  max_start_epoch=2, iterations=6, checkpoint_every=2, lr_img=10.0, lr_lr=1e-4, lr_init=0.01)
+    return trajectory.TrajectoryConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("method", ["random", "herding", "kcenter"])
+def test_coresets_pick_real_images_class_by_class(tmp_path, data, method):
+    cls = get_method_class(method)
+    sset = cls(build_config(cls, None, {"feature_width": 8, "feature_epochs": 1} if method != "random" else {})) \
+        .distill(context(tmp_path, data, ipc=2))
+    assert sset.images.shape == (20, 1, 8, 8)
+    assert sset.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    # every chosen image is a real training image of its class
+    for image, label in zip(sset.images, sset.labels):
+        match = (data.train_x == image).flatten(1).all(dim=1)
+        assert match.any() and int(data.train_y[match.nonzero()[0, 0]]) == int(label)
+
+
+def test_herding_and_kcenter_selection_rules_on_hand_features():
+    features = torch.tensor([[0.0, 0.0], [10.0, 0.0], [1.0, 1.0], [-1.0, -1.0], [0.0, 9.0]])
+    # mean = (2, 1.8); herding first takes the point closest to it, (1, 1)
+    assert Herding.select(None, features, 1).tolist() == [2]
+    # k-center starts at the point nearest the mean, then the farthest from it: (10, 0)
+    assert KCenter.select(None, features, 2).tolist() == [2, 1]
+    # next farthest from {(1,1), (10,0)} is (0, 9)
+    assert KCenter.select(None, features, 3).tolist() == [2, 1, 4]
+
+
+def test_ipc_larger_than_a_class_is_a_clear_error(tmp_path, data):
+    cls = get_method_class("random")
+    with pytest.raises(DDToolError, match="per class"):
+        cls(build_config(cls, None, {})).distill(context(tmp_path, data, ipc=50))
+
+
+def test_unknown_method_and_setting_are_config_errors():
+    with pytest.raises(ConfigError, match="Unknown method"):
+        get_method_class("nope")
+    with pytest.raises(ConfigError, match="no setting"):
+        build_config(get_method_class("mtt"), None, {"ee": 2})
+    with pytest.raises(ConfigError, match="expert_train_epochs"):
+        tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
+
+
+def test_mtt_distills_and_saves_learned_lr(tmp_path, data):
+    sset = trajectory.MTT(tiny_mtt()).distill(context(tmp_path, data))
+    assert sset.images.shape == (10, 1, 8, 8) and sset.label_kind == "hard"
+    assert sset.learned_lr is not None and sset.learned_lr != 0.01  # α was learned
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(1, 7))
+    assert all(0 <= r["start_epoch"] < 2 for r in log)
+
+
+def test_learned_lr_is_kept_positive(tmp_path, data):
+    sset = trajectory.MTT(tiny_mtt(lr_lr=10.0, max_lr_growth=1e9)).distill(context(tmp_path, data))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(r["lr_clamped"] for r in log)
+    floor = 0.01 * 1e-3 * (1 - 1e-6)  # float32 rounding of the floor
+    assert all(r["lr"] >= floor for r in log) and sset.learned_lr >= floor
+
+
+def test_tesla_uses_the_target_experts_soft_labels(tmp_path, data, monkeypatch):
+    seen = []
+    original = trajectory.SyntheticBatch
+
+    def spy(**kwargs):
+        seen.append(kwargs["fixed_targets"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(trajectory, "SyntheticBatch", spy)
+    trajectory.TESLA(tiny_mtt(labels="expert_soft", iterations=2)).distill(context(tmp_path, data))
+    targets = seen[0]
+    assert targets.shape == (10, 10) and torch.allclose(targets.sum(1), torch.ones(10))
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
+    config = tiny_mtt()
+    uninterrupted = trajectory.MTT(config).distill(context(tmp_path / "a", data))
+
+    calls = {"n": 0}
+    original = trajectory.TrajectoryMatching._log
+
+    def killed_after_iteration_5(path, record):
+        original(path, record)
+        calls["n"] += 1
+        if calls["n"] == 5:  # checkpoint was written at iteration 4: iteration 5 is lost
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trajectory.TrajectoryMatching, "_log", staticmethod(killed_after_iteration_5))
+    with pytest.raises(KeyboardInterrupt):
+        trajectory.MTT(config).distill(context(tmp_path / "b", data))
+    monkeypatch.setattr(trajectory.TrajectoryMatching, "_log", staticmethod(original))
+    resumed = trajectory.MTT(config).distill(context(tmp_path / "b", data, resume=True))
+    assert torch.equal(resumed.images, uninterrupted.images)
+    assert resumed.learned_lr == uninterrupted.learned_lr
+
+
+def test_injected_nan_triggers_rollback_and_a_finite_result(tmp_path, data, monkeypatch):
+    real_backend = trajectory.get_backend("exact")
+    calls = {"n": 0}
+
+    def poisoned(unroll, syn):
+        calls["n"] += 1
+        result = real_backend(unroll, syn)
+        if calls["n"] == 3:
+            result.grad_images = torch.full_like(result.grad_images, float("nan"))
+        return result
+
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: poisoned)
+    messages = []
+    ctx = context(tmp_path, data)
+    ctx.log = messages.append
+    sset = trajectory.MTT(tiny_mtt()).distill(ctx)
+    assert any("Rolled back to iteration 2" in m for m in messages), messages
+    assert torch.isfinite(sset.images).all()
+
+
+def test_repeated_divergence_stops_with_a_clear_error(tmp_path, data, monkeypatch):
+    real_backend = trajectory.get_backend("exact")
+
+    def always_nan(unroll, syn):
+        result = real_backend(unroll, syn)
+        result.loss = float("nan")
+        return result
+
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: always_nan)
+    with pytest.raises(DDToolError, match="diverged"):
+        trajectory.MTT(tiny_mtt(max_rollbacks=2)).distill(context(tmp_path, data))
+
+
+def test_validation_picks_the_saved_iteration(tmp_path, data):
+    sset = trajectory.MTT(tiny_mtt(eval_every=3, eval_epochs=2)).distill(context(tmp_path, data))
+    assert sset.config["selected_iteration"] in (3, 6)
+
+
+def test_presets_are_valid_and_tesla_presets_use_soft_labels():
+    for cls in (trajectory.MTT, trajectory.TESLA):
+        for name, cfg in cls.presets.items():
+            assert dataclasses.replace(cfg) == cfg, name  # validates
+    assert all(cfg.labels == "expert_soft" for cfg in trajectory.TESLA.presets.values())

@@ -1,0 +1,200 @@
+"""Networks: registry, shapes on every input geometry, parameter counts, the flat-parameter view."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ddtool.errors import ConfigError
+from ddtool.networks import ParamLayout, create_network, list_networks, network_options
+
+GEOMETRIES = [(1, 28), (3, 32), (3, 64)]  # (channels, image side): MNIST, CIFAR, Tiny ImageNet
+
+
+# One name per distinct structure; the remaining aliases only change a width/depth/norm option
+# and are checked at 32px (keeps the file fast: ResNet-18 at 64px is the slow case on CPU).
+STRUCTURES = ["convnet", "convnet-bn", "convnet-mp", "convnet-np", "convnetd5", "alexnet", "vgg11",
+              "vgg11-bn", "resnet18", "resnet18-bn", "resnet18-ap", "lenet", "mlp"]
+
+
+def _check_forward(name, channels, size):
+    net = create_network(name, channels=channels, num_classes=7, image_size=size)
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        logits = net(x)
+        assert net.embed(x).shape[0] == 2
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("channels,size", GEOMETRIES)
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_forward_shape_on_every_geometry(name, channels, size):
+    _check_forward(name, channels, size)
+
+
+@pytest.mark.parametrize("name", sorted(set(list_networks()) - set(STRUCTURES)))
+def test_every_alias_builds_and_runs(name):
+    _check_forward(name, 3, 32)
+
+
+def test_convnet_has_published_parameter_count():
+    net = create_network("convnet", channels=3, num_classes=10, image_size=32)
+    assert sum(p.numel() for p in net.parameters()) == 320_010
+    assert ParamLayout.from_module(net).total == 320_010
+
+
+def test_convnet_28px_has_the_32px_head_and_depth_follows_image_size():
+    mnist = create_network("convnet", channels=1, num_classes=10, image_size=28)
+    cifar = create_network("convnet", channels=1, num_classes=10, image_size=32)
+    assert mnist.classifier.in_features == cifar.classifier.in_features == 128 * 4 * 4
+    assert mnist.features[0].conv.padding == (3, 3)
+    assert len(create_network("convnet", channels=3, num_classes=10, image_size=64).features) == 4
+    assert len(create_network("convnet", channels=3, num_classes=10, image_size=128).features) == 5
+    assert create_network("convnet", channels=3, num_classes=10, image_size=64).classifier.in_features == 128 * 16
+
+
+@pytest.mark.parametrize("norm,kind,groups", [
+    ("instance", nn.GroupNorm, 128), ("layer", nn.GroupNorm, 1), ("group", nn.GroupNorm, 4),
+    ("batch", nn.BatchNorm2d, None), ("none", nn.Identity, None),
+])
+def test_convnet_norms(norm, kind, groups):
+    net = create_network("convnet", channels=3, num_classes=10, image_size=32, norm=norm)
+    layer = net.features[0].norm
+    assert type(layer) is kind
+    if groups is not None:
+        assert layer.num_groups == groups and layer.affine
+
+
+def test_aliases_pin_options():
+    assert type(create_network("convnet-bn", channels=3, num_classes=10, image_size=32).features[0].norm) is nn.BatchNorm2d
+    assert len(create_network("convnetd4", channels=3, num_classes=10, image_size=32).features) == 4
+    assert "norm" not in network_options("convnet-bn") and "width" in network_options("convnet-bn")
+    bn = create_network("resnet18-bn-ap", channels=3, num_classes=10, image_size=32)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
+    assert any(isinstance(m, nn.AvgPool2d) for m in bn.modules())
+    with pytest.raises(ConfigError, match="fixes norm"):
+        create_network("convnet-bn", channels=3, num_classes=10, image_size=32, norm="none")
+
+
+def test_unknown_names_and_options_are_config_errors():
+    with pytest.raises(ConfigError, match="convnet.*resnet18"):
+        create_network("resnet1000", channels=3, num_classes=10, image_size=32)
+    with pytest.raises(ConfigError, match="Accepted options: width, depth, norm, pooling"):
+        create_network("convnet", channels=3, num_classes=10, image_size=32, widht=64)
+    with pytest.raises(ConfigError, match="norm"):
+        create_network("convnet", channels=3, num_classes=10, image_size=32, norm="weird")
+    with pytest.raises(ConfigError, match="vanishes"):
+        create_network("vgg11", channels=3, num_classes=10, image_size=16)
+
+
+def test_generator_makes_initialisation_reproducible_and_leaves_global_rng_alone():
+    def build(seed):
+        return create_network("convnetw32", channels=3, num_classes=10, image_size=32,
+                              generator=torch.Generator().manual_seed(seed))
+
+    state = torch.get_rng_state()
+    a, b, c = build(0), build(0), build(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    flat = [ParamLayout.from_module(n).flatten(n) for n in (a, b, c)]
+    assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
+
+
+# ------------------------------------------------------------------ ParamLayout
+
+def _small(name="convnet", **options):
+    torch.manual_seed(0)
+    return create_network(name, channels=3, num_classes=5, image_size=16, width=8, depth=2, **options)
+
+
+def test_layout_records_parameters_in_order_and_round_trips():
+    net = _small()
+    layout = ParamLayout.from_module(net)
+    assert layout.names == tuple(n for n, _ in net.named_parameters())
+    assert layout.total == sum(p.numel() for p in net.parameters())
+    assert ParamLayout.from_dict(layout.to_dict()) == layout
+    flat = layout.flatten(net)
+    assert flat.dtype == torch.float32 and not flat.requires_grad
+    other = _small()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    layout.load_(other, flat)
+    assert torch.equal(layout.flatten(other), flat)
+    flat.add_(1.0)  # flatten copies: the module is not aliased
+    assert not torch.equal(layout.flatten(net), flat)
+    with pytest.raises(ValueError, match="layout mismatch"):
+        layout.flatten(_small(norm="none"))
+
+
+def test_unflatten_returns_views_of_the_flat_vector():
+    layout = ParamLayout.from_module(_small())
+    flat = torch.arange(layout.total, dtype=torch.float32)
+    parts = layout.unflatten(flat)
+    for (name, shape), offset in zip(zip(layout.names, layout.shapes), layout.offsets):
+        assert parts[name].shape == shape
+        assert parts[name]._base is flat or parts[name]._base is flat._base
+        assert parts[name].reshape(-1)[0] == offset
+
+
+@pytest.mark.parametrize("name,options", [("convnet", {}), ("convnet", {"norm": "batch"})])
+def test_functional_forward_matches_module_forward_and_gradients(name, options):
+    net = _small(name, **options)
+    layout = ParamLayout.from_module(net)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    buffers_before = [b.clone() for b in net.buffers()]
+
+    flat = layout.flatten(net).requires_grad_(True)
+    loss_f = nn.functional.cross_entropy(layout.functional_forward(net, flat, x), y)
+    (grad_flat,) = torch.autograd.grad(loss_f, flat)
+    for before, after in zip(buffers_before, net.buffers()):
+        assert torch.equal(before, after)  # private buffer copies: the module is untouched
+
+    loss_m = nn.functional.cross_entropy(net(x), y)
+    grads = torch.autograd.grad(loss_m, list(net.parameters()))
+    torch.testing.assert_close(loss_f, loss_m, rtol=0, atol=0)
+    torch.testing.assert_close(grad_flat, torch.cat([g.reshape(-1) for g in grads]), rtol=1e-6, atol=1e-7)
+
+
+def test_functional_forward_in_float64_and_double_backward():
+    net = _small().to(torch.float64)
+    layout = ParamLayout.from_module(net)
+    flat = layout.flatten(net)
+    assert flat.dtype == torch.float64
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    flat.requires_grad_(True)
+    out = layout.functional_forward(net, flat, x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+    # d/dx of a parameter gradient (the matching engine's need): must not raise, must be non-zero.
+    (g,) = torch.autograd.grad(out.square().sum(), flat, create_graph=True)
+    (gx,) = torch.autograd.grad(g.square().sum(), x)
+    assert gx.abs().sum() > 0
+    # A float32 module run with float64 parameters (buffers follow the flat dtype).
+    bn = _small(norm="batch")
+    out64 = ParamLayout.from_module(bn).functional_forward(
+        bn, ParamLayout.from_module(bn).flatten(bn, torch.float64), x.detach())
+    assert out64.dtype == torch.float64
+
+
+def test_functional_forward_under_vmap():
+    net = _small()
+    layout = ParamLayout.from_module(net)
+    flats = torch.stack([layout.flatten(net), layout.flatten(net) * 0.5])
+    x = torch.randn(2, 3, 16, 16)
+    batched = torch.vmap(lambda f: layout.functional_forward(net, f, x))(flats)
+    for i in range(2):
+        torch.testing.assert_close(batched[i], layout.functional_forward(net, flats[i], x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_functional_forward_on_cuda():
+    net = _small()
+    layout = ParamLayout.from_module(net)
+    x = torch.randn(4, 3, 16, 16)
+    expected = net(x)
+    net.cuda()
+    out = layout.functional_forward(net, layout.flatten(net), x.cuda())
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,526 @@
+"""ddtool.storage: the synthetic-set HDF5 file, atomic writes, import/export, grid picture."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddtool.storage.h5file as h5file
+from ddtool.data.preprocess import ZCA, Preprocessing
+from ddtool.errors import ConfigError, DDToolError, FormatError
+from ddtool.storage import (
+    SyntheticSet,
+    append_evaluation,
+    export_set,
+    import_set,
+    load_synthetic_set,
+    save_grid_png,
+    save_synthetic_set,
+)
+from ddtool.storage.formats import GRID_PADDING
+
+CLASSES = ["T-shirt/top", "Trouser", "Pullover"]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "synthetic-set-format.md"
+
+
+# ---------------------------------------------------------------------- fixtures
+@functools.lru_cache(maxsize=None)
+def make_preprocessing(channels: int = 3, size: int = 6, zca: bool = False) -> Preprocessing:
+    mean, std = tuple(0.3 + 0.1 * c for c in range(channels)), tuple(0.2 + 0.05 * c for c in range(channels))
+    return Preprocessing(mean, std, make_zca(channels * size * size) if zca else None)
+
+
+def make_zca(dim: int) -> ZCA:
+    """A well-conditioned whitening transform and its exact inverse. (ZCA.fit's eigendecomposition
+    is slow on a busy 2-core machine and not what these tests are about.)"""
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.eye(dim, dtype=torch.float64) + 0.02 * torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    mean = 0.1 * torch.randn(dim, generator=gen)
+    return ZCA(mean, matrix.float(), torch.linalg.inv(matrix).float(), eps=0.1)
+
+
+def make_set(label_kind: str = "hard", *, channels: int = 3, size: int = 6, ipc: int = 2, zca: bool = False,
+             rich: bool = False, **overrides) -> SyntheticSet:
+    """A small valid set; `rich` adds every optional part (lr, config, evaluations, extras, teacher)."""
+    gen = torch.Generator().manual_seed(1)
+    k = len(CLASSES)
+    n = ipc * k
+    hard = torch.arange(k).repeat_interleave(ipc)
+    labels = {
+        "hard": hard,
+        "logits": torch.randn(n, k, generator=gen) * 3,
+        "probs": torch.softmax(torch.randn(n, k, generator=gen), dim=1),
+    }.get(label_kind, hard)
+    fields = dict(
+        images=torch.randn(n, channels, size, size, generator=gen),
+        labels=labels,
+        classes=list(CLASSES),
+        preprocessing=make_preprocessing(channels, size, zca),
+        dataset="fashion-mnist",
+        ipc=ipc,
+        method="mtt",
+        label_kind=label_kind,
+        seed=7,
+    )
+    if rich:
+        fields.update(
+            learned_lr=0.0123456789,
+            label_temperature=2.5 if label_kind == "logits" else 1.0,
+            config={"syn_steps": 20, "lr_img": 100.0, "zca": zca, "windows": (0, 4), "note": None},
+            evaluations=[
+                {"protocol": {"epochs": 300, "lr": "learned", "dsa": True}, "arch": "convnet",
+                 "runs": [0.81, 0.8, 0.82], "random_mean": 0.7, "random_runs": np.array([0.69, 0.71]),
+                 "device": "cpu", "seconds": 12.5, "tags": ["a", "b"], "teacher_live": False},
+            ],
+            extras={"view_logits": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                    "crop_seed": np.int64(5)},
+            teacher={"arch": "resnet18", "options": {"norm": "batch"},
+                     "state": {"conv.weight": torch.randn(4, 3, 3, 3, generator=gen),
+                               "bn.num_batches_tracked": torch.tensor(17),
+                               "fc.bias": torch.randn(3, generator=gen).to(torch.bfloat16)}},
+        )
+    fields.update(overrides)
+    return SyntheticSet(**fields)
+
+
+def assert_same_set(a: SyntheticSet, b: SyntheticSet) -> None:
+    assert torch.equal(a.images, b.images) and a.images.dtype == b.images.dtype == torch.float32
+    assert torch.equal(a.labels, b.labels) and a.labels.dtype == b.labels.dtype
+    for name in ("classes", "dataset", "ipc", "method", "label_kind", "label_temperature", "learned_lr",
+                 "config", "seed", "evaluations", "created", "ddtool_version"):
+        assert getattr(a, name) == getattr(b, name), name
+    pa, pb = a.preprocessing.to_arrays(), b.preprocessing.to_arrays()
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        np.testing.assert_array_equal(pa[key], pb[key])
+    assert a.extras.keys() == b.extras.keys()
+    for key in a.extras:
+        np.testing.assert_array_equal(a.extras[key], b.extras[key])
+        assert a.extras[key].dtype == b.extras[key].dtype
+    assert (a.teacher is None) == (b.teacher is None)
+    if a.teacher is not None:
+        assert a.teacher["arch"] == b.teacher["arch"] and a.teacher["options"] == b.teacher["options"]
+        assert list(a.teacher["state"]) == list(b.teacher["state"])  # order kept
+        for key, value in a.teacher["state"].items():  # bfloat16 comes back as float32, same values
+            assert torch.equal(b.teacher["state"][key].to(value.dtype), value), key
+
+
+# ---------------------------------------------------------------------- the dataclass
+def test_label_helpers():
+    logits = make_set("logits", label_temperature=2.0)
+    assert torch.allclose(logits.soft_targets(), torch.softmax(logits.labels / 2.0, dim=1))
+    assert torch.equal(logits.hard_labels(), logits.labels.argmax(dim=1))
+    probs = make_set("probs")
+    assert torch.equal(probs.soft_targets(), probs.labels)
+    hard = make_set()
+    assert torch.equal(hard.hard_labels(), hard.labels)
+    assert torch.equal(hard.soft_targets().argmax(dim=1), hard.labels)
+    assert hard.num_classes == 3 and hard.num_images == 6 and hard.image_shape == (3, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"labels": torch.tensor([0, 0, 1, 1, 2, 3])}, "must lie in"),
+        ({"images": torch.randn(9, 3, 6, 6), "labels": torch.zeros(9, dtype=torch.long)}, "must have 6 images"),
+        ({"labels": torch.zeros(6, 2), "label_kind": "logits"}, "shape"),
+        ({"labels": torch.ones(6, 3), "label_kind": "probs"}, "summing to 1"),
+        ({"images": torch.full((6, 3, 6, 6), float("nan"))}, "NaN"),
+        ({"images": torch.randn(6, 6, 6)}, "(N, C, H, W)"),
+        ({"preprocessing": make_preprocessing(channels=1)}, "channel"),
+        ({"label_kind": "soft"}, "label_kind"),
+        ({"learned_lr": -0.01}, "positive"),
+        ({"config": {1: "x"}}, "keys must be strings"),
+        ({"config": {"f": object()}}, "JSON"),
+        ({"extras": {"a/b": np.zeros(2)}}, "not a valid name"),
+        ({"evaluations": [{"arch": "convnet", "runs": [0.5]}]}, "protocol"),
+        ({"teacher": {"arch": "x", "state": {}}}, "teacher"),
+    ],
+)
+def test_validation_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_set(**overrides)
+
+
+def test_soft_labels_are_not_tied_to_ipc():
+    sset = make_set("logits", ipc=5, images=torch.randn(7, 3, 6, 6), labels=torch.randn(7, 3))
+    assert sset.num_images == 7
+
+
+# ---------------------------------------------------------------------- HDF5 round trip
+@pytest.mark.parametrize("label_kind, zca", [("hard", True), ("logits", False), ("probs", True)])
+def test_round_trip_is_exact(tmp_path, label_kind, zca):
+    sset = make_set(label_kind, zca=zca, rich=True)
+    path = save_synthetic_set(tmp_path / "set.h5", sset)
+    loaded = load_synthetic_set(path)
+    assert_same_set(sset, loaded)
+    assert loaded.teacher["state"]["bn.num_batches_tracked"].dtype == torch.int64
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]  # no temporary file left
+
+
+def test_minimal_set_round_trip_has_no_optional_members(tmp_path):
+    sset = make_set()
+    save_synthetic_set(tmp_path / "set.h5", sset)
+    assert_same_set(sset, load_synthetic_set(tmp_path / "set.h5"))
+    with h5py.File(tmp_path / "set.h5", "r") as f:
+        assert "learned_lr" not in f and "teacher" not in f
+        assert len(f["evaluations"]) == 0 and len(f["extras"]) == 0
+
+
+def test_readable_with_plain_h5py(tmp_path):
+    sset = make_set("logits", zca=True, rich=True)
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, sset)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "ddtool.synthetic_set" and f.attrs["schema_version"] == 1
+        assert f.attrs["dataset"] == "fashion-mnist" and f.attrs["ipc"] == 2 and f.attrs["seed"] == 7
+        assert f.attrs["label_kind"] == "logits" and f.attrs["label_temperature"] == 2.5
+        assert f.attrs["num_classes"] == 3 and tuple(f.attrs["image_shape"]) == (3, 6, 6)
+        assert json.loads(f.attrs["config"])["syn_steps"] == 20
+        assert f["images"].dtype == np.float32 and f["labels"].shape == (6, 3)
+        assert list(f["classes"].asstr()[()]) == CLASSES
+        assert f["learned_lr"][()] == 0.0123456789
+        assert f["preprocessing/zca_matrix"].compression in (None, "gzip")
+        record = f["evaluations/000"]
+        assert json.loads(record.attrs["protocol"])["epochs"] == 300
+        assert record.attrs["arch"] == "convnet"
+        np.testing.assert_allclose(record["runs"][()], [0.81, 0.8, 0.82])
+        np.testing.assert_allclose(record.attrs["mean"], 0.81)
+        assert "timestamp" in record.attrs
+        assert f["teacher"].attrs["arch"] == "resnet18" and f["teacher/state/conv.weight"].shape == (4, 3, 3, 3)
+
+
+def test_documented_plain_h5py_example_runs(tmp_path):
+    """The example in docs/synthetic-set-format.md loads, un-whitens and de-normalises."""
+    sset = make_set(zca=True, rich=True)
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, sset)
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(code.replace('"set.h5"', repr(str(path))), scope)
+    np.testing.assert_allclose(scope["pixels"], sset.preprocessing.invert(sset.images).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(scope["y"], sset.labels.numpy())
+    assert scope["lr"] == sset.learned_lr
+
+
+def test_large_arrays_are_compressed(tmp_path):
+    sset = make_set(zca=True, size=8)  # ZCA matrices of 192x192 float32 = 144 KiB each
+    save_synthetic_set(tmp_path / "set.h5", sset)
+    with h5py.File(tmp_path / "set.h5", "r") as f:
+        assert f["preprocessing/zca_matrix"].compression == "gzip"
+    assert_same_set(sset, load_synthetic_set(tmp_path / "set.h5"))
+
+
+# ---------------------------------------------------------------------- rejection on read
+def _rewrite(path: Path, edit) -> None:
+    with h5py.File(path, "r+") as f:
+        edit(f)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text("images,labels\n1,2\n"), "not an HDF5 file"),
+        (lambda p: p.unlink() or h5py.File(p, "w").create_dataset("x", data=[1]), "not a ddtool synthetic set"),
+        (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__("format", "ddtool.experts")), "a different ddtool file"),
+        (lambda p: _rewrite(p, lambda f: f.attrs.__setitem__("schema_version", 2)), "schema version 2"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated or corrupt"),
+        (lambda p: _rewrite(p, lambda f: f.__delitem__("labels")), "lacks labels"),
+        (lambda p: _rewrite(p, lambda f: f.attrs.__delitem__("ipc")), "lacks @ipc"),
+        (lambda p: p.unlink(), "does not exist"),
+    ],
+    ids=["not-hdf5", "foreign", "other-ddtool", "future-schema", "truncated", "missing-dataset",
+         "missing-attr", "missing-file"],
+)
+def test_load_rejects_bad_files(tmp_path, damage, message):
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set(rich=True))
+    damage(path)
+    with pytest.raises(FormatError, match=re.escape(message)) as info:
+        load_synthetic_set(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_rejects_inconsistent_contents(tmp_path):
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set())
+
+    def break_labels(f):
+        del f["labels"]
+        f["labels"] = np.array([0, 1, 2, 3, 4, 5])
+
+    _rewrite(path, break_labels)
+    with pytest.raises(FormatError, match="inconsistent synthetic set.*must lie in"):
+        load_synthetic_set(path)
+
+
+def test_load_rejects_misshaped_images(tmp_path):
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set())
+
+    def flatten(f):
+        images = f["images"][()]
+        del f["images"]
+        f["images"] = images.reshape(6, -1)
+
+    _rewrite(path, flatten)
+    with pytest.raises(FormatError, match=re.escape("float32 (N, C, H, W)")):
+        load_synthetic_set(path)
+
+
+# ---------------------------------------------------------------------- atomicity
+def _fail_on_second_array(monkeypatch):
+    """Make the writer raise after it has written part of the file."""
+    original, calls = h5file._write_array, []
+
+    def flaky(group, name, array):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash mid-write")
+        original(group, name, array)
+
+    monkeypatch.setattr(h5file, "_write_array", flaky)
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    _fail_on_second_array(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        save_synthetic_set(tmp_path / "set.h5", make_set())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_older_file(tmp_path, monkeypatch):
+    old = make_set(rich=True)
+    save_synthetic_set(tmp_path / "set.h5", old)
+    _fail_on_second_array(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        save_synthetic_set(tmp_path / "set.h5", make_set("logits"))
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+    assert_same_set(old, load_synthetic_set(tmp_path / "set.h5"))
+
+
+# ---------------------------------------------------------------------- append_evaluation
+def test_append_evaluation(tmp_path):
+    path = tmp_path / "set.h5"
+    sset = make_set(rich=True)
+    save_synthetic_set(path, sset)
+    record = {"protocol": {"epochs": 1000, "soft": True}, "arch": "resnet18", "runs": torch.tensor([0.5, 0.7]),
+              "device": "cuda", "seconds": 3.0, "full_mean": 0.9}
+    assert append_evaluation(path, record) == 1
+    assert append_evaluation(path, {"protocol": {}, "arch": "convnet", "runs": [1, 0]}) == 2
+    loaded = load_synthetic_set(path)
+    assert loaded.evaluations[0] == sset.evaluations[0]
+    new = loaded.evaluations[1]
+    assert new["runs"] == pytest.approx([0.5, 0.7]) and new["full_mean"] == 0.9 and new["device"] == "cuda"
+    assert new["mean"] == pytest.approx(0.6) and new["std"] == pytest.approx(0.1) and new["timestamp"]
+    assert loaded.evaluations[2]["arch"] == "convnet"
+    assert_same_set(sset, SyntheticSet(**{**loaded.__dict__, "evaluations": loaded.evaluations[:1]}))
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+
+
+def test_failed_append_keeps_file(tmp_path, monkeypatch):
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set(rich=True))
+    before = path.read_bytes()
+
+    def crash(group, record):
+        group.attrs["arch"] = record["arch"]  # part of the record is written, then the crash
+        raise RuntimeError("simulated crash mid-append")
+
+    monkeypatch.setattr(h5file, "_write_record", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        append_evaluation(path, {"protocol": {}, "arch": "convnet", "runs": [0.3]})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+
+
+def test_append_evaluation_rejects_bad_record_and_bad_file(tmp_path):
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set())
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="runs"):
+        append_evaluation(path, {"protocol": {}, "arch": "convnet"})
+    assert path.read_bytes() == before
+    other = tmp_path / "other.h5"
+    h5py.File(other, "w").close()
+    with pytest.raises(FormatError, match="not a ddtool synthetic set"):
+        append_evaluation(other, {"protocol": {}, "arch": "convnet", "runs": [0.1]})
+
+
+# ---------------------------------------------------------------------- export / import (our formats)
+@pytest.mark.parametrize("fmt, name", [("npz", "set.npz"), ("torch", "set.pt")])
+@pytest.mark.parametrize("label_kind", ["hard", "logits"])
+def test_export_import_round_trip(tmp_path, fmt, name, label_kind):
+    sset = make_set(label_kind, zca=True, rich=True)
+    out = export_set(sset, tmp_path / name, fmt)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    back = import_set(out, fmt, dataset="fashion-mnist")  # preprocessing and classes from the file
+    assert torch.equal(back.images, sset.images) and torch.equal(back.labels, sset.labels)
+    assert back.classes == CLASSES and back.learned_lr == sset.learned_lr and back.ipc == sset.ipc
+    assert back.label_kind == label_kind and back.label_temperature == sset.label_temperature
+    assert back.method == f"imported:{fmt}" and back.dataset == "fashion-mnist"
+    np.testing.assert_array_equal(back.preprocessing.zca.inverse, sset.preprocessing.zca.inverse)
+    with pytest.raises(FormatError, match="ZCA"):  # a conflicting --zca flag is caught
+        import_set(out, fmt, dataset="fashion-mnist", preprocessing=make_preprocessing())
+
+
+def test_export_npz_is_plain_numpy(tmp_path):
+    sset = make_set(rich=True)
+    export_set(sset, tmp_path / "set.npz", "npz")
+    with np.load(tmp_path / "set.npz", allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["images"], sset.images.numpy())
+        assert list(npz["classes"]) == CLASSES and float(npz["learned_lr"]) == sset.learned_lr
+        np.testing.assert_array_equal(npz["preprocessing_mean"], sset.preprocessing.mean)
+
+
+# ---------------------------------------------------------------------- import: published layouts
+def _save_like_mtt(folder: Path, it: str, images: torch.Tensor, labels: torch.Tensor, lr: float | None):
+    """What MTT/DATM's distill.py does: torch.save of the live (grad-requiring) tensors' .cpu()."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image_syn = images.clone().requires_grad_(True)
+    label_syn = labels.clone().requires_grad_(labels.is_floating_point())
+    torch.save(image_syn.cpu(), folder / f"images_{it}.pt")
+    torch.save(label_syn.cpu(), folder / f"labels_{it}.pt")
+    if lr is not None:
+        syn_lr = torch.tensor(lr).requires_grad_(True)
+        torch.save(syn_lr.detach().cpu(), folder / f"lr_{it}.pt")
+
+
+def test_import_mtt_folder_with_soft_labels(tmp_path):
+    ref = make_set("logits", zca=True)
+    run = tmp_path / "logged_files" / "run"
+    _save_like_mtt(run / "Normal", "best", ref.images, ref.labels, 0.02)
+    _save_like_mtt(run / "Normal", "500", torch.zeros_like(ref.images), ref.labels, 0.03)
+    torch.save(torch.full_like(ref.images, 9.0), run / "images_zca_500.pt")  # un-whitened copy: ignored
+    sset = import_set(run, "mtt", dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES)
+    assert torch.equal(sset.images, ref.images) and torch.equal(sset.labels, ref.labels)
+    assert not sset.images.requires_grad and not sset.labels.requires_grad
+    assert sset.label_kind == "logits" and sset.learned_lr == pytest.approx(0.02) and sset.ipc == 2
+    assert sset.method == "imported:mtt" and sset.config["iteration"] == "best"
+    other = import_set(run, "mtt", dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES,
+                       iteration=500)
+    assert other.learned_lr == pytest.approx(0.03) and other.images.abs().max() == 0
+
+
+def test_import_mtt_explicit_hard_label_files(tmp_path):
+    ref = make_set()
+    _save_like_mtt(tmp_path, "1000", ref.images, ref.labels, None)  # plain MTT saves no lr
+    files = [tmp_path / "labels_1000.pt", tmp_path / "images_1000.pt"]
+    sset = import_set(files, "mtt", dataset="fashion-mnist", preprocessing=ref.preprocessing, classes=CLASSES)
+    assert torch.equal(sset.labels, ref.labels) and sset.label_kind == "hard" and sset.learned_lr is None
+    torch.save(0.05, tmp_path / "lr_1000.pt")  # some forks save syn_lr.item(), a Python float
+    with_lr = import_set(files + [tmp_path / "lr_1000.pt"], "mtt", dataset="fashion-mnist",
+                         preprocessing=ref.preprocessing, classes=CLASSES)
+    assert with_lr.learned_lr == 0.05
+    with pytest.raises(FormatError, match="needs a labels"):
+        import_set(files[1:], "mtt", dataset="fashion-mnist", preprocessing=ref.preprocessing, classes=CLASSES)
+
+
+def test_import_dc_dict(tmp_path):
+    ref = make_set()
+    other = torch.randn_like(ref.images)
+    torch.save({"data": [[ref.images.clone(), ref.labels.clone()], [other, ref.labels.clone()]],
+                "accs_all_exps": {"ConvNet": [np.float64(0.51), np.float64(0.49)]}}, tmp_path / "res_DC.pt")
+    kwargs = dict(dataset="fashion-mnist", preprocessing=ref.preprocessing, classes=CLASSES)
+    first = import_set(tmp_path / "res_DC.pt", "dc", **kwargs)
+    assert torch.equal(first.images, ref.images) and first.ipc == 2 and first.method == "imported:dc"
+    assert first.config["published_accuracies"] == {"ConvNet": [0.51, 0.49]}
+    assert torch.equal(import_set(tmp_path / "res_DC.pt", "dc", experiment=1, **kwargs).images, other)
+    with pytest.raises(FormatError, match="experiment 2 does not exist"):
+        import_set(tmp_path / "res_DC.pt", "dc", experiment=2, **kwargs)
+
+
+def test_import_npz_from_elsewhere(tmp_path):
+    ref = make_set()
+    np.savez(tmp_path / "x.npz", images=ref.images.numpy(), labels=ref.labels.numpy().astype(np.float32))
+    sset = import_set(tmp_path / "x.npz", "npz", dataset="fashion-mnist", preprocessing=ref.preprocessing,
+                      classes=CLASSES)
+    assert torch.equal(sset.labels, ref.labels) and sset.label_kind == "hard" and sset.ipc == 2
+
+
+class NotATensor:  # pickled into a .pt file: weights_only loading must refuse it
+    pass
+
+
+@pytest.mark.parametrize(
+    "write, fmt, message",
+    [
+        (None, "npz", "does not exist"),
+        (lambda p, s: np.savez(p, images=s.images.numpy()), "npz", "lacks the 'labels'"),
+        (lambda p, s: np.savez(p, images=np.full((6, 3, 6, 6), np.nan, np.float32), labels=s.labels.numpy()),
+         "npz", "NaN"),
+        (lambda p, s: np.savez(p, images=s.images.numpy()[:, 0], labels=s.labels.numpy()), "npz", "(N, C, H, W)"),
+        (lambda p, s: np.savez(p, images=s.images.numpy(), labels=s.labels.numpy() + 5), "npz", "must lie in"),
+        (lambda p, s: np.savez(p, images=s.images.numpy()[:5], labels=s.labels.numpy()[:5]), "npz",
+         "do not divide"),
+        (lambda p, s: p.write_text("hello"), "npz", "not a readable npz"),
+        (lambda p, s: torch.save({"images": NotATensor()}, p), "torch", "weights_only"),
+        (lambda p, s: p.write_text("hello"), "mtt", "weights_only"),
+        (lambda p, s: torch.save({"accs_all_exps": {}}, p), "dc", "not a Dataset Condensation result"),
+    ],
+    ids=["missing", "no-labels", "nan", "3d-images", "label-range", "indivisible", "garbage", "pickle",
+         "mtt-garbage", "dc-shape"],
+)
+def test_import_rejects_bad_input(tmp_path, write, fmt, message):
+    ref = make_set()
+    path = tmp_path / ("input.npz" if fmt == "npz" else "images_best.pt")
+    if write is not None:
+        write(path, ref)
+    if fmt == "mtt":
+        torch.save(ref.labels, tmp_path / "labels_best.pt")
+    with pytest.raises(FormatError, match=re.escape(message)) as info:
+        import_set(path if fmt != "mtt" else tmp_path, fmt, dataset="fashion-mnist",
+                   preprocessing=ref.preprocessing, classes=CLASSES)
+    assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------- pictures
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
+def test_imagefolder_export(tmp_path, channels, mode):
+    sset = make_set(channels=channels, ipc=3, zca=channels == 3, rich=True)
+    out = export_set(sset, tmp_path / "folder", "imagefolder")
+    meta = json.loads((out / "labels.json").read_text())
+    assert meta["classes"] == CLASSES and meta["folders"][0] == "T-shirt_top"
+    pixels = sset.preprocessing.invert(sset.images)
+    for folder in meta["folders"]:
+        assert len(list((out / folder).glob("*.png"))) == 3
+    for index, relative in enumerate(meta["files"]):
+        with Image.open(out / relative) as image:
+            assert image.mode == mode
+            decoded = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
+        decoded = decoded[None] if channels == 1 else decoded.permute(2, 0, 1)
+        assert (decoded - pixels[index]).abs().max() <= 1 / 255
+    with pytest.raises(DDToolError, match="not an empty folder"):
+        export_set(sset, out, "imagefolder")
+
+
+def test_imagefolder_export_soft_labels(tmp_path):
+    sset = make_set("probs")
+    out = export_set(sset, tmp_path / "folder", "imagefolder")
+    meta = json.loads((out / "labels.json").read_text())
+    np.testing.assert_allclose(meta["soft_labels"], sset.labels.numpy(), rtol=1e-6)
+    argmax = sset.labels.argmax(dim=1).tolist()
+    assert [meta["folders"].index(f.split("/")[0]) for f in meta["files"]] == argmax
+    assert sum(len(list((out / f).glob("*.png"))) for f in meta["folders"]) == sset.num_images
+
+
+def test_grid_png(tmp_path):
+    sset = make_set(ipc=4, zca=True)
+    path = save_grid_png(sset, tmp_path / "grid.png", max_per_class=3)
+    size, pad = 6, GRID_PADDING
+    with Image.open(path) as image:
+        assert image.size == (3 * (size + pad) + pad, 3 * (size + pad) + pad) and image.mode == "RGB"
+        grid = np.asarray(image, dtype=np.float32) / 255
+    # Top-left tile = first image of class 0, un-whitened and de-normalised (not rescaled).
+    first = sset.preprocessing.invert(sset.images[:1])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(grid[pad:pad + size, pad:pad + size], first, atol=1 / 255)
+    gray = save_grid_png(make_set(channels=1), tmp_path / "gray.png")
+    with Image.open(gray) as image:
+        assert image.mode == "L" and image.size == (2 * (size + pad) + pad, 3 * (size + pad) + pad)
