@@ -1,4 +1,6 @@
-"""Where ddtool keeps what it computes once and reuses: experts, ZCA, baselines, teachers."""
+"""Where ddtool keeps what it computes once and reuses: experts, ZCA, baselines, teachers,
+run checkpoints. One root for all of them: $DDTOOL_CACHE, else $XDG_CACHE_HOME/ddtool, else
+~/.cache/ddtool."""
 
 from __future__ import annotations
 
@@ -6,13 +8,19 @@ import os
 from pathlib import Path
 
 
+def user_cache_root() -> Path:
+    """$XDG_CACHE_HOME/ddtool (~/.cache/ddtool): also where datasets are looked for."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ddtool"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("DDTOOL_CACHE")
+    return Path(env).expanduser() if env else user_cache_root()
+
+
 def cache_dir(*parts: str) -> Path:
-    """$DDTOOL_CACHE, else $XDG_CACHE_HOME/ddtool, else ~/.cache/ddtool (created on demand)."""
-    root = os.environ.get("DDTOOL_CACHE")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddtool"
-    path = base.joinpath(*parts)
+    """A folder under the cache root, created on demand."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

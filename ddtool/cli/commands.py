@@ -160,15 +160,16 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     save_synthetic_set(out, sset)
     click.echo(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
     if not no_eval:
-        _evaluate_and_record(out, protocol or method_cls.default_protocol, ["convnet"], eval_runs, seed,
+        _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs)
 
 
 # ---- evaluate -------------------------------------------------------------------------------
-def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str], runs: int | None, seed: int,
+def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True) -> None:
     sset = load_synthetic_set(path)
+    archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
     click.echo(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
@@ -180,11 +181,11 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str], runs:
         if record:
             append_evaluation(path, report.to_record())
         rows.append(report)
-    click.echo(f"\n{'architecture':<14} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
+    click.echo(f"\n{'architecture':<24} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
     for r in rows:
         cells = [str(r.synthetic), str(r.random_subset) if r.random_subset else "-",
                  str(r.whole_dataset) if r.whole_dataset else "not cached"]
-        click.echo(f"{r.arch:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+        click.echo(f"{r.arch:<24} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
     click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} runs; lr {rows[0].lr:.4g}, "
                f"{rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
     if any(r.whole_dataset is None for r in rows) and reference is None:
@@ -198,8 +199,9 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str], runs:
 @click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
               help="Evaluation protocol [default: the method's own; mtt for sets with a learned lr].")
-@click.option("--arch", "archs", multiple=True, default=("convnet",), show_default=True,
-              help="Architecture(s) to train (repeat for cross-architecture transfer).")
+@click.option("--arch", "archs", multiple=True,
+              help="Architecture(s) to train, e.g. convnet, resnet18, convnet:width=64 (repeat for "
+                   "cross-architecture transfer) [default: the network the set was distilled for].")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Fresh networks per architecture.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
 @click.option("--no-baselines", is_flag=True, help="Skip the matched random-subset baseline.")
@@ -223,7 +225,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
             protocol = get_method_class(sset.method).default_protocol
         except ConfigError:  # imported or foreign method name
             protocol = "mtt" if sset.learned_lr is not None else "classic"
-    _evaluate_and_record(path, protocol, list(archs), runs, seed, data_root, resolve_device(device), quiet,
+    _evaluate_and_record(path, protocol, list(archs) or None, runs, seed, data_root, resolve_device(device), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
                          record=not no_record)
 

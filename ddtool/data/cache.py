@@ -19,23 +19,16 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ddtool.errors import FormatError
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "ddtool"
+from ddtool.paths import cache_root, user_cache_root
 
 
 def user_data_dir() -> Path:
     """The per-user dataset folder, one of the places datasets are searched (and downloaded to)."""
-    return user_cache_dir() / "data"
+    return user_cache_root() / "data"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("DDTOOL_CACHE")
-    return Path(env).expanduser() if env else user_cache_dir()
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
 
 
 def digest(*parts: object) -> str:

@@ -156,14 +156,16 @@ def bptt(unroll: Unroll, syn: SyntheticBatch) -> MatchResult:
     )
 
 
-def _forward_pass(unroll: Unroll, syn: SyntheticBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Pass 1 of the recompute backends: the unroll without a graph, keeping θ_k (and v_k)."""
+def _forward_pass(unroll: Unroll, syn: SyntheticBatch) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Pass 1 of the recompute backends: the unroll without a graph, keeping θ_k (and, with
+    momentum, v_k; without it v_{k+1} = g_k is recomputed in pass 2 anyway)."""
     images = syn.images.detach()
     labels = syn.label_logits.detach() if syn.label_logits is not None else None
     lr = syn.lr.detach()
     theta = unroll.start.detach()
     velocity = torch.zeros_like(theta)
-    thetas, velocities = [theta], [velocity]
+    thetas = [theta]
+    velocities = [velocity] if unroll.momentum else None
     for k in range(len(unroll.steps)):
         params = theta.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -171,7 +173,8 @@ def _forward_pass(unroll: Unroll, syn: SyntheticBatch) -> tuple[list[torch.Tenso
         velocity = unroll.momentum * velocity + grad if unroll.momentum else grad
         theta = theta - lr * velocity
         thetas.append(theta)
-        velocities.append(velocity)
+        if velocities is not None:
+            velocities.append(velocity)
     return thetas, velocities
 
 
@@ -198,16 +201,16 @@ def _reverse_sweep(unroll: Unroll, syn: SyntheticBatch, first_order: bool) -> Ma
 
     differentiable = [syn.images] + ([syn.label_logits] if syn.label_logits is not None else [])
     for k in reversed(range(n_steps)):
-        # θ_{k+1} = θ_k − α v_{k+1}
-        grad_lr -= torch.dot(velocities[k + 1].flatten(), lam_theta.flatten())
         v_adjoint = lam_velocity - lr * lam_theta
-
         params = thetas[k].detach().requires_grad_(True)
         with torch.enable_grad():
             loss_k = unroll.inner_loss(params, k, syn, syn.images, syn.label_logits)
             (grad,) = torch.autograd.grad(loss_k, params, create_graph=True)
-            inputs = differentiable if first_order else [params] + differentiable
-            vjps = torch.autograd.grad(grad, inputs, grad_outputs=v_adjoint, allow_unused=True)
+        # θ_{k+1} = θ_k − α v_{k+1}
+        velocity = velocities[k + 1] if velocities is not None else grad.detach()
+        grad_lr -= torch.dot(velocity.flatten(), lam_theta.flatten())
+        inputs = differentiable if first_order else [params] + differentiable
+        vjps = torch.autograd.grad(grad, inputs, grad_outputs=v_adjoint, allow_unused=True)
         if not first_order:
             hessian_term, vjps = vjps[0], vjps[1:]
             lam_theta = lam_theta + _zeros_or(hessian_term, lam_theta)

@@ -61,6 +61,11 @@ class Method(ABC):
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def student_arch(self) -> str | None:
+        """The network the set was made for ('name:key=value' form), which evaluation trains
+        by default; None for methods not tied to one."""
+        return None
+
     def make_set(self, ctx: DistillContext, images: torch.Tensor, labels: torch.Tensor, *,
                  label_kind: str = "hard", learned_lr: float | None = None, **fields) -> SyntheticSet:
         """A SyntheticSet carrying this method's name and full configuration."""
@@ -75,7 +80,7 @@ class Method(ABC):
             dataset=data.spec.name,
             ipc=ctx.ipc,
             method=self.name,
-            config={"method": self.name, **self.config_dict()},
+            config={"method": self.name, "student_arch": self.student_arch(), **self.config_dict()},
             seed=ctx.seed,
             **fields,
         )
@@ -126,4 +131,4 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
 
 def _load_builtin_methods() -> None:
     # Imported for their @register_method side effect.
-    from ddtool.methods import coresets, trajectory  # noqa: F401
+    from ddtool.methods import coresets, curriculum, trajectory  # noqa: F401

@@ -32,7 +32,7 @@ from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_
 from ddtool.matching.engine import BACKENDS
 from ddtool.methods.base import DistillContext, Method, register_method
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
-from ddtool.networks import ParamLayout, create_network
+from ddtool.networks import ParamLayout, create_network, format_arch
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
 from ddtool.storage.atomic import atomic_path
@@ -119,9 +119,9 @@ class TrajectoryConfig:
 # Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
 # "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 64).
 # "gpu": the full setting (width 128, more experts and iterations).
-FASHION_CPU = TrajectoryConfig(width=64, experts=5, expert_train_epochs=8, syn_steps=20, expert_epochs=2,
-                               max_start_epoch=4, iterations=300, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
-                               checkpoint_every=25)
+FASHION_CPU = TrajectoryConfig(width=32, experts=4, expert_train_epochs=8, syn_steps=10, expert_epochs=2,
+                               max_start_epoch=4, batch_syn=100, iterations=200, lr_img=100.0, lr_lr=1e-5,
+                               lr_init=0.01, checkpoint_every=20)
 FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,
                                max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
                                checkpoint_every=200, eval_every=500)
@@ -177,6 +177,9 @@ class TrajectoryMatching(Method):
     default_preset = "fashion-cpu"
     presets = {"fashion-cpu": FASHION_CPU, "fashion-gpu": FASHION_GPU,
                **{f"mtt-{k}": v for k, v in PUBLISHED_MTT.items()}}
+
+    def student_arch(self) -> str:
+        return format_arch(self.config.arch, self.config.arch_options())
 
     # ---- hooks for the methods built on this loop -------------------------------------------
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:

@@ -1,12 +1,12 @@
 """Networks by name and a flat-parameter view of any network.
 
-    create_network(name, *, channels, num_classes, image_size, generator=None, **options)
+    create_network(name or "name:key=value,...", *, channels, num_classes, image_size, generator=None, **options)
     list_networks(); network_options(name); register_network(name); register_alias(name, base, **pinned)
     ParamLayout.from_module(module): flatten / unflatten / load_ / functional_forward
 """
 
 from ddtool.networks.registry import (
-    create_network, list_networks, network_options, register_alias, register_network,
+    create_network, format_arch, list_networks, network_options, parse_arch, register_alias, register_network,
 )
 from ddtool.networks.functional import ParamLayout
 
@@ -14,6 +14,6 @@ from ddtool.networks.functional import ParamLayout
 from ddtool.networks import convnet, classic, resnet  # noqa: E402,F401
 
 __all__ = [
-    "ParamLayout", "create_network", "list_networks", "network_options", "register_alias",
+    "ParamLayout", "create_network", "format_arch", "list_networks", "parse_arch", "network_options", "register_alias",
     "register_network",
 ]

@@ -92,6 +92,33 @@ def _lookup(name: str) -> _Entry:
         ) from None
 
 
+def parse_arch(spec: str) -> tuple[str, dict[str, Any]]:
+    """'convnet:width=32,depth=3' -> ('convnet', {'width': 32, 'depth': 3}).
+
+    The compact form names a network with its options in one string, as the CLI's --arch and
+    evaluation records use it. Values are read as int, then float, else kept as text."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ConfigError(f"Network spec {spec!r}: expected key=value after ':', got {item!r}.")
+        for convert in (int, float, str):
+            try:
+                options[key.strip()] = convert(text.strip())
+                break
+            except ValueError:
+                continue
+    return name.strip(), options
+
+
+def format_arch(name: str, options: dict[str, Any] | None = None) -> str:
+    """The inverse of parse_arch."""
+    if not options:
+        return name
+    return name + ":" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
 def create_network(
     name: str,
     *,
@@ -107,6 +134,8 @@ def create_network(
     seed taken from it inside a forked RNG scope, so the same generator state gives the same
     weights and the global RNG is left untouched; without it, the global RNG is used.
     """
+    name, spec_options = parse_arch(name)
+    options = {**spec_options, **options}
     entry = _lookup(name)
     for label, value in (("channels", channels), ("num_classes", num_classes), ("image_size", image_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

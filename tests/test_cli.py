@@ -1,0 +1,102 @@
+"""The command line through real subprocesses, on a tiny Fashion-MNIST in its real format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+
+def ddtool(*args, env_extra=None, cwd=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ddtool", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def user_error(result, *phrases):
+    """Exit 2, a readable message, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    return result
+
+
+def test_help_documents_every_command():
+    out = ok(ddtool("--help")).stdout
+    for command in ("datasets", "buffer", "distill", "evaluate", "info", "show", "export", "import"):
+        assert command in out
+    assert "--ipc" in ok(ddtool("distill", "--help")).stdout
+
+
+def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
+    out = tmp_path / "r.h5"
+    ok(ddtool("distill", "--method", "random", "--ipc", 2, "--data-root", fashion_root, "-o", out,
+              "--protocol", "classic", "--eval-runs", 2, "--eval-epochs", 2, "-q"))
+    with h5py.File(out, "r") as f:  # plain h5py, no ddtool
+        assert f["images"].shape == (20, 1, 28, 28)
+        assert f.attrs["method"] == "random"
+        record = f["evaluations"]["000"]
+        assert len(record["runs"][()]) == 2
+
+    info = ok(ddtool("info", out)).stdout
+    assert "random, IPC 2" in info and "classic on convnet" in info
+
+    ok(ddtool("show", out, "-o", tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+    ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "r.npz"))
+    ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+              "--data-root", fashion_root))
+    with h5py.File(out, "r") as a, h5py.File(tmp_path / "back.h5", "r") as b:
+        assert np.array_equal(a["images"][()], b["images"][()])
+        assert np.array_equal(a["labels"][()], b["labels"][()])
+
+    evaluated = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
+                          "--no-baselines", "--data-root", fashion_root, "-q")).stdout
+    assert "synthetic set" in evaluated and "Recorded in" in evaluated
+
+
+def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, fashion_root):
+    out = tmp_path / "m.h5"
+    settings = ["width=8", "experts=1", "expert_train_epochs=2", "expert_epochs=1", "max_start_epoch=1",
+                "syn_steps=2", "checkpoint_every=1"]
+    result = ok(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root, "-o", out,
+                       "--iterations", 2, "--no-eval", "-q", *[a for s in settings for a in ("--set", s)]))
+    assert "Plan:" in result.stdout and "to train first" in result.stdout
+    with h5py.File(out, "r") as f:
+        assert f["images"].shape == (10, 1, 28, 28)
+        assert f["learned_lr"][()] > 0
+
+
+def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
+    user_error(ddtool("distill", "--method", "nope", "--data-root", fashion_root), "Unknown method", "mtt")
+    user_error(ddtool("distill", "--method", "random", "--ipc", 50, "--data-root", fashion_root, "--no-eval",
+                      "-o", tmp_path / "x.h5"), "per class")
+    assert not (tmp_path / "x.h5").exists()
+    user_error(ddtool("distill", "--method", "mtt", "--set", "ee=2", "--data-root", fashion_root), "No setting 'ee'")
+    user_error(ddtool("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
+               "looked")
+    user_error(ddtool("distill", "--dataset", "imagenet-99"), "Unknown dataset")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file at all")
+    user_error(ddtool("info", garbage), "garbage.h5")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    user_error(ddtool("evaluate", foreign), "foreign.h5")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist"), reason="Debian Fashion-MNIST absent")
+def test_datasets_lists_the_debian_fashion_mnist():
+    out = ok(ddtool("datasets")).stdout
+    assert "fashion-mnist" in out and "/usr/share/datasets/fashion-mnist" in out
