@@ -131,4 +131,4 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
 
 def _load_builtin_methods() -> None:
     # Imported for their @register_method side effect.
-    from ddtool.methods import coresets, curriculum, trajectory  # noqa: F401
+    from ddtool.methods import coresets, curriculum, datm, ftd, trajectory  # noqa: F401

@@ -28,16 +28,20 @@ from ddtool.augment import DSA, DSAConfig
 from ddtool.data import sample_per_class
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import get_protocol, train_fresh_network
-from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
+from ddtool.experts import ExpertStore
+from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
+from ddtool.matching.engine import Forward
 from ddtool.matching.engine import BACKENDS
 from ddtool.methods.base import DistillContext, Method, register_method
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
+from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
 from ddtool.storage.atomic import atomic_path
 
 LABEL_MODES = ("hard", "expert_soft", "learned")
+INIT_MODES = ("real", "noise", "kmeans")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,13 @@ class TrajectoryConfig:
     min_lr_factor: float = 1e-3  # α is kept at or above α₀ × this (a negative step size is meaningless)
     labels: str = "hard"  # hard | expert_soft (TESLA) | learned (DATM)
     soft_label_temperature: float = 1.0
-    init: str = "real"  # real | noise
+    init: str = "real"  # real | noise | kmeans (AST's representative images)
+    # AST's options (methods.md §6), usable with every trajectory method.
+    ast_balanced_loss: float = 0.0  # inner CE scaled by 1 + this × start_epoch / max_start_epoch
+    ast_intermediate_weight: float = 0.0  # weight of extra matches to θ*_{t+m}, 0 < m < M, at step N·m/M
+    ast_weight_perturbation: float = 0.0  # start conv weights += this × their std × N(0, 1)
+    ast_inner_momentum: float = 0.0  # heavy-ball momentum of the student's inner SGD
+    init_pool_per_class: int = 500  # real images per class scored by experts for kmeans/correct-only init
     # Bookkeeping.
     checkpoint_every: int = 50
     eval_every: int = 0  # validation evaluation period (0: only the final set)
@@ -94,8 +104,12 @@ class TrajectoryConfig:
             raise ConfigError(f"Unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}.")
         if self.labels not in LABEL_MODES:
             raise ConfigError(f"labels must be one of {', '.join(LABEL_MODES)} (got {self.labels!r}).")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise' (got {self.init!r}).")
+        if self.init not in INIT_MODES:
+            raise ConfigError(f"init must be one of {', '.join(INIT_MODES)} (got {self.init!r}).")
+        if min(self.ast_balanced_loss, self.ast_intermediate_weight, self.ast_weight_perturbation) < 0:
+            raise ConfigError("AST option weights must be >= 0.")
+        if not 0 <= self.ast_inner_momentum < 1:
+            raise ConfigError("ast_inner_momentum must be in [0, 1).")
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
         if self.max_start_epoch + self.expert_epochs > self.expert_train_epochs:
@@ -156,6 +170,7 @@ class MatchingState:
 
     iteration: int
     images: torch.Tensor
+    hard_labels: torch.Tensor  # class ids of the images (the targets unless labels are soft)
     lr: torch.Tensor
     label_logits: torch.Tensor | None
     optimizer_states: dict
@@ -186,20 +201,42 @@ class TrajectoryMatching(Method):
         """Start epochs are drawn uniformly from [low, high)."""
         return self.config.min_start_epoch, self.config.max_start_epoch
 
-    def initial_labels(self, ctx: DistillContext, real_labels: torch.Tensor) -> torch.Tensor | None:
-        """Learnable label logits, or None for fixed labels."""
-        if self.config.labels != "learned":
-            return None
-        return F.one_hot(real_labels, ctx.data.spec.num_classes).float() * 3.0
+    def initialise(self, ctx: DistillContext, experts: ExpertStore, forward: Forward
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(images, their hard labels, learnable label logits or None), class-major."""
+        c, data = self.config, ctx.data
+        if c.init == "kmeans":
+            idx = representative_indices(data, experts, forward, ctx.ipc, pool_per_class=c.init_pool_per_class,
+                                         generator=generator(ctx.seed, "init"))
+        else:
+            idx = sample_per_class(data.train_y, data.spec.num_classes, ctx.ipc, generator(ctx.seed, "init"))
+        images = data.train_x[idx].detach().clone()
+        if c.init == "noise":
+            images = torch.randn(images.shape, generator=generator(ctx.seed, "noise")).to(images.device)
+        hard = data.train_y[idx]
+        logits = F.one_hot(hard, data.spec.num_classes).float() * 3.0 if c.labels == "learned" else None
+        return images, hard, logits
 
-    def fixed_targets(self, ctx: DistillContext, state: MatchingState, labels: torch.Tensor,
-                      forward, target_params: torch.Tensor) -> torch.Tensor:
+    def fixed_targets(self, state: MatchingState, forward: Forward, target_params: torch.Tensor) -> torch.Tensor:
         if self.config.labels == "expert_soft":
             # TESLA: the target-epoch expert's soft predictions on the current images.
             with torch.no_grad():
                 logits = forward(target_params, state.images.detach())
             return F.softmax(logits / self.config.soft_label_temperature, dim=1)
-        return labels
+        return state.hard_labels
+
+    def skip_reason(self, result: MatchResult) -> str | None:
+        """A reason to leave this iteration's update out (DATM's loss gate), or None."""
+        return None
+
+    def on_start(self, state: MatchingState) -> None:
+        """Called once on a fresh (not resumed) run, before the first iteration."""
+
+    def after_update(self, state: MatchingState) -> None:
+        """Called after every applied update (FTD keeps its moving average here)."""
+
+    def images_to_save(self, state: MatchingState) -> torch.Tensor:
+        return state.images.detach()
 
     # ---- the loop --------------------------------------------------------------------------
     def plan(self, ctx: DistillContext) -> list[str]:
@@ -208,13 +245,10 @@ class TrajectoryMatching(Method):
             f"{self.name}: {ctx.ipc} images/class of {ctx.data.spec.name} ({ctx.ipc * ctx.data.spec.num_classes} images), "
             f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
             f"M={c.expert_epochs} expert epochs, start epochs [{c.min_start_epoch}, {c.max_start_epoch}), "
-            f"backend {c.backend}, labels {c.labels}",
+            f"backend {c.backend}, labels {c.labels}, init {c.init}",
         ]
-        lines += self.experts_plan(ctx)
+        lines += describe_expert_plan(expert_config_for(c, ctx), ctx)
         return lines
-
-    def experts_plan(self, ctx: DistillContext) -> list[str]:
-        return describe_expert_plan(expert_config_for(self.config, ctx), ctx)
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
         c = self.config
@@ -232,14 +266,17 @@ class TrajectoryMatching(Method):
         def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return layout.functional_forward(net, flat, x)
 
-        real_idx = sample_per_class(data.train_y, spec.num_classes, ctx.ipc, generator(ctx.seed, "init"))
-        real_labels = data.train_y[real_idx].to(device)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / "checkpoint.pt"
         state = self._load_checkpoint(checkpoint, device) if ctx.resume and checkpoint.exists() else None
         if state is None:
-            state = self._initial_state(ctx, real_idx, real_labels)
-        elif ctx.resume:
+            images, hard, logits = self.initialise(ctx, experts, forward)
+            state = MatchingState(iteration=0, images=images.to(device), hard_labels=hard.to(device),
+                                  lr=torch.tensor(c.lr_init, device=device),
+                                  label_logits=logits.to(device) if logits is not None else None,
+                                  optimizer_states={})
+            self.on_start(state)
+        else:
             ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
         images = state.images.requires_grad_(True)
         lr = state.lr.requires_grad_(True)
@@ -262,18 +299,16 @@ class TrajectoryMatching(Method):
             rng = generator(ctx.seed, "iteration", it)
             low, high = self.start_epoch_range(it)
             expert, start_epoch = experts.sample_segment(rng, high, c.expert_epochs, min_start=low)
-            start = experts.params(expert, start_epoch).to(device)
-            target = experts.params(expert, start_epoch + c.expert_epochs).to(device)
+            unroll = self._unroll(experts, expert, start_epoch, forward, layout, images.shape, rng, dsa, device)
             syn = SyntheticBatch(images=images, lr=lr, label_logits=label_logits,
                                  fixed_targets=None if label_logits is not None else
-                                 self.fixed_targets(ctx, state, real_labels, forward, target))
-            unroll = Unroll(forward=forward, start=start, steps=self._inner_steps(images.shape, rng, dsa),
-                            targets=[MatchTarget(step=c.syn_steps, params=target,
-                                                 normaliser=(start - target).pow(2).sum())],
-                            augmenter=dsa)
+                                 self.fixed_targets(state, forward, unroll.targets[0].params),
+                                 label_temperature=c.soft_label_temperature)
             result = backend(unroll, syn)
             diverged = self._diverged(result)
-            if not diverged:
+            skipped = None if diverged else self.skip_reason(result)
+            lr_clamped = False
+            if not diverged and not skipped:
                 images.grad, lr.grad = result.grad_images, result.grad_lr.reshape(lr.shape)
                 if label_logits is not None:
                     label_logits.grad = result.grad_label_logits
@@ -293,10 +328,13 @@ class TrajectoryMatching(Method):
             it += 1
             state.iteration = it
             state.images, state.lr, state.label_logits = images, lr, label_logits
-            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()), "lr_clamped": lr_clamped, "expert": expert,
+            if not skipped:
+                self.after_update(state)
+            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()),
+                                 "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
                                  "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
-                self._validate(ctx, state, real_labels)
+                self._validate(ctx, state)
             if it % c.checkpoint_every == 0 or it == c.iterations:
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
                 self._save_checkpoint(checkpoint, state)
@@ -304,20 +342,28 @@ class TrajectoryMatching(Method):
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
         bar.close()
-        return self._final_set(ctx, state, real_labels)
+        return self._final_set(ctx, state)
 
     # ---- pieces of the loop -----------------------------------------------------------------
-    def _initial_state(self, ctx: DistillContext, real_idx: torch.Tensor, real_labels: torch.Tensor) -> MatchingState:
-        c, data = self.config, ctx.data
-        if c.init == "real":
-            images = data.train_x[real_idx].detach().clone()
-        else:
-            images = torch.randn(data.train_x[real_idx].shape, generator=generator(ctx.seed, "noise"))
-        images = images.to(ctx.device)
-        labels = self.initial_labels(ctx, data.train_y[real_idx])
-        return MatchingState(iteration=0, images=images, lr=torch.tensor(c.lr_init, device=ctx.device),
-                             label_logits=labels.to(ctx.device) if labels is not None else None,
-                             optimizer_states={})
+    def _unroll(self, experts: ExpertStore, expert: int, start_epoch: int, forward: Forward, layout: ParamLayout,
+                shape: torch.Size, rng: torch.Generator, dsa: DSA | None, device: torch.device) -> Unroll:
+        """The student's unroll for one segment, with AST's options applied."""
+        c = self.config
+        expert_start = experts.params(expert, start_epoch).to(device)
+        final = experts.params(expert, start_epoch + c.expert_epochs).to(device)
+        targets = [MatchTarget(step=c.syn_steps, params=final, normaliser=(expert_start - final).pow(2).sum())]
+        if c.ast_intermediate_weight:
+            for m in range(1, c.expert_epochs):
+                middle = experts.params(expert, start_epoch + m).to(device)
+                targets.append(MatchTarget(step=max(1, round(c.syn_steps * m / c.expert_epochs)), params=middle,
+                                           normaliser=(expert_start - middle).pow(2).sum(),
+                                           weight=c.ast_intermediate_weight))
+        start = expert_start
+        if c.ast_weight_perturbation:
+            start = perturb_conv_weights(expert_start, layout, c.ast_weight_perturbation, rng)
+        scale = 1.0 + c.ast_balanced_loss * start_epoch / c.max_start_epoch
+        return Unroll(forward=forward, start=start, steps=self._inner_steps(shape, rng, dsa), targets=targets,
+                      augmenter=dsa, momentum=c.ast_inner_momentum, inner_loss_scale=scale)
 
     def _optimizers(self, images, lr, label_logits, lr_scale: float) -> dict[str, torch.optim.Optimizer]:
         c = self.config
@@ -393,36 +439,36 @@ class TrajectoryMatching(Method):
         state.images, state.lr, state.label_logits = images, lr, label_logits
         return state, images, lr, label_logits, optimizers
 
-    def _validate(self, ctx: DistillContext, state: MatchingState, real_labels: torch.Tensor) -> None:
+    def _validate(self, ctx: DistillContext, state: MatchingState) -> None:
         """Score the current set on the validation split; remember the best for saving."""
         data = ctx.data
         if data.val_x.shape[0] == 0:
             return
         protocol = get_protocol(self.default_protocol)
-        targets = self._eval_targets(state, real_labels)
-        score = train_fresh_network(state.images.detach(), targets, data, protocol=protocol, lr=float(state.lr.detach()),
-                                    arch=self.config.arch, arch_options=self.config.arch_options(),
+        score = train_fresh_network(self.images_to_save(state), self._eval_targets(state), data, protocol=protocol,
+                                    lr=float(state.lr.detach()), arch=self.student_arch(),
                                     seed=derive_seed(ctx.seed, "validation", state.iteration),
                                     epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
         ctx.log(f"Iteration {state.iteration}: validation accuracy {100 * score:.2f}%")
         if score > state.best_val:
             state.best_val = score
-            state.best = {"iteration": state.iteration, "images": state.images.detach().clone(),
+            state.best = {"iteration": state.iteration, "images": self.images_to_save(state).clone(),
                           "lr": state.lr.detach().clone(),
                           "label_logits": state.label_logits.detach().clone() if state.label_logits is not None else None}
 
-    def _eval_targets(self, state: MatchingState, real_labels: torch.Tensor) -> torch.Tensor:
+    def _eval_targets(self, state: MatchingState) -> torch.Tensor:
         if state.label_logits is not None:
             return F.softmax(state.label_logits.detach() / self.config.soft_label_temperature, dim=1)
-        return real_labels
+        return state.hard_labels
 
-    def _final_set(self, ctx: DistillContext, state: MatchingState, real_labels: torch.Tensor) -> SyntheticSet:
+    def _final_set(self, ctx: DistillContext, state: MatchingState) -> SyntheticSet:
         chosen = state.best if state.best is not None else {
-            "iteration": state.iteration, "images": state.images, "lr": state.lr, "label_logits": state.label_logits}
+            "iteration": state.iteration, "images": self.images_to_save(state), "lr": state.lr,
+            "label_logits": state.label_logits}
         if chosen["label_logits"] is not None:
             labels, kind = chosen["label_logits"], "logits"
         else:
-            labels, kind = real_labels, "hard"
+            labels, kind = state.hard_labels, "hard"
         sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"].detach()),
                              label_temperature=self.config.soft_label_temperature)
         sset.config["selected_iteration"] = chosen["iteration"]
@@ -444,6 +490,20 @@ class TrajectoryMatching(Method):
     def _load_checkpoint(path: Path, device: torch.device) -> MatchingState:
         raw = torch.load(path, map_location=device, weights_only=False)
         return MatchingState(**raw)
+
+
+def perturb_conv_weights(params: torch.Tensor, layout: ParamLayout, scale: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """AST's weight perturbation: each convolution weight tensor (4-d) of the start parameters
+    gets Gaussian noise of `scale` times that tensor's own standard deviation."""
+    perturbed = params.clone()
+    views = layout.unflatten(perturbed)
+    for name, shape in zip(layout.names, layout.shapes):
+        if len(shape) == 4:
+            weight = views[name]
+            noise = torch.randn(weight.shape, generator=generator).to(weight)
+            weight.add_(scale * weight.std() * noise)
+    return perturbed
 
 
 @register_method("mtt")

@@ -1,0 +1,100 @@
+"""How trajectory methods choose their starting images and labels from real data.
+
+- representative (AST): k-means on an expert's logits of each class's images, then the image
+  nearest each centre; works for any IPC (IPC 1: the image nearest the class mean).
+- correct-only (DATM): only images an expert classifies correctly, with soft labels that are
+  the logits averaged over the experts that classify the image correctly.
+
+Both score a seeded pool of each class's images (not the whole class) to keep the cost of a
+CPU run small; pool_per_class bounds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddtool.data import PreparedData, class_indices
+from ddtool.errors import DDToolError
+from ddtool.experts import ExpertStore
+from ddtool.matching.engine import Forward
+
+
+def class_pools(data: PreparedData, pool_per_class: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random subset (at most pool_per_class) of each class's training indices."""
+    pools = []
+    for idx in class_indices(data.train_y, data.spec.num_classes):
+        order = torch.randperm(idx.numel(), generator=generator)[:pool_per_class]
+        pools.append(idx[order.to(idx.device)])
+    return pools
+
+
+@torch.no_grad()
+def expert_logits(experts: ExpertStore, expert: int, forward: Forward, images: torch.Tensor,
+                  batch_size: int = 1024) -> torch.Tensor:
+    """Logits of `expert`'s final parameters on `images`."""
+    params = experts.params(expert, experts.epochs).to(images.device)
+    return torch.cat([forward(params, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+
+
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; returns the (k, D) centres."""
+    n = points.shape[0]
+    centres = [points[int(torch.randint(n, (1,), generator=generator))]]
+    for _ in range(1, k):
+        dist = torch.cdist(points, torch.stack(centres)).min(dim=1).values.pow(2)
+        weights = (dist / dist.sum()).cpu() if dist.sum() > 0 else torch.full((n,), 1.0 / n)
+        centres.append(points[int(torch.multinomial(weights, 1, generator=generator))])
+    centres = torch.stack(centres)
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(dim=1)
+        updated = torch.stack([points[assign == j].mean(dim=0) if (assign == j).any() else centres[j]
+                               for j in range(k)])
+        if torch.equal(updated, centres):
+            break
+        centres = updated
+    return centres
+
+
+def representative_indices(data: PreparedData, experts: ExpertStore, forward: Forward, ipc: int, *,
+                           pool_per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """AST's representative initialisation: per class, the images nearest the k-means centres
+    (k = ipc) of expert 0's logits; class-major, distinct images."""
+    chosen = []
+    for c, pool in enumerate(class_pools(data, max(pool_per_class, ipc), generator)):
+        if pool.numel() < ipc:
+            raise DDToolError(f"Class {data.spec.classes[c]!r} has {pool.numel()} training images; IPC {ipc} "
+                              "is too many.")
+        logits = expert_logits(experts, experts.expert_indices[0], forward, data.train_x[pool])
+        centres = kmeans(logits, ipc, generator)
+        distances = torch.cdist(centres, logits)
+        picked: list[int] = []
+        for row in distances:  # nearest image to each centre, never the same image twice
+            row = row.clone()
+            row[picked] = float("inf")
+            picked.append(int(row.argmin()))
+        chosen.append(pool[torch.tensor(picked, device=pool.device)])
+    return torch.cat(chosen)
+
+
+def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward, ipc: int, *,
+                      pool_per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DATM's initialisation: (indices, label logits). Images are drawn among those expert 0
+    classifies correctly; each label is the mean logit vector over the experts that classify
+    that image correctly."""
+    indices, labels = [], []
+    for c, pool in enumerate(class_pools(data, pool_per_class, generator)):
+        images = data.train_x[pool]
+        logits = torch.stack([expert_logits(experts, e, forward, images) for e in experts.expert_indices])
+        correct = logits.argmax(dim=2) == c  # (experts, pool)
+        eligible = correct[0].nonzero().squeeze(1)
+        if eligible.numel() < ipc:
+            raise DDToolError(
+                f"Only {eligible.numel()} of {pool.numel()} scored images of class {data.spec.classes[c]!r} are "
+                f"classified correctly by the expert, fewer than IPC {ipc}: raise init_pool_per_class or train "
+                "better experts.")
+        pick = eligible[torch.randperm(eligible.numel(), generator=generator)[:ipc].to(eligible.device)]
+        weights = correct[:, pick].float()  # which experts count for each picked image
+        averaged = (logits[:, pick] * weights.unsqueeze(2)).sum(0) / weights.sum(0).unsqueeze(1)
+        indices.append(pool[pick])
+        labels.append(averaged)
+    return torch.cat(indices), torch.cat(labels)
