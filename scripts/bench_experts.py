@@ -10,8 +10,8 @@ training images (after a warm-up) with
   +DSA     the same with DSA augmentation (what `ddtool buffer` runs by default);
   +GSAM    DSA and GSAM (FTD's experts; two gradient evaluations per step).
 
-Measurements of plain and ddtool alternate and the best of --repeats is kept, so a busy
-machine disturbs the ratio as little as possible. Prints a markdown table.
+The loops are timed in turn, --repeats rounds, and each keeps its best time, so a busy
+machine disturbs the comparison as little as possible. Prints a markdown table.
 
     python scripts/bench_experts.py                     # CPU (and CUDA if available)
     python scripts/bench_experts.py --images 2048 --widths 32 64 128 --repeats 2
@@ -80,11 +80,10 @@ def bench_width(data, images, labels, width: int, device: torch.device, repeats:
     for name in configs:
         ours(name, warm)
     best = {name: float("inf") for name in ("plain", *configs)}
-    for _ in range(repeats):  # alternate, so load changes hit both loops alike
+    for _ in range(repeats):  # alternate, so load changes hit every loop alike
         best["plain"] = min(best["plain"], plain(n))
-        best["ddtool"] = min(best["ddtool"], ours("ddtool", n))
-    for name in ("+DSA", "+GSAM"):
-        best[name] = ours(name, n)
+        for name in configs:
+            best[name] = min(best[name], ours(name, n))
     return {name: n / seconds for name, seconds in best.items()}
 
 

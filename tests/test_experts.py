@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,13 +16,14 @@ from torch import nn
 
 import ddtool.experts.runner as runner_module
 import ddtool.experts.train as train_module
-from ddtool.data import DatasetSpec, RawDataset, get_spec, prepare_raw
-from ddtool.errors import ConfigError, FormatError
+from ddtool.errors import ConfigError, DDToolError, FormatError
 from ddtool.experts import (
     GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, merge_shards, read_manifest,
     run_buffer, train_expert,
 )
 from ddtool.experts.losses import input_gradient_penalty
+
+from conftest import tiny_prepared  # tests/conftest.py: tiny datasets through the real pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,21 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # -- tiny data ---------------------------------------------------------------------------------
 
 
-def tiny_data(name: str = "fashion-mnist", *, zca: bool = False, size: int = 8, per_class: int = 4, seed: int = 0):
-    """A registry dataset's spec at `size` px with a few random images per class, prepared as
-    the real pipeline prepares it (validation split carved out, normalisation, ZCA)."""
-    spec = replace(get_spec(name), image_size=size)
-    g = torch.Generator().manual_seed(seed)
-    n, n_test = spec.num_classes * per_class, spec.num_classes * 2
-    raw = RawDataset(
-        spec,
-        torch.randint(0, 256, (n, spec.channels, size, size), generator=g, dtype=torch.uint8),
-        torch.arange(n) % spec.num_classes,
-        torch.randint(0, 256, (n_test, spec.channels, size, size), generator=g, dtype=torch.uint8),
-        torch.arange(n_test) % spec.num_classes,
-        Path("memory"),
-    )
-    return prepare_raw(raw, zca=zca, val_per_class=1)
+def tiny_data(name: str = "fashion-mnist", *, zca: bool = False):
+    return tiny_prepared(name, per_class=4, zca=zca)
 
 
 def tiny_config(**overrides) -> ExpertConfig:
@@ -225,6 +211,12 @@ def test_training_is_seeded_and_leaves_global_rng_alone(data):
     assert 0.0 <= first.test_accuracy <= 1.0 and len(first.epoch_loss) == 2
 
 
+def test_divergence_is_reported_not_stored(tmp_path, data):
+    with pytest.raises(DDToolError, match="diverged"):
+        run_buffer(tiny_config(experts=1, epochs=2, lr=1e12, augment=False), tmp_path / "s.h5", data, progress=False)
+    assert ExpertStore.open(tmp_path / "s.h5").num_experts == 0
+
+
 # -- resume and shards --------------------------------------------------------------------------
 
 
@@ -358,23 +350,11 @@ def test_cache_lookup_finds_a_store_by_configuration(tmp_path, data):
 # -- the CLI, through a real process ------------------------------------------------------------
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0800 | array.ndim
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 100), ("t10k", 20)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path, fashion_root):
     out = tmp_path / "experts.h5"
-    args = [sys.executable, "-m", "ddtool", "buffer", "--data-root", str(root), "--width", "4", "--depth", "1",
+    args = [sys.executable, "-m", "ddtool", "buffer", "--data-root", str(fashion_root), "--width", "4", "--depth", "1",
             "--experts", "2", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "DDTOOL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # DDTOOL_CACHE: isolated by conftest
 
     def run(*extra):
         return subprocess.run(args + list(extra), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -384,7 +364,7 @@ def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path):
     assert "Plan: 2 experts x 2 epochs" in first.stdout and "estimated time" in first.stdout
     with ExpertStore.open(out) as store:
         assert (store.num_experts, store.epochs) == (2, 2)
-        assert store.manifest.dataset["train_images"] == 90  # one validation image per class carved out
+        assert store.manifest.dataset["train_images"] == 110  # one validation image per class carved out
     again = run()
     assert again.returncode == 0 and "to train: 0" in again.stdout
     clash = run("--lr", "0.5")

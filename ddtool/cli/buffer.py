@@ -9,7 +9,12 @@ from typing import Any
 import click
 
 from ddtool.cli.main import cli
+from ddtool.data import prepare
+from ddtool.device import resolve_device
 from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
+from ddtool.experts.plan import estimate_training_time, format_duration, store_path_for, stored_experts
+from ddtool.experts.runner import Shard, merge_shards, run_buffer
+from ddtool.experts.store import ExpertStore, read_manifest
 
 _DEFAULTS = {f.name: f.default for f in fields(ExpertConfig)}
 
@@ -65,12 +70,6 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, 
       ddtool buffer --optimizer gsam --experts 10             # FTD's flat experts
       ddtool buffer --shard 0/2 & ddtool buffer --shard 1/2   # two processes, then buffer-merge
     """
-    from ddtool.data import prepare
-    from ddtool.device import resolve_device
-    from ddtool.experts.plan import estimate_training_time, format_duration, store_path_for, stored_experts
-    from ddtool.experts.runner import Shard, run_buffer
-    from ddtool.experts.store import ExpertStore
-
     arch_options = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
     config = ExpertConfig(dataset=dataset, arch=arch, arch_options=arch_options, **settings)
     target = resolve_device(device)
@@ -118,9 +117,6 @@ def buffer_merge(shards, out) -> None:
     The merged store's expert files are hard links to the shards' when they share a file
     system (no copy), copies otherwise; the shard stores can be deleted afterwards.
     """
-    from ddtool.experts.runner import merge_shards
-    from ddtool.experts.store import read_manifest
-
     path = merge_shards([Path(s) for s in shards], Path(out))
     manifest = read_manifest(path)
     indices = [r.index for r in manifest.experts]

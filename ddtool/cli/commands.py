@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import typing
 from pathlib import Path
 
 import click
@@ -20,7 +19,7 @@ from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, 
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
-from ddtool.methods.base import DistillContext, build_config, get_method_class, list_methods
+from ddtool.methods.base import DistillContext, build_config, get_method_class, list_methods, parse_overrides
 from ddtool.paths import cache_dir
 from ddtool.storage import (
     EXPORT_FORMATS,
@@ -59,36 +58,6 @@ def datasets(data_root: str | None) -> None:
 
 
 # ---- distill --------------------------------------------------------------------------------
-def _parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
-    """`--set key=value` pairs, each value converted to the type of the config field."""
-    hints = typing.get_type_hints(config_class)
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got {pair!r}.")
-        key, text = (part.strip() for part in pair.split("=", 1))
-        if key not in hints:
-            raise ConfigError(f"No setting {key!r}; settings: {', '.join(sorted(hints))}.")
-        overrides[key] = _convert(key, text, hints[key])
-    return overrides
-
-
-def _convert(key: str, text: str, hint) -> object:
-    kind = hint if isinstance(hint, type) else next((t for t in typing.get_args(hint) if t is not type(None)), str)
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if kind in (int, float):
-            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
-        if kind in (dict, list, tuple):
-            return kind(json.loads(text))
-        return text
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"--set {key}={text}: expected a {getattr(kind, '__name__', kind)}.") from None
-
-
 def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
     return Path("synthetic_sets") / f"{dataset}_{method}_ipc{ipc}_seed{seed}.h5"
 
@@ -132,7 +101,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         for name, cfg in method_cls.presets.items():
             click.echo(f"{name}{' (default)' if name == default else ''}: {cfg}")
         return
-    overrides = _parse_overrides(method_cls.config_class, settings)
+    overrides = parse_overrides(method_cls.config_class, settings)
     if iterations is not None:
         overrides["iterations"] = iterations
     if backend is not None:

@@ -14,7 +14,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ddtool.data.registry import canonical_name, get_spec
 from ddtool.errors import ConfigError
+from ddtool.networks import network_options
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
 LR_DECAYS = ("none", "step", "cosine")
@@ -54,9 +56,6 @@ class ExpertConfig:
     train_subset: int | None = None
 
     def __post_init__(self) -> None:
-        from ddtool.data.registry import canonical_name
-        from ddtool.networks import network_options
-
         object.__setattr__(self, "dataset", canonical_name(self.dataset))
         object.__setattr__(self, "arch", self.arch.strip().lower())
         allowed = network_options(self.arch)  # ConfigError naming the known networks
@@ -72,7 +71,8 @@ class ExpertConfig:
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}.")
         _require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}.")
         _require(_finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}.")
-        _require(_finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}.")
+        _require(_finite(self.momentum) and 0 <= self.momentum < 1,
+                 f"momentum must be in [0, 1), got {self.momentum}.")
         _require(_finite(self.weight_decay) and self.weight_decay >= 0,
                  f"weight decay must be >= 0, got {self.weight_decay}.")
         _require(self.lr_decay in LR_DECAYS,
@@ -80,13 +80,15 @@ class ExpertConfig:
         _require(self.optimizer in OPTIMIZERS,
                  f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
         _require(_finite(self.rho) and self.rho > 0, f"rho must be positive, got {self.rho}.")
-        _require(_finite(self.gsam_alpha) and self.gsam_alpha >= 0, f"GSAM alpha must be >= 0, got {self.gsam_alpha}.")
+        _require(_finite(self.gsam_alpha) and self.gsam_alpha >= 0,
+                 f"GSAM alpha must be >= 0, got {self.gsam_alpha}.")
         _require(_finite(self.ast_input_grad_penalty) and self.ast_input_grad_penalty >= 0,
                  f"the AST input-gradient penalty must be >= 0, got {self.ast_input_grad_penalty}.")
         _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}.")
         _require(self.train_subset is None or self.train_subset >= 1,
                  f"train_subset must be at least 1 image, got {self.train_subset}.")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}.")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 f"seed must be an integer, got {self.seed!r}.")
 
     def __hash__(self) -> int:  # the dict field makes the generated hash fail
         return hash(self.fingerprint())
@@ -103,8 +105,6 @@ class ExpertConfig:
     def resolved_flip(self) -> bool:
         if self.flip is not None:
             return self.flip
-        from ddtool.data.registry import get_spec
-
         return get_spec(self.dataset).flip
 
     def lr_at(self, epoch: int) -> float:

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from ddtool import __version__
-from ddtool.data import PreparedData, Preprocessing
+from ddtool.augment import DSAConfig
+from ddtool.data import PreparedData, Preprocessing, canonical_name
 from ddtool.errors import ConfigError, FormatError
 from ddtool.experts.config import ExpertConfig
-from ddtool.networks import ParamLayout
+from ddtool.experts.train import dsa_flip
+from ddtool.networks import ParamLayout, network_options
 
 FORMAT = "ddtool.expert_store"
 SCHEMA_VERSION = 1
@@ -91,9 +93,6 @@ class StoreManifest:
 def build_manifest(config: ExpertConfig, data: PreparedData, layout: ParamLayout,
                    train_images: int) -> StoreManifest:
     """The manifest of a store of `config`'s experts trained on `data` (no experts yet)."""
-    from ddtool.augment import DSAConfig
-    from ddtool.experts.train import dsa_flip
-
     spec = data.spec
     optimizer: dict[str, Any] = {
         "name": config.optimizer, "lr": config.lr, "lr_decay": config.lr_decay,
@@ -146,8 +145,10 @@ def preprocessing_differences(stored: dict[str, Any], current: dict[str, Any]) -
     def zca_words(r: dict) -> str:
         return f"ZCA whitening (eps {r['zca_eps']:g})" if r["zca"] else "no ZCA whitening"
 
-    if stored["zca"] != current["zca"] or (stored["zca"] and not math.isclose(stored["zca_eps"], current["zca_eps"])):
-        return [f"preprocessing: the experts were trained with {zca_words(stored)}, this run uses {zca_words(current)}"]
+    other_eps = stored["zca"] and not math.isclose(stored["zca_eps"], current["zca_eps"])
+    if stored["zca"] != current["zca"] or other_eps:
+        return [f"preprocessing: the experts were trained with {zca_words(stored)}, "
+                f"this run uses {zca_words(current)}"]
     out = []
     if not (np.allclose(stored["mean"], current["mean"], atol=_STATS_ATOL, rtol=0)
             and np.allclose(stored["std"], current["std"], atol=_STATS_ATOL, rtol=0)):
@@ -162,12 +163,11 @@ def preprocessing_differences(stored: dict[str, Any], current: dict[str, Any]) -
 
 def compatibility_differences(manifest: StoreManifest, *, dataset: str, arch: str,
                               arch_options: dict[str, Any], preprocessing: Preprocessing) -> list[str]:
-    from ddtool.data.registry import canonical_name
-    from ddtool.networks import network_options
-
+    """Why experts of this store may not be used with this dataset/network/preprocessing."""
     out = []
     if canonical_name(dataset) != manifest.dataset["name"]:
-        out.append(f"dataset: the experts were trained on {manifest.dataset['name']}, this run uses {canonical_name(dataset)}")
+        out.append(f"dataset: the experts were trained on {manifest.dataset['name']}, "
+                   f"this run uses {canonical_name(dataset)}")
     arch = arch.strip().lower()
     if arch != manifest.architecture["name"]:
         out.append(f"architecture: the experts are {manifest.architecture['name']}, this run uses {arch}")
@@ -186,7 +186,8 @@ def merge_differences(a: StoreManifest, b: StoreManifest) -> list[str]:
     """Why experts of store `b` may not join store `a` ([] if they may)."""
     out = []
     if a.fingerprint != b.fingerprint:
-        out += settings_differences(a.settings, b.settings) or [f"configuration fingerprint {a.fingerprint} vs {b.fingerprint}"]
+        out += (settings_differences(a.settings, b.settings)
+                or [f"configuration fingerprint {a.fingerprint} vs {b.fingerprint}"])
     if a.layout != b.layout:
         out.append("parameter layout (the network code changed between the two runs)")
     if a.dataset.get("train_split_sha256") != b.dataset.get("train_split_sha256"):

@@ -19,14 +19,13 @@ from ddtool.experts.config import ExpertConfig
 from ddtool.experts.manifest import raise_if_differences, settings_differences
 from ddtool.experts.store import read_manifest
 from ddtool.experts.train import build_setup, run_epoch, training_split
+from ddtool.paths import cache_root
 from ddtool.seeding import derive_seed
 from ddtool.training import accuracy
 
 
 def default_cache_dir() -> Path:
-    from ddtool.data.cache import resolve_cache_dir
-
-    return resolve_cache_dir() / "experts"
+    return cache_root() / "experts"  # not created here: a lookup must not leave folders behind
 
 
 def store_path_for(config: ExpertConfig, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ddtool.data import PreparedData
 from ddtool.errors import ConfigError
@@ -128,9 +129,6 @@ class _Progress:
     """Two tqdm bars: experts of this shard, and epochs of the current expert (images/s, ETA)."""
 
     def __init__(self, bars: ExitStack, total: int, done: int, epochs: int):
-        from tqdm.auto import tqdm
-
-        self._tqdm = tqdm
         self.epochs = epochs
         self.experts = bars.enter_context(tqdm(total=total, initial=done, desc="experts", unit="expert",
                                                position=0, dynamic_ncols=True))

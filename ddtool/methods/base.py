@@ -9,6 +9,8 @@ elsewhere; adding a method touches one file plus its registry decorator.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +129,36 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
         raise ConfigError(f"Method {method_cls.name!r} has no setting {', '.join(unknown)}; "
                           f"its settings: {', '.join(sorted(valid))}.")
     return dataclasses.replace(base, **overrides)
+
+
+def parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
+    """`key=value` texts (the CLI's --set), each value converted to the type of the config field."""
+    hints = typing.get_type_hints(config_class)
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}.")
+        key, text = (part.strip() for part in pair.split("=", 1))
+        if key not in hints:
+            raise ConfigError(f"No setting {key!r}; settings: {', '.join(sorted(hints))}.")
+        overrides[key] = _convert(key, text, hints[key])
+    return overrides
+
+
+def _convert(key: str, text: str, hint) -> object:
+    kind = hint if isinstance(hint, type) else next((t for t in typing.get_args(hint) if t is not type(None)), str)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if kind in (int, float):
+            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        if kind in (dict, list, tuple):
+            return kind(json.loads(text))
+        return text
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--set {key}={text}: expected a {getattr(kind, '__name__', kind)}.") from None
 
 
 def _load_builtin_methods() -> None:
