@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ddtool.augment import DSA, DSAConfig
 from ddtool.data import PreparedData, sample_per_class
+from ddtool.evaluation import kd
 from ddtool.evaluation.protocols import Protocol
 from ddtool.networks import create_network
 from ddtool.paths import cache_dir
@@ -64,6 +65,8 @@ class EvaluationReport:
     seed: int = 0
     device: str = "cpu"
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # Protocol-specific facts stored beside the figures (KD: whether the teacher was live or stored).
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict:
         """The dict stored in the synthetic-set file's evaluations."""
@@ -75,6 +78,7 @@ class EvaluationReport:
             "seed": self.seed,
             "device": self.device,
             "timestamp": self.timestamp,
+            **self.details,
             **self.synthetic.to_dict(),
             "baselines": {
                 name: acc.to_dict()
@@ -86,7 +90,7 @@ class EvaluationReport:
 
 def train_fresh_network(
     images: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | kd.LabelSource,
     data: PreparedData,
     *,
     protocol: Protocol,
@@ -100,7 +104,10 @@ def train_fresh_network(
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """Train one new network on (images, targets) and return its final accuracy on the test
-    split, or on `held_out` (the validation split, when choosing settings or checkpoints)."""
+    split, or on `held_out` (the validation split, when choosing settings or checkpoints).
+
+    Under a knowledge-distillation protocol (protocol.kd) `targets` is a kd.LabelSource (stored
+    soft labels or a live teacher) and ddtool.evaluation.kd trains the network."""
     spec = data.spec
     device = data.test_x.device
     with seeded(derive_seed(seed, "network")):
@@ -108,27 +115,32 @@ def train_fresh_network(
                              image_size=spec.image_size, **(arch_options or {}))
     net = net.to(device)
     epochs = epochs or protocol.epochs
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
-                                weight_decay=protocol.weight_decay)
-    decay_epoch = int(round(protocol.lr_decay_at * epochs))
-    augment = DSA(DSAConfig(flip=spec.flip)) if protocol.augment else None
-    batches = generator(seed, "batches")
     images, targets = images.to(device), targets.to(device)
-    for epoch in range(epochs):
-        if epoch == decay_epoch:
-            for group in optimizer.param_groups:
-                group["lr"] *= protocol.lr_decay
-        train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
-                    generator=batches, augment=augment)
-        if on_epoch is not None:
-            on_epoch()
+    if protocol.kd is not None:
+        kd.fit_student(net, images, targets, protocol=protocol, lr=lr, epochs=epochs,
+                       batch_size=batch_size or protocol.batch_size, seed_generator=lambda name: generator(seed, name),
+                       allow_flip=spec.flip, on_epoch=on_epoch)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
+                                    weight_decay=protocol.weight_decay)
+        decay_epoch = int(round(protocol.lr_decay_at * epochs))
+        augment = DSA(DSAConfig(flip=spec.flip)) if protocol.augment else None
+        batches = generator(seed, "batches")
+        for epoch in range(epochs):
+            if epoch == decay_epoch:
+                for group in optimizer.param_groups:
+                    group["lr"] *= protocol.lr_decay
+            train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
+                        generator=batches, augment=augment)
+            if on_epoch is not None:
+                on_epoch()
     held_x, held_y = held_out if held_out is not None else (data.test_x, data.test_y)
     return accuracy(net, held_x, held_y)
 
 
 def evaluate_images(
     images: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | kd.LabelSource,
     data: PreparedData,
     *,
     protocol: Protocol,
@@ -138,7 +150,7 @@ def evaluate_images(
     runs: int | None = None,
     desc: str = "evaluate",
     progress: bool = True,
-    images_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    images_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor | kd.LabelSource]] | None = None,
 ) -> Accuracies:
     """`runs` fresh networks on the same set (or on `images_for_run(i)` when each run gets
     its own, as the random baseline does)."""
@@ -180,16 +192,32 @@ def _data_key(data: PreparedData) -> dict:
 
 
 def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, arch: str = "convnet",
-                           seed: int = 0, runs: int | None = None, progress: bool = True) -> Accuracies:
+                           seed: int = 0, runs: int | None = None, progress: bool = True,
+                           teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None,
+                           like: kd.LabelSource | None = None) -> Accuracies:
     """Real images, `ipc` per class drawn at random (a new draw per run), hard labels, lr of
-    the protocol, trained exactly like the synthetic set."""
+    the protocol, trained exactly like the synthetic set.
+
+    Under a KD protocol the subset learns from `teacher` (the set's; `teacher_key` is its
+    kd.teacher_fingerprint), labelled the way `like` (the set's labels) is: live, or stored
+    for the same number of epochs of views."""
     runs = runs or protocol.runs
     key = {"kind": "random_subset", "ipc": ipc, "protocol": protocol.to_dict(), "arch": arch, "seed": seed,
            "runs": runs, **_data_key(data)}
+    if protocol.kd is not None:
+        if teacher is None or teacher_key is None:
+            raise ValueError("a KD protocol's random baseline needs the set's teacher and its fingerprint")
+        like = like or teacher
+        key.update(teacher=teacher_key, teacher_mode=like.mode,
+                   stored_epochs=like.epochs if isinstance(like, kd.StoredSoftLabels) else None)
 
-    def subset(run: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def subset(run: int) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
         idx = sample_per_class(data.train_y, data.spec.num_classes, ipc, generator(seed, "random-subset", run))
-        return data.train_x[idx], data.train_y[idx]
+        if protocol.kd is None:
+            return data.train_x[idx], data.train_y[idx]
+        labels = kd.matched_labels(teacher, data.train_x[idx], like, settings=protocol.kd, allow_flip=data.spec.flip,
+                                   generator=generator(seed, "random-subset-relabel", run))
+        return data.train_x[idx], labels
 
     return _cached(key, lambda: evaluate_images(
         data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
@@ -197,16 +225,23 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
 
 
 def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
-                            runs: int = 1, progress: bool = True, compute_if_missing: bool = True) -> Accuracies | None:
+                            runs: int = 1, progress: bool = True, compute_if_missing: bool = True,
+                            teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None) -> Accuracies | None:
     """The same architecture and optimiser trained on the whole training split for
     protocol.reference_epochs epochs (lr decay at the same fraction). With
-    compute_if_missing=False, only a cached result is returned (None if there is none)."""
+    compute_if_missing=False, only a cached result is returned (None if there is none).
+    Under a KD protocol: the same recipe, `teacher` live on the whole split."""
     reference = dataclasses.replace(protocol, epochs=protocol.reference_epochs,
                                     batch_size=protocol.reference_batch_size)
     key = {"kind": "whole_dataset", "protocol": reference.to_dict(), "arch": arch, "seed": seed, "runs": runs,
            **_data_key(data)}
+    targets: torch.Tensor | kd.LabelSource = data.train_y
+    if protocol.kd is not None:
+        if teacher is None or teacher_key is None:
+            raise ValueError("a KD protocol's whole-dataset reference needs the teacher and its fingerprint")
+        key["teacher"], targets = teacher_key, teacher
     return _cached(key, lambda: evaluate_images(
-        data.train_x, data.train_y, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
+        data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
         desc="whole dataset", progress=progress), compute_if_missing=compute_if_missing)
 
 
@@ -226,6 +261,9 @@ def evaluate_set(
 
     `reference`: True computes the whole-dataset reference if it is not cached, None uses it
     only when cached (training on the whole split takes hours on a CPU), False skips it."""
+    if protocol.kd is not None:
+        return _evaluate_set_kd(sset, data, protocol=protocol, arch=arch, seed=seed, runs=runs, baselines=baselines,
+                                reference=reference, progress=progress)
     device = data.test_x.device
     soft = protocol.soft_labels and sset.label_kind != "hard"
     targets = sset.soft_targets() if soft else sset.hard_labels()
@@ -240,4 +278,34 @@ def evaluate_set(
     if reference is not False:
         report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
                                                        progress=progress, compute_if_missing=bool(reference))
+    return report
+
+
+def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int | None,
+                     baselines: bool, reference: bool | None, progress: bool) -> EvaluationReport:
+    """evaluate_set under a KD protocol: the set's stored soft labels, else its live teacher.
+    The baselines learn from the same teacher (skipped, and said so, when the set has none)."""
+    device = data.test_x.device
+    labels = kd.set_label_source(sset, device)
+    teacher = kd.set_teacher(sset, device)
+    teacher_key = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
+    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
+                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress)
+    details: dict[str, Any] = {"teacher": labels.mode,
+                               "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
+    if isinstance(labels, kd.StoredSoftLabels):
+        details["stored_epochs"] = labels.epochs
+    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
+                              seed=seed, device=str(device), details=details)
+    if teacher is None:
+        details["baselines_skipped"] = "the set carries no teacher"
+        return report
+    if baselines:
+        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
+                                                      runs=runs, progress=progress, teacher=teacher,
+                                                      teacher_key=teacher_key, like=labels)
+    if reference is not False:
+        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
+                                                       progress=progress, compute_if_missing=bool(reference),
+                                                       teacher=teacher, teacher_key=teacher_key)
     return report

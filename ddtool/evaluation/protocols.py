@@ -26,7 +26,7 @@ class KDSettings:
     mixed view, so no label mixing is needed.
     """
 
-    temperature: float = 4.0
+    temperature: float = 20.0
     optimizer: str = "adamw"  # adamw (lr, weight_decay decoupled) | sgd (lr, momentum, weight_decay)
     schedule: str = "cosine"  # cosine over the epochs | step (Protocol.lr_decay_at / lr_decay)
     crop: bool = True
@@ -102,24 +102,19 @@ PROTOCOLS: dict[str, Protocol] = {
     # The classic evaluation with DSA: 1000 epochs.
     "classic-dsa": Protocol(name="classic-dsa", epochs=1000, lr=0.01, use_learned_lr=False, augment=True),
     # Knowledge distillation, for SRe2L/CDA sets and their matched random baseline (random real
-    # images + the same teacher). SRe2L's ImageNet recipe (AdamW lr 1e-3, wd 0.01, cosine, 300
-    # epochs, crop 0.08-1 + flip + CutMix) with T = 4 instead of the released code's 20 (see
-    # KD_TEMPERATURE_NOTE) and batch 64 (their 1024 is for 50k-image sets; ours hold
-    # 100-500, and a batch that holds the whole set gives one step per epoch).
-    "kd": Protocol(name="kd", epochs=300, lr=1e-3, use_learned_lr=False, weight_decay=0.01, batch_size=64,
-                   augment=False, kd=KDSettings(temperature=4.0, optimizer="adamw")),
+    # images + the same teacher). SRe2L's ImageNet recipe: AdamW lr 1e-3, wd 0.01, cosine, 300
+    # epochs, crop 0.08-1 + flip + CutMix, T = 20 (the released code's; on the Fashion-MNIST
+    # validation split T = 1, 4, 20 scored 76.8, 76.8, 76.9% - random IPC 10 + teacher, 100
+    # epochs, 2 runs each). Batch 16 instead of their 1024, which is sized for 50k-image sets:
+    # on 100-500 images it would be one step per epoch (same check: batch 64 gave 65.3%, 16 76.8%).
+    "kd": Protocol(name="kd", epochs=300, lr=1e-3, use_learned_lr=False, weight_decay=0.01, batch_size=16,
+                   augment=False, kd=KDSettings(temperature=20.0, optimizer="adamw")),
     # The Tiny ImageNet recipe of the released code: SGD lr 0.2, momentum 0.9, wd 1e-4, batch 64,
     # 100 epochs, T = 20, on a loss *without* the T^2 factor. ddtool's loss has it, so the same
     # steps need lr / T^2 and weight decay * T^2 (lr x wd unchanged): 5e-4 and 0.04.
     "kd-tiny": Protocol(name="kd-tiny", epochs=100, lr=0.2 / 400, use_learned_lr=False, weight_decay=1e-4 * 400,
                         batch_size=64, augment=False, kd=KDSettings(temperature=20.0, optimizer="sgd")),
 }
-
-KD_TEMPERATURE_NOTE = (
-    "T = 4 for 'kd': at T = 20 with the T^2 factor, KL is close to matching centred logits, which "
-    "hands the student the teacher's over-confident logit scale on 10-class problems; T = 4 "
-    "scored higher on the Fashion-MNIST validation split (random real IPC 10 + teacher) in our check."
-)
 
 
 def get_protocol(name: str) -> Protocol:

@@ -62,7 +62,7 @@ class DATM(TrajectoryMatching):
     default_preset = "fashion-cpu"
     presets = {
         # Fashion-MNIST: the MTT presets with a window growing to twice its start and learned labels.
-        "fashion-cpu": _datm(FASHION_CPU, max_start_epoch=3, max_start_epoch_final=6, window_grow_iterations=100),
+        "fashion-cpu": _datm(FASHION_CPU, max_start_epoch=2, max_start_epoch_final=4, window_grow_iterations=100),
         "fashion-gpu": _datm(FASHION_GPU, max_start_epoch=10, max_start_epoch_final=20, window_grow_iterations=1000),
         # The published CIFAR-10 settings (methods.md §5).
         "datm-cifar10-ipc1": _datm(TrajectoryConfig(**_DATM_CIFAR, max_start_epoch=4, lr_img=100, lr_lr=1e-7,

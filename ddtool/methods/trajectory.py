@@ -133,7 +133,7 @@ class TrajectoryConfig:
 # Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
 # "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 64).
 # "gpu": the full setting (width 128, more experts and iterations).
-FASHION_CPU = TrajectoryConfig(width=32, experts=4, expert_train_epochs=8, syn_steps=10, expert_epochs=2,
+FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
                                max_start_epoch=4, batch_syn=100, iterations=200, lr_img=100.0, lr_lr=1e-5,
                                lr_init=0.01, checkpoint_every=20)
 FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,

@@ -1,0 +1,146 @@
+"""Networks trained on the real training split, cached by configuration; the SRe2L/CDA teacher.
+
+`network_trained_on_real` is the general form of the pattern coresets' feature network uses:
+build a network from a derived seed, train it with the shared loop on the training split
+(never validation or test), keep its weights in the cache keyed by everything that changes
+them, and record its test accuracy once, at the end. `squeeze` is SRe2L's first step on top
+of it: a BatchNorm teacher whose running statistics the recover step matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddtool.data import PreparedData
+from ddtool.errors import ConfigError
+from ddtool.evaluation.kd import sample_views
+from ddtool.evaluation.protocols import KDSettings
+from ddtool.networks import create_network
+from ddtool.paths import cache_dir
+from ddtool.seeding import derive_seed, generator, seeded
+from ddtool.storage.atomic import atomic_path
+from ddtool.training import accuracy, train_epoch
+
+
+@dataclass(frozen=True)
+class RealTrainingRecipe:
+    """How a network is trained on the real training split (SGD with momentum, cosine lr over
+    the epochs). `augment` adds the KD views' random-resized crop (area 0.08-1) and flip, as
+    published teachers are trained; without it the images are used as they are."""
+
+    arch: str
+    options: dict = field(default_factory=dict)  # create_network options (e.g. {"width": 64})
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("A network trained on real data needs epochs, batch size and lr above zero.")
+
+
+@dataclass
+class TrainedNetwork:
+    network: nn.Module  # frozen, eval mode
+    recipe: RealTrainingRecipe
+    test_accuracy: float
+    cache_key: str  # digest of the configuration that produced it
+    train_seconds: float  # how long training took when it was trained (not when loaded)
+
+    def record(self) -> dict:
+        """The SyntheticSet.teacher form: {"arch", "options", "state"} (CPU tensors)."""
+        state = {name: t.detach().cpu().clone() for name, t in self.network.state_dict().items()}
+        return {"arch": self.recipe.arch, "options": dict(self.recipe.options), "state": state}
+
+
+def _cache_key(data: PreparedData, recipe: RealTrainingRecipe) -> dict:
+    return {
+        "dataset": data.spec.name,
+        "files": data.fingerprint,
+        "preprocessing": data.preprocessing.describe(),
+        "train_split": hashlib.sha256(data.train_indices.cpu().numpy().tobytes()).hexdigest()[:16],
+        "train_images": int(data.train_x.shape[0]),
+        "recipe": asdict(recipe),
+    }
+
+
+def network_trained_on_real(data: PreparedData, recipe: RealTrainingRecipe, *, cache: str, desc: str,
+                            progress: bool = True, log: Callable[[str], None] = print,
+                            check: Callable[[nn.Module], None] | None = None) -> TrainedNetwork:
+    """The network `recipe` trains on data's training split; loaded from cache_dir(cache) when
+    it was trained before with the same data, split, preprocessing and recipe. `check(net)`
+    runs on the new network before any training (to refuse an unfit architecture early)."""
+    spec = data.spec
+    device = data.train_x.device
+    with seeded(derive_seed(recipe.seed, "real-network", recipe.arch)):
+        net = create_network(recipe.arch, channels=spec.channels, num_classes=spec.num_classes,
+                             image_size=spec.image_size, **recipe.options)
+    if check is not None:
+        check(net)
+    net = net.to(device)
+    key = _cache_key(data, recipe)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir(cache) / f"{digest}.pt"
+    if path.exists():
+        stored = torch.load(path, map_location=device)
+        if stored.get("key") == key and "train_seconds" in stored:  # else: an older entry, retrain
+            net.load_state_dict(stored["state"])
+            log(f"{desc}: loaded from the cache ({path}); test accuracy {100 * stored['test_accuracy']:.2f}%")
+            return TrainedNetwork(net.eval().requires_grad_(False), recipe, stored["test_accuracy"], digest,
+                                  stored["train_seconds"])
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    batches = generator(recipe.seed, "real-network-batches")
+    start = time.perf_counter()
+    augment = None
+    if recipe.augment:
+        crop_flip = KDSettings(cutmix=False)
+
+        def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return sample_views(x.shape[0], x.shape[2], x.shape[3], crop_flip, spec.flip, gen).render(x)
+
+    for epoch in tqdm(range(recipe.epochs), desc=desc, disable=not progress, leave=False):
+        for group in optimizer.param_groups:  # cosine over the epochs
+            group["lr"] = 0.5 * recipe.lr * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
+        train_epoch(net, data.train_x, data.train_y, optimizer=optimizer, batch_size=recipe.batch_size,
+                    generator=batches, augment=augment)
+    seconds = time.perf_counter() - start
+    test_accuracy = accuracy(net, data.test_x, data.test_y)
+    log(f"{desc}: trained {recipe.epochs} epochs on {data.train_x.shape[0]} images in {seconds:.0f} s; "
+        f"test accuracy {100 * test_accuracy:.2f}%")
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "state": net.state_dict(), "test_accuracy": test_accuracy,
+                    "train_seconds": seconds}, tmp)
+    return TrainedNetwork(net.eval().requires_grad_(False), recipe, test_accuracy, digest, seconds)
+
+
+def batch_norm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The network's BatchNorm layers in module order (the stem's first)."""
+    return [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def squeeze(data: PreparedData, recipe: RealTrainingRecipe, *, progress: bool = True,
+            log: Callable[[str], None] = print) -> TrainedNetwork:
+    """SRe2L's squeeze: the BatchNorm teacher trained on the real training split (cached)."""
+
+    def has_batch_norm(net: nn.Module) -> None:
+        if not batch_norm_layers(net):
+            raise ConfigError(f"The teacher {recipe.arch!r} has no BatchNorm layers, so there are no statistics "
+                              "to recover images from; use a BatchNorm network such as convnet-bn or resnet18-bn.")
+
+    return network_trained_on_real(data, recipe, cache="teachers", desc=f"teacher {recipe.arch}",
+                                   progress=progress, log=log, check=has_batch_norm)
