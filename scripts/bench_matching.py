@@ -3,7 +3,7 @@
 ConvNet-3 on Fashion-MNIST-shaped data (28x28x1, 10 classes), IPC 10 (100 images, the whole
 set at every inner step), DSA on, N = 10, 20, 40, 80 student steps. Each (backend, N) runs in
 a fresh subprocess so peak memory is its own: on CPU the growth of peak RSS over the
-process's RSS before the first iteration, on CUDA torch.cuda.max_memory_allocated.
+process's RSS once model and data are set up, on CUDA torch.cuda.max_memory_allocated.
 
     python scripts/bench_matching.py                 # CPU, width 128
     python scripts/bench_matching.py --device cuda --iterations 5
@@ -38,23 +38,23 @@ def measure(backend: str, steps: int, device: str, width: int, ipc: int, iterati
     lr = torch.tensor(0.01, device=dev, requires_grad=True)
     dsa = DSA(DSAConfig())
 
-    def one_iteration() -> None:
-        steps_ = [InnerStep(batch=torch.randperm(images.shape[0], generator=g), augmentation=dsa.sample(images.shape[0], 28, 28, g))
-                  for _ in range(steps)]
+    def one_iteration(n_steps: int) -> None:
+        steps_ = [InnerStep(batch=torch.randperm(images.shape[0], generator=g),
+                            augmentation=dsa.sample(images.shape[0], 28, 28, g)) for _ in range(n_steps)]
         unroll = Unroll(forward=lambda p, x: layout.functional_forward(net, p, x), start=start, steps=steps_,
-                        targets=[MatchTarget(steps, target, (start - target).pow(2).sum())], augmenter=dsa)
+                        targets=[MatchTarget(n_steps, target, (start - target).pow(2).sum())], augmenter=dsa)
         get_backend(backend)(unroll, SyntheticBatch(images=images, lr=lr, fixed_targets=labels))
 
-    one_iteration()  # warm-up (allocator, kernels)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_mib()
+    one_iteration(1)  # warm-up (allocator, kernels): one step is enough; it never outgrows the timed run
     began = time.perf_counter()
     for _ in range(iterations):
-        one_iteration()
+        one_iteration(steps)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40, 80])
     parser.add_argument("--backends", nargs="+", default=["bptt", "tesla", "exact"])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON

@@ -6,22 +6,17 @@ real training split (cached, so it is trained once per dataset and setting).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ddtool.data import PreparedData, class_indices, sample_per_class
 from ddtool.errors import ConfigError
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.networks import create_network
-from ddtool.paths import cache_dir
-from ddtool.seeding import derive_seed, generator, seeded
+from ddtool.methods.teacher import RealTrainingRecipe, network_trained_on_real
+from ddtool.networks import network_options
+from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
-from ddtool.storage.atomic import atomic_path
-from ddtool.training import train_epoch
 
 
 @dataclass(frozen=True)
@@ -127,24 +122,9 @@ def embed(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) ->
 
 
 def feature_network(data: PreparedData, config: FeatureSelectionConfig, *, seed: int, progress: bool) -> torch.nn.Module:
-    spec = data.spec
-    options = {"width": config.feature_width} if config.feature_arch.startswith("convnet") else {}
-    with seeded(derive_seed(seed, "feature-network")):
-        net = create_network(config.feature_arch, channels=spec.channels, num_classes=spec.num_classes,
-                             image_size=spec.image_size, **options)
-    net = net.to(data.train_x.device)
-    key = {"dataset": spec.name, "preprocessing": data.preprocessing.describe(), "seed": seed,
-           "train_images": int(data.train_x.shape[0]), **{k: v for k, v in vars(config).items()}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir("feature-networks") / f"{digest}.pt"
-    if path.exists():
-        net.load_state_dict(torch.load(path, map_location=data.train_x.device))
-        return net
-    optimizer = torch.optim.SGD(net.parameters(), lr=config.feature_lr, momentum=0.9, weight_decay=5e-4)
-    batches = generator(seed, "feature-network-batches")
-    for _ in tqdm(range(config.feature_epochs), desc="feature network", disable=not progress, leave=False):
-        train_epoch(net, data.train_x, data.train_y, optimizer=optimizer, batch_size=config.feature_batch_size,
-                    generator=batches)
-    with atomic_path(path) as tmp:
-        torch.save(net.state_dict(), tmp)
-    return net
+    """A network trained on the real training split (cached), whose embedding ranks images."""
+    options = {"width": config.feature_width} if "width" in network_options(config.feature_arch) else {}
+    recipe = RealTrainingRecipe(arch=config.feature_arch, options=options, epochs=config.feature_epochs,
+                                lr=config.feature_lr, batch_size=config.feature_batch_size, seed=seed)
+    return network_trained_on_real(data, recipe, cache="feature-networks", desc="feature network",
+                                   progress=progress, log=lambda message: None).network

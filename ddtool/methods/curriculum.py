@@ -64,6 +64,8 @@ class CurriculumConfig:
     teacher_batch_size: int = 256
     teacher_augment: bool = False  # random-resized crop + flip while training the teacher
     teacher_seed: int = 0  # the teacher is shared by runs of any seed; this picks it
+    # The network evaluation trains on the set by default ('name:key=value' form).
+    student: str = "convnet"
     # Recover.
     iterations: int = 1000
     lr: float = 0.25  # Adam, cosine to 0 over the iterations
@@ -342,7 +344,7 @@ def _checkpoint_identity(config: CurriculumConfig, ctx: DistillContext) -> dict:
 # loaded machine, cached) and 300 recover iterations; stored views for 100 epochs (the KD
 # evaluation the table runs; longer evaluations replay them cyclically).
 FASHION_CPU = CurriculumConfig(teacher_width=32, teacher_epochs=2, teacher_lr=0.05, iterations=300,
-                               checkpoint_every=50, relabel_epochs=100)
+                               checkpoint_every=50, relabel_epochs=100, student="convnet:width=32")
 # A GPU-sized Fashion-MNIST setting: full-width teacher, published iteration counts.
 FASHION_GPU = CurriculumConfig(teacher_width=128, teacher_epochs=20, teacher_lr=0.05, iterations=1000,
                                checkpoint_every=200)
@@ -367,6 +369,9 @@ class SRe2L(Method):
 
     config_class = CurriculumConfig
     default_protocol = "kd"
+
+    def student_arch(self) -> str:
+        return self.config.student
     default_preset = "fashion-cpu"
     presets = {
         "fashion-cpu": FASHION_CPU,
