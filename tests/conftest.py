@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
+# The tests run many small operations, where extra threads only add contention (on a shared
+# 2-core machine two-thread processes were several times slower); the CLI tests' subprocesses
+# inherit this. Set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import gzip
 import struct
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from ddtool.data import get_spec, prepare_raw
-from ddtool.data.sources import RawDataset
+from ddtool.data import get_spec, prepare_raw  # noqa: E402
+from ddtool.data.sources import RawDataset  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
