@@ -1,9 +1,10 @@
 """Trajectory matching (MTT and TESLA) over the shared engine.
 
 The outer loop is the same for every method of the family; a method differs in its
-configuration (presets) and in a few hooks: which start epochs to sample, how labels start
-and whether they are learned, what happens after each update. DATM, FTD and AST subclass
-`TrajectoryMatching` and override those hooks.
+configuration (presets) and in a few hooks: which start epochs to sample, how images and
+labels start, whether an update is kept, what happens after it and which images are saved.
+DATM (methods/datm.py) and FTD (methods/ftd.py) subclass `TrajectoryMatching` and override
+those hooks; AST's options are configuration fields every method of the family honours.
 
 Reproducibility: each outer iteration draws from its own generator derived from
 (seed, iteration), so a resumed run draws exactly what an uninterrupted one would.
@@ -30,8 +31,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import get_protocol, train_fresh_network
 from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
-from ddtool.matching.engine import Forward
-from ddtool.matching.engine import BACKENDS
+from ddtool.matching.engine import BACKENDS, Forward
 from ddtool.methods.base import DistillContext, Method, register_method
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.methods.initialisation import representative_indices
@@ -134,7 +134,7 @@ class TrajectoryConfig:
 # "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 64).
 # "gpu": the full setting (width 128, more experts and iterations).
 FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
-                               max_start_epoch=4, batch_syn=100, iterations=200, lr_img=100.0, lr_lr=1e-5,
+                               max_start_epoch=4, batch_syn=100, iterations=100, lr_img=100.0, lr_lr=1e-5,
                                lr_init=0.01, checkpoint_every=20)
 FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,
                                max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
