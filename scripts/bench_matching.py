@@ -2,8 +2,11 @@
 
 ConvNet-3 on Fashion-MNIST-shaped data (28x28x1, 10 classes), IPC 10 (100 images, the whole
 set at every inner step), DSA on, N = 10, 20, 40, 80 student steps. Each (backend, N) runs in
-a fresh subprocess so peak memory is its own: on CPU the growth of peak RSS over the
-process's RSS once model and data are set up, on CUDA torch.cuda.max_memory_allocated.
+a fresh subprocess. Peak memory is the peak of live tensor bytes above what existed once
+model and data were set up: on CUDA torch.cuda.max_memory_allocated, on CPU the running
+"Total Allocated" of the PyTorch profiler's memory events over one extra, untimed iteration
+(allocator-independent: glibc keeps freed pages, so peak RSS overstates and jitters). The
+growth of peak RSS is reported beside it on CPU for comparison.
 
     python scripts/bench_matching.py                 # CPU, width 128
     python scripts/bench_matching.py --device cuda --iterations 5
@@ -16,7 +19,9 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,13 +60,30 @@ def measure(backend: str, steps: int, device: str, width: int, ipc: int, iterati
     began = time.perf_counter()
     for _ in range(iterations):
         one_iteration(steps)
+    seconds = (time.perf_counter() - began) / iterations
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rss = float("nan")
     else:
-        peak = _peak_rss_mib() - base
-    return {"backend": backend, "steps": steps, "seconds": (time.perf_counter() - began) / iterations,
-            "peak_mib": peak}
+        rss = _peak_rss_mib() - base
+        peak = _profiled_peak_mib(lambda: one_iteration(steps))
+    return {"backend": backend, "steps": steps, "seconds": seconds, "peak_mib": peak, "rss_mib": rss}
+
+
+def _profiled_peak_mib(fn) -> float:
+    """Peak of live CPU tensor bytes allocated while fn runs (relative to its start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    return max(totals, default=0) / 2**20
 
 
 def _rss_mib() -> float:
@@ -93,6 +115,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--one", f"{backend}:{steps}", "--device", args.device,
                                   "--width", str(args.width), "--ipc", str(args.ipc),
                                   "--iterations", str(args.iterations)], capture_output=True, text=True, check=True)
+            # the profiler logs to stdout on some builds: the JSON is the last line
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  measured {backend} N={steps}: {rows[-1]['seconds']:.2f} s, {rows[-1]['peak_mib']:.0f} MiB",
                   file=sys.stderr)
@@ -108,6 +131,9 @@ def main() -> None:
     if {"exact"} <= set(args.backends) and len(args.steps) > 1:
         peaks = [r["peak_mib"] for r in rows if r["backend"] == "exact"]
         print(f"\nexact peak memory, N={args.steps[-1]} vs N={args.steps[0]}: {peaks[-1] / peaks[0]:.2f}x")
+    if args.device == "cpu":
+        print("\npeak RSS growth (MiB), for comparison: " + ", ".join(
+            f"{r['backend']} N={r['steps']}: {r['rss_mib']:.0f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_prepared
+from ddtool.errors import ConfigError
 from ddtool.matching import MatchResult
 from ddtool.methods.base import DistillContext
 from ddtool.methods.datm import DATM, DATMConfig
@@ -113,8 +114,13 @@ def test_datm_end_to_end_learns_soft_labels_and_gates(tmp_path):
 
 # ---- FTD ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bias_correction", [False, True])
-def test_ftd_moving_average_by_hand(bias_correction):
-    ftd = FTD(FTDConfig(**base(ema_decay=0.5, ema_bias_correction=bias_correction)))
+@pytest.mark.parametrize("make", [
+    lambda **kw: FTD(FTDConfig(**base(**kw))),
+    # the average lives in the shared loop: DATM (or MTT) with ema_decay gets the same one
+    lambda **kw: DATM(DATMConfig(**base(correct_only_init=False, **kw))),
+], ids=["ftd", "datm+ema"])
+def test_moving_average_by_hand(bias_correction, make):
+    ftd = make(ema_decay=0.5, ema_bias_correction=bias_correction)
     state = MatchingState(iteration=0, images=torch.full((1,), 4.0), hard_labels=torch.zeros(1, dtype=torch.long),
                           lr=torch.tensor(0.01), label_logits=None, optimizer_states={})
     ftd.on_start(state)
@@ -126,6 +132,18 @@ def test_ftd_moving_average_by_hand(bias_correction):
         assert saved == pytest.approx(10.0 / 0.75)
     else:  # starts at the initial images: 0.5*(0.5*4 + 0.5*8) + 0.5*16 = 11
         assert saved == pytest.approx(11.0)
+
+
+def test_no_moving_average_saves_the_iterate():
+    mtt = MTT(TrajectoryConfig(**base()))
+    state = MatchingState(iteration=0, images=torch.full((1,), 4.0), hard_labels=torch.zeros(1, dtype=torch.long),
+                          lr=torch.tensor(0.01), label_logits=None, optimizer_states={})
+    mtt.on_start(state)
+    state.images = torch.full((1,), 8.0)
+    mtt.after_update(state)
+    assert "ema" not in state.extra and float(mtt.images_to_save(state)) == 8.0
+    with pytest.raises(ConfigError, match="moving average"):
+        FTDConfig(**base(ema_decay=0.0))
 
 
 # ---- AST ----------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ class TrajectoryConfig:
     ast_intermediate_weight: float = 0.0  # weight of extra matches to θ*_{t+m}, 0 < m < M, at step N·m/M
     ast_weight_perturbation: float = 0.0  # start conv weights += this × their std × N(0, 1)
     ast_inner_momentum: float = 0.0  # heavy-ball momentum of the student's inner SGD
+    # FTD's moving average of the images (what is saved when on), usable with every method.
+    ema_decay: float = 0.0  # 0: off
+    ema_bias_correction: bool = False  # start the average at zero and divide by 1 - decay^t
     init_pool_per_class: int = 500  # real images per class scored by experts for kmeans/correct-only init
     # Bookkeeping.
     checkpoint_every: int = 50
@@ -110,6 +113,8 @@ class TrajectoryConfig:
             raise ConfigError("AST option weights must be >= 0.")
         if not 0 <= self.ast_inner_momentum < 1:
             raise ConfigError("ast_inner_momentum must be in [0, 1).")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the moving average off), got {self.ema_decay}.")
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
         if self.max_start_epoch + self.expert_epochs > self.expert_train_epochs:
@@ -231,12 +236,28 @@ class TrajectoryMatching(Method):
 
     def on_start(self, state: MatchingState) -> None:
         """Called once on a fresh (not resumed) run, before the first iteration."""
+        if self.config.ema_decay:
+            # Published FTD starts the average at the initial real images; with bias correction
+            # it starts at zero so that only distilled iterates are averaged.
+            state.extra["ema"] = state.images.detach().clone() * (0.0 if self.config.ema_bias_correction else 1.0)
+            state.extra["ema_updates"] = 0
 
     def after_update(self, state: MatchingState) -> None:
-        """Called after every applied update (FTD keeps its moving average here)."""
+        """Called after every applied update (skipped or rolled-back ones do not count)."""
+        decay = self.config.ema_decay
+        if decay:
+            state.extra["ema"].mul_(decay).add_(state.images.detach(), alpha=1 - decay)
+            state.extra["ema_updates"] += 1
 
     def images_to_save(self, state: MatchingState) -> torch.Tensor:
-        return state.images.detach()
+        """The images a run's result holds: the moving average when one is kept, else the iterate."""
+        c = self.config
+        if not c.ema_decay:
+            return state.images.detach()
+        ema, updates = state.extra["ema"], state.extra["ema_updates"]
+        if c.ema_bias_correction:
+            return ema / (1 - c.ema_decay ** updates) if updates else state.images.detach().clone()
+        return ema.clone()
 
     # ---- the loop --------------------------------------------------------------------------
     def plan(self, ctx: DistillContext) -> list[str]:
