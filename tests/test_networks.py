@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ddtool.errors import ConfigError
-from ddtool.networks import ParamLayout, create_network, list_networks, network_options
+from ddtool.networks import ParamLayout, create_network, list_networks, network_options, same_network
 
 GEOMETRIES = [(1, 28), (3, 32), (3, 64)]  # (channels, image side): MNIST, CIFAR, Tiny ImageNet
 
@@ -76,6 +76,15 @@ def test_aliases_pin_options():
     assert any(isinstance(m, nn.AvgPool2d) for m in bn.modules())
     with pytest.raises(ConfigError, match="fixes norm"):
         create_network("convnet-bn", channels=3, num_classes=10, image_size=32, norm="none")
+
+
+def test_same_network_sees_through_aliases_and_spelled_out_defaults():
+    assert same_network("convnetw32", "convnet:width=32")
+    assert same_network("convnet", "convnet:width=128")  # the default width spelled out
+    assert not same_network("convnet", "convnet:width=32")
+    assert not same_network("convnet", "convnet-bn")
+    with pytest.raises(ConfigError):
+        same_network("convnet", "no-such-net")
 
 
 def test_unknown_names_and_options_are_config_errors():

@@ -1,12 +1,13 @@
 """Networks by name and a flat-parameter view of any network.
 
     create_network(name or "name:key=value,...", *, channels, num_classes, image_size, generator=None, **options)
-    list_networks(); network_options(name); register_network(name); register_alias(name, base, **pinned)
+    list_networks(); network_options(name); same_network(a, b); register_network(name); register_alias(name, base, **pinned)
     ParamLayout.from_module(module): flatten / unflatten / load_ / functional_forward
 """
 
 from ddtool.networks.registry import (
     create_network, format_arch, list_networks, network_options, parse_arch, register_alias, register_network,
+    same_network,
 )
 from ddtool.networks.functional import ParamLayout
 
@@ -15,5 +16,5 @@ from ddtool.networks import convnet, classic, resnet  # noqa: E402,F401
 
 __all__ = [
     "ParamLayout", "create_network", "format_arch", "list_networks", "parse_arch", "network_options", "register_alias",
-    "register_network",
+    "register_network", "same_network",
 ]

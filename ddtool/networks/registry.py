@@ -112,6 +112,18 @@ def parse_arch(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
+def same_network(a: str, b: str) -> bool:
+    """Whether two specs build the same network: 'convnetw32' (an alias), 'convnet:width=32'
+    and 'convnet:width=32,depth=3' (a default spelled out) are one network."""
+
+    def resolved(spec: str) -> tuple[Factory, dict[str, Any]]:
+        name, options = parse_arch(spec)
+        entry = _lookup(name)
+        return entry.factory, {**entry.option_defaults(), **entry.pinned, **options}
+
+    return resolved(a) == resolved(b)
+
+
 def format_arch(name: str, options: dict[str, Any] | None = None) -> str:
     """The inverse of parse_arch."""
     if not options:

@@ -1,0 +1,373 @@
+"""Reproduce ddtool's Fashion-MNIST results: distil every set with its shipped preset, evaluate
+it on fresh networks, and write the tables (into README.md), the plots and synthetic_sets/.
+
+    python scripts/run_results.py plan                          # what would run, what is done
+    python scripts/run_results.py run --table main --ipc 10     # distil + evaluate what is missing
+    python scripts/run_results.py run --table ablation --only ftd datm
+    python scripts/run_results.py run --table cross-arch
+    python scripts/run_results.py tables                        # README tables + plots from the files
+
+Every cell is one HDF5 set with its evaluations inside: `run` skips a set that exists and an
+evaluation the set already records (same protocol, epochs, runs, architecture), and resumes an
+interrupted distillation from its checkpoint, so rerunning continues where it stopped. `tables`
+reads only the files, so each number in the README comes from a set anyone can re-evaluate
+(`ddtool evaluate SET.h5 --protocol P --runs 5`). Several `run` processes may work on disjoint
+rows at once (--only); on a shared CPU give each OMP_NUM_THREADS=1.
+
+Tables (each between `<!-- results:NAME -->` markers in README.md):
+- main: every method at IPC 1, 10, 50 under its own protocol, with the matched random-subset
+  baseline and the whole-dataset reference (when cached; `--reference` computes it).
+- ablation: the trajectory-matching family at IPC 10, cumulative, all under the mtt protocol.
+- cross-arch: the IPC-10 sets trained on ConvNet, AlexNet, VGG11 and ResNet-18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = ROOT / "synthetic_sets"
+PLOTS = ROOT / "docs" / "results"
+DATASET = "fashion-mnist"
+RUNS = 5
+KD_EPOCHS = 100  # the curriculum CPU presets store views for 100 epochs (see README "Curriculum")
+CROSS_ARCHS = ("convnet:width=32", "alexnet", "vgg11", "resnet18")
+FLAT_EMA = ("expert_optimizer=gsam", "ema_decay=0.98", "ema_bias_correction=true")
+AST = ("ast_balanced_loss=0.5", "ast_intermediate_weight=1.0", "ast_weight_perturbation=0.01")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One synthetic set of a table: how to make it and how to evaluate it."""
+
+    key: str  # unique within its table
+    label: str  # the row's name in the table
+    method: str
+    ipc: int
+    path: Path
+    settings: tuple[str, ...] = ()
+    protocol: str | None = None  # None: the method's own
+    epochs: int | None = None  # None: the protocol's
+    archs: tuple[str, ...] = ()  # () : the network the set was distilled for
+    notes: dict = field(default_factory=dict, compare=False)
+
+    def distill_command(self) -> list[str]:
+        command = ["ddtool", "distill", "--method", self.method, "--ipc", str(self.ipc), "--dataset", DATASET,
+                   "--output", str(self.path), "--resume", "--no-eval", "--seed", "0", "--quiet"]
+        for setting in self.settings:
+            command += ["--set", setting]
+        return command
+
+    def evaluate_command(self, arch: str | None, reference: bool) -> list[str]:
+        command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet",
+                   "--reference" if reference else "--no-reference"]
+        if self.protocol:
+            command += ["--protocol", self.protocol]
+        if self.epochs:
+            command += ["--epochs", str(self.epochs)]
+        if arch:
+            command += ["--arch", arch]
+        return command
+
+
+def _default_path(method: str, ipc: int) -> Path:
+    if method in ("sre2l", "cda"):  # made by scripts/run_curriculum_table.py with the same preset
+        return SETS / "curriculum" / f"{DATASET}-{method}-ipc{ipc}.h5"
+    return SETS / f"{DATASET}_{method}_ipc{ipc}_seed0.h5"
+
+
+def main_table(ipcs=(1, 10, 50)) -> list[Cell]:
+    cells = []
+    for method in ("random", "herding", "kcenter", "mtt", "tesla", "ftd", "datm", "sre2l", "cda"):
+        for ipc in ipcs:
+            epochs = KD_EPOCHS if method in ("sre2l", "cda") else None
+            cells.append(Cell(key=f"{method}-ipc{ipc}", label=method, method=method, ipc=ipc,
+                              path=_default_path(method, ipc), epochs=epochs))
+    return cells
+
+
+def ablation_table() -> list[Cell]:
+    """Each row adds one ingredient to the row above (methods.md §2-6), same budget (the
+    fashion-cpu presets: 3 experts x 6 epochs, N = 10, 100 iterations), same protocol."""
+    folder = SETS / "ablation"
+    rows = [
+        ("mtt", "MTT", "mtt", ()),
+        ("flat", "+ flat experts (GSAM)", "mtt", ("expert_optimizer=gsam",)),
+        ("ema", "+ EMA of the images (= FTD)", "mtt", FLAT_EMA),
+        ("window", "+ DATM window and loss gate", "datm", FLAT_EMA + ("labels=hard", "correct_only_init=false")),
+        ("soft", "+ correct-only init, learned soft labels (= DATM + FTD)", "datm", FLAT_EMA),
+        ("ast", "+ AST: balanced loss, intermediate matching, weight perturbation", "datm", FLAT_EMA + AST),
+    ]
+    cells = []
+    for key, label, method, settings in rows:
+        path = _default_path("mtt", 10) if key == "mtt" else folder / f"{DATASET}_{key}_ipc10_seed0.h5"
+        cells.append(Cell(key=key, label=label, method=method, ipc=10, path=path, settings=settings, protocol="mtt"))
+    return cells
+
+
+def cross_arch_table() -> list[Cell]:
+    return [Cell(key=f"{c.method}-xarch", label=c.method, method=c.method, ipc=10, path=c.path,
+                 protocol=c.protocol, epochs=c.epochs, archs=CROSS_ARCHS)
+            for c in main_table(ipcs=(10,)) if c.method in ("random", "mtt", "ftd", "datm", "cda")]
+
+
+TABLES = {"main": main_table, "ablation": ablation_table, "cross-arch": cross_arch_table}
+
+
+# ---- reading what is done ------------------------------------------------------------------------
+def _protocol_name(cell: Cell, sset) -> str:
+    if cell.protocol:
+        return cell.protocol
+    from ddtool.methods.base import get_method_class
+
+    return get_method_class(cell.method).default_protocol
+
+
+def find_evaluation(cell: Cell, sset, arch: str | None):
+    """The newest record of this cell's evaluation in the set's file, or None."""
+    from ddtool.evaluation import get_protocol
+
+    name = _protocol_name(cell, sset)
+    epochs = cell.epochs or get_protocol(name).epochs
+    arch = arch or sset.config.get("student_arch") or sset.config.get("student") or "convnet"
+    for record in reversed(sset.evaluations):
+        protocol = record.get("protocol", {})
+        if (protocol.get("name") == name and protocol.get("epochs") == epochs and len(record.get("runs", [])) == RUNS
+                and _same_arch(record.get("arch"), arch)):
+            return record
+    return None
+
+
+def _same_arch(a: str | None, b: str | None) -> bool:
+    from ddtool.networks import same_network
+
+    return a is not None and b is not None and same_network(a, b)
+
+
+def load(cell: Cell):
+    from ddtool.storage import load_synthetic_set
+
+    return load_synthetic_set(cell.path) if cell.path.exists() else None
+
+
+# ---- running -------------------------------------------------------------------------------------
+def run_cell(cell: Cell, reference: bool, log) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    timings = cell.path.with_suffix(".times.json")
+    times = json.loads(timings.read_text()) if timings.exists() else {}
+    if not cell.path.exists():
+        cell.path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"[{cell.key}] distilling: {' '.join(cell.distill_command())}")
+        began = time.perf_counter()
+        subprocess.run(cell.distill_command(), check=True, env=env)
+        times["distill_wall_seconds"] = round(time.perf_counter() - began, 1)  # includes experts trained here
+        timings.write_text(json.dumps(times, indent=1))
+        _copy_matching_log(cell)
+    sset = load(cell)
+    for arch in cell.archs or (None,):
+        if find_evaluation(cell, sset, arch) is not None:
+            log(f"[{cell.key}] {arch or 'own network'}: evaluation already recorded")
+            continue
+        log(f"[{cell.key}] evaluating: {' '.join(cell.evaluate_command(arch, reference))}")
+        subprocess.run(cell.evaluate_command(arch, reference), check=True, env=env)
+        sset = load(cell)
+
+
+def _copy_matching_log(cell: Cell) -> None:
+    """Keep the matching loss per iteration beside the set (for the loss plot)."""
+    from ddtool.methods.base import build_config, get_method_class, parse_overrides
+    from ddtool.methods.trajectory import TrajectoryConfig, run_fingerprint
+    from ddtool.paths import cache_dir
+
+    cls = get_method_class(cell.method)
+    if not issubclass(cls.config_class, TrajectoryConfig):
+        return
+    config = build_config(cls, None, parse_overrides(cls.config_class, list(cell.settings)))
+    log = cache_dir("runs", run_fingerprint(cell.method, config, DATASET, cell.ipc, 0)) / "log.jsonl"
+    if log.exists():
+        cell.path.with_suffix(".log.jsonl").write_text(log.read_text())
+
+
+# ---- tables --------------------------------------------------------------------------------------
+def pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.0f}"
+
+
+def render_main(cells: list[Cell]) -> str:
+    ipcs = sorted({c.ipc for c in cells})
+    lines = ["| method | protocol | " + " | ".join(f"IPC {i}" for i in ipcs) + " | random subset (same protocol) | "
+             "minutes (distil + evaluate), per IPC |",
+             "|---|---|" + "---|" * len(ipcs) + "---|---|"]
+    for method in dict.fromkeys(c.method for c in cells):
+        row = [c for c in cells if c.method == method]
+        accs, randoms, times, protocol = [], [], [], "-"
+        for c in row:
+            sset = load(c)
+            record = find_evaluation(c, sset, None) if sset else None
+            if record is None:
+                accs.append("not run")
+                randoms.append("")
+                times.append("")
+                continue
+            protocol = f"{record['protocol']['name']} ({record['protocol']['epochs']} ep)"
+            accs.append(pct(record["mean"], record["std"]))
+            base = record.get("baselines", {}).get("random_subset")
+            randoms.append(f"{c.ipc}: {pct(base['mean'], base['std'])}" if base else "")
+            times.append(f"{c.ipc}: {minutes(sset.config.get('seconds'))} + {minutes(record.get('seconds'))}")
+        lines.append(f"| {method} | {protocol} | " + " | ".join(accs) + f" | {'; '.join(r for r in randoms if r)} | "
+                     f"{'; '.join(t for t in times if t)} |")
+    return "\n".join(lines)
+
+
+def render_ablation(cells: list[Cell]) -> str:
+    lines = ["| IPC 10, mtt protocol | test accuracy (%) | distil minutes | evaluation minutes | experts |",
+             "|---|---|---|---|---|"]
+    for c in cells:
+        sset = load(c)
+        record = find_evaluation(c, sset, None) if sset else None
+        if record is None:
+            lines.append(f"| {c.label} | not run | | | |")
+            continue
+        experts = sset.config.get("expert_optimizer", "sgd")
+        lines.append(f"| {c.label} | {pct(record['mean'], record['std'])} | {minutes(sset.config.get('seconds'))} | "
+                     f"{minutes(record.get('seconds'))} | {experts} |")
+    base = next((r.get("baselines", {}).get("random_subset") for c in cells if (s := load(c))
+                 for r in [find_evaluation(c, s, None)] if r and r.get("baselines", {}).get("random_subset")), None)
+    if base:
+        lines.append(f"| random real images (matched baseline) | {pct(base['mean'], base['std'])} | | | |")
+    return "\n".join(lines)
+
+
+def render_cross_arch(cells: list[Cell]) -> str:
+    lines = ["| IPC 10 set | " + " | ".join(CROSS_ARCHS) + " |", "|---|" + "---|" * len(CROSS_ARCHS)]
+    for c in cells:
+        sset = load(c)
+        cells_ = []
+        for arch in CROSS_ARCHS:
+            record = find_evaluation(c, sset, arch) if sset else None
+            cells_.append(pct(record["mean"], record["std"]) if record else "not run")
+        lines.append(f"| {c.label} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines)
+
+
+RENDER = {"main": render_main, "ablation": render_ablation, "cross-arch": render_cross_arch}
+
+
+def hardware() -> str:
+    model = platform.processor() or "CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def write_readme(tables: dict[str, str], readme: Path = ROOT / "README.md") -> list[str]:
+    """Replace the text between each table's markers; returns the tables it found markers for."""
+    text = readme.read_text()
+    written = []
+    for name, body in tables.items():
+        pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(\n<!-- /results:{re.escape(name)} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            written.append(name)
+    readme.write_text(text)
+    return written
+
+
+def plots(main: list[Cell]) -> list[Path]:
+    """Accuracy against IPC per method, the matching loss over iterations, an image grid per set."""
+    from ddtool.storage import save_grid_png
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    made = []
+    for c in main:
+        if c.ipc == 10 and (sset := load(c)) is not None:
+            made.append(save_grid_png(sset, PLOTS / f"grid_{c.method}_ipc10.png"))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[results]'): line plots skipped", file=sys.stderr)
+        return made
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(c.method for c in main):
+        points = [(c.ipc, r["mean"] * 100, r["std"] * 100) for c in main if c.method == method
+                  and (s := load(c)) is not None and (r := find_evaluation(c, s, None)) is not None]
+        if points:
+            ax.errorbar(*zip(*points), marker="o", capsize=3, label=method)
+    ax.set(xscale="log", xlabel="images per class", ylabel="test accuracy (%)", title="Fashion-MNIST")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOTS / "accuracy_vs_ipc.png", dpi=120)
+    made.append(PLOTS / "accuracy_vs_ipc.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in main + ablation_table():
+        log = c.path.with_suffix(".log.jsonl")
+        if c.ipc == 10 and log.exists():
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+            ax.plot([r["iteration"] for r in records], [r["loss"] for r in records], label=c.key, lw=1)
+    ax.set(xlabel="outer iteration", ylabel="normalised matching loss", title="IPC 10")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOTS / "matching_loss.png", dpi=120)
+    plt.close("all")
+    return made + [PLOTS / "matching_loss.png"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("plan", "run", "tables"))
+    parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["main", "ablation", "cross-arch"])
+    parser.add_argument("--ipc", type=int, nargs="+", default=None, help="only these IPCs")
+    parser.add_argument("--only", nargs="+", default=None, help="only these cell keys or methods")
+    parser.add_argument("--reference", action="store_true",
+                        help="compute the whole-dataset reference when not cached (hours on a CPU)")
+    parser.add_argument("--no-plots", dest="make_plots", action="store_false")
+    args = parser.parse_args()
+
+    def selected(cells: list[Cell]) -> list[Cell]:
+        return [c for c in cells if (args.ipc is None or c.ipc in args.ipc)
+                and (args.only is None or c.key in args.only or c.method in args.only)]
+
+    if args.action == "plan":
+        for name in args.table:
+            print(f"== {name}")
+            for c in selected(TABLES[name]()):
+                sset = load(c)
+                done = [a or "own" for a in c.archs or (None,) if sset and find_evaluation(c, sset, a)]
+                state = "missing" if sset is None else f"distilled; evaluated on {done or 'nothing yet'}"
+                print(f"  {c.key:<14} {c.path.relative_to(ROOT)}: {state}")
+    elif args.action == "run":
+        for name in args.table:
+            for c in selected(TABLES[name]()):
+                run_cell(c, args.reference, lambda m: print(m, flush=True))
+    if args.action == "plan":
+        return
+    tables = {name: RENDER[name](TABLES[name]()) + f"\n\n(Generated by `python scripts/run_results.py tables` from "
+              f"the sets' own evaluation records; hardware: {hardware()}.)" for name in TABLES}
+    written = write_readme(tables)
+    print(f"README tables updated: {', '.join(written) or 'none (no markers)'}")
+    if args.make_plots:
+        for path in plots(main_table()):
+            print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

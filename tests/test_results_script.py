@@ -1,0 +1,71 @@
+"""scripts/run_results.py: which evaluation a table cell reads, and the README rewrite."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_storage import make_set
+from ddtool.storage import append_evaluation, save_synthetic_set
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "run_results.py"
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("run_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_results"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(name: str, epochs: int, runs: int, arch: str, mean: float) -> dict:
+    return {"protocol": {"name": name, "epochs": epochs}, "arch": arch, "runs": [mean] * runs,
+            "baselines": {"random_subset": {"mean": 0.5, "std": 0.01, "runs": [0.5] * runs}}, "seconds": 60.0}
+
+
+def test_cell_reads_the_newest_matching_evaluation(tmp_path, results):
+    path = tmp_path / "set.h5"
+    sset = make_set(channels=1, size=6)
+    sset.method = "mtt"
+    sset.config = {"student_arch": "convnet:width=32", "seconds": 120.0}
+    save_synthetic_set(path, sset)
+    cell = results.Cell(key="mtt-ipc2", label="mtt", method="mtt", ipc=2, path=path)
+    assert results.find_evaluation(cell, results.load(cell), None) is None
+    append_evaluation(path, _record("mtt", 1000, 5, "convnetw32", 0.70))  # alias of the student network
+    append_evaluation(path, _record("mtt", 1000, 3, "convnet:width=32", 0.99))  # too few runs
+    append_evaluation(path, _record("mtt", 300, 5, "convnet:width=32", 0.98))  # other epochs
+    append_evaluation(path, _record("classic", 1000, 5, "convnet:width=32", 0.97))  # other protocol
+    append_evaluation(path, _record("mtt", 1000, 5, "alexnet", 0.60))  # other network
+    assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)
+    assert results.find_evaluation(cell, results.load(cell), "alexnet")["mean"] == pytest.approx(0.60)
+    append_evaluation(path, _record("mtt", 1000, 5, "convnet:width=32", 0.75))
+    assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.75)
+    table = results.render_main([cell, results.Cell(key="mtt-ipc9", label="mtt", method="mtt", ipc=9,
+                                                    path=tmp_path / "absent.h5")])
+    assert "75.00 ± 0.00" in table and "not run" in table and "2: 50.00 ± 1.00" in table and "2: 2 + 1" in table
+
+
+def test_readme_tables_replace_only_between_markers(tmp_path, results):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:main -->\nold table\n<!-- /results:main -->\noutro\n")
+    assert results.write_readme({"main": "| new |", "ablation": "| x |"}, readme) == ["main"]
+    assert readme.read_text() == "intro\n<!-- results:main -->\n| new |\n<!-- /results:main -->\noutro\n"
+
+
+def test_plans_cover_every_method_and_ipc(results):
+    main = results.main_table()
+    assert {c.method for c in main} == {"random", "herding", "kcenter", "mtt", "tesla", "ftd", "datm", "sre2l", "cda"}
+    assert {c.ipc for c in main} == {1, 10, 50} and len({c.path for c in main}) == len(main)
+    ablation = results.ablation_table()
+    assert all(c.protocol == "mtt" and c.ipc == 10 for c in ablation)
+    # every ablation row is a valid configuration of its method
+    from ddtool.methods.base import build_config, get_method_class, parse_overrides
+
+    for c in ablation:
+        cls = get_method_class(c.method)
+        build_config(cls, None, parse_overrides(cls.config_class, list(c.settings)))
