@@ -55,6 +55,9 @@ def test_readme_tables_replace_only_between_markers(tmp_path, results):
     readme.write_text("intro\n<!-- results:main -->\nold table\n<!-- /results:main -->\noutro\n")
     assert results.write_readme({"main": "| new |", "ablation": "| x |"}, readme) == ["main"]
     assert readme.read_text() == "intro\n<!-- results:main -->\n| new |\n<!-- /results:main -->\noutro\n"
+    readme.write_text("<!-- results:main -->\n<!-- /results:main -->\n")  # empty, as first written
+    results.write_readme({"main": "| a |\n| b |"}, readme)
+    assert readme.read_text() == "<!-- results:main -->\n| a |\n| b |\n<!-- /results:main -->\n"
 
 
 def test_plans_cover_every_method_and_ipc(results):
