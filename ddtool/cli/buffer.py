@@ -8,9 +8,11 @@ from typing import Any
 
 import click
 
-from ddtool.cli.main import cli
+from ddtool import distributed
+from ddtool.cli.main import cli, say
 from ddtool.data import prepare
 from ddtool.device import resolve_device
+from ddtool.errors import ConfigError
 from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
 from ddtool.experts.plan import estimate_training_time, format_duration, store_path_for, stored_experts
 from ddtool.experts.runner import Shard, merge_shards, run_buffer
@@ -69,41 +71,53 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, 
       ddtool buffer --experts 10 --epochs 50                  # MTT experts, Fashion-MNIST
       ddtool buffer --optimizer gsam --experts 10             # FTD's flat experts
       ddtool buffer --shard 0/2 & ddtool buffer --shard 1/2   # two processes, then buffer-merge
+      torchrun --nproc-per-node 2 -m ddtool buffer --experts 10  # two processes, one merged store
     """
     arch_options = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
     config = ExpertConfig(dataset=dataset, arch=arch, arch_options=arch_options, **settings)
-    target = resolve_device(device)
-    parts = Shard.parse(shard) if shard else Shard()
+    world = distributed.world_size()
+    if shard and world > 1:
+        raise ConfigError(f"--shard splits the experts over separate `ddtool buffer` commands; under torchrun the "
+                          f"{world} processes split them already (expert i on rank i mod {world}). Drop --shard.")
+    target = distributed.device_for_rank(resolve_device(device))
+    parts = Shard.parse(shard) if shard else None  # None: all experts (over the ranks under torchrun)
     store = Path(out) if out else store_path_for(config)
-    path = parts.store_path(store)
+    path = parts.store_path(store) if parts else store
 
     have = stored_experts(config, path)  # before loading data: a clashing store fails fast
-    click.echo(f"Loading {config.dataset}{' with ZCA whitening' if config.zca else ''} ...", err=True)
+    say(f"Loading {config.dataset}{' with ZCA whitening' if config.zca else ''} ...", err=True)
     data = prepare(config.dataset, data_root, zca=config.zca, device=target)
-    mine = [i for i in range(config.experts) if parts.owns(i)]
+    mine = [i for i in range(config.experts) if parts is None or parts.owns(i)]
     missing = [i for i in mine if i not in have]
+    busiest = max(sum(1 for i in missing if i % world == r) for r in range(world))  # experts per rank, at most
 
-    click.echo(f"Plan: {config.experts} experts x {config.epochs} epochs: {config.describe()}.")
-    click.echo(f"  store: {path}")
-    if parts.count > 1:
-        click.echo(f"  shard {parts.index}/{parts.count}: experts with index = {parts.index} mod {parts.count}")
-    click.echo(f"  already stored: {len(mine) - len(missing)}; to train: {len(missing)} on {target}")
-    if missing:
-        estimate = estimate_training_time(config, data, target, len(missing))
-        click.echo(f"  {estimate.train_images:,} training images (validation split excluded); "
-                   f"measured {estimate.images_per_second:,.0f} images/s")
-        click.echo(f"  estimated time: {format_duration(estimate.total_seconds)} "
-                   f"({format_duration(estimate.seconds_per_expert)} per expert)")
+    say(f"Plan: {config.experts} experts x {config.epochs} epochs: {config.describe()}.")
+    say(f"  store: {path}")
+    if parts is not None and parts.count > 1:
+        say(f"  shard {parts.index}/{parts.count}: experts with index = {parts.index} mod {parts.count}")
+    if world > 1:
+        say(f"  torchrun: {world} processes; expert i on rank i mod {world}, each rank into its shard store "
+            f"beside the store (*.shard-<rank>-of-{world}.h5), merged into the store by rank 0")
+    say(f"  already stored: {len(mine) - len(missing)}; to train: {len(missing)} on {target}"
+        + (f" (at most {busiest} per rank)" if world > 1 else ""))
+    if missing and distributed.is_main():
+        estimate = estimate_training_time(config, data, target, busiest)
+        say(f"  {estimate.train_images:,} training images (validation split excluded); "
+            f"measured {estimate.images_per_second:,.0f} images/s")
+        say(f"  estimated time: {format_duration(estimate.total_seconds)} "
+            f"({format_duration(estimate.seconds_per_expert)} per expert)")
     if dry_run:
         return
 
     result = run_buffer(config, store, data, target, shard=parts, progress=True)
+    if not distributed.is_main():
+        return
     with ExpertStore.open(result.path) as done:
         accuracies = [r.test_accuracy for r in done.manifest.experts]
         click.echo(f"Done: {result.path} holds {done.num_experts} experts "
                    f"(trained now: {len(result.trained)}; mean final test accuracy "
                    f"{sum(accuracies) / max(1, len(accuracies)):.4f}).")
-    if parts.count > 1:
+    if parts is not None and parts.count > 1:
         shards = " ".join(str(Shard(i, parts.count).store_path(store)) for i in range(parts.count))
         click.echo(f"When every shard is done: ddtool buffer-merge {shards} --out {store}")
 

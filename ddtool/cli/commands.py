@@ -13,8 +13,9 @@ from pathlib import Path
 import click
 import torch
 
+from ddtool import distributed
 from ddtool.cli import buffer  # noqa: F401  (registers `ddtool buffer`)
-from ddtool.cli.main import cli
+from ddtool.cli.main import cli, say
 from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, search_paths
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
@@ -108,26 +109,37 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         overrides["backend"] = backend
     config = build_config(method_cls, preset, overrides)
     runner = method_cls(config)
-    torch_device = resolve_device(device)
+    from ddtool.methods.trajectory import TrajectoryMatching, run_fingerprint
+
+    if distributed.world_size() > 1 and not isinstance(runner, TrajectoryMatching):
+        raise ConfigError(f"Method {method!r} does not split its work over torchrun processes; only the trajectory "
+                          "methods (mtt, tesla, datm, ftd) do. Run it as one process (`ddtool distill ...` without "
+                          "torchrun); `torchrun ... -m ddtool evaluate SET.h5` spreads its evaluation.")
+    torch_device = distributed.device_for_rank(resolve_device(device))
     spec = get_spec(dataset)
     data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
     out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
-    from ddtool.methods.trajectory import run_fingerprint
-
     work_dir = cache_dir("runs", run_fingerprint(method, config, data.spec.name, ipc, seed))
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
-    click.echo("Plan:")
-    for line in runner.plan(ctx):
-        click.echo(f"  - {line}")
-    click.echo(f"  - save to {out}" + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
-    click.echo(f"  - checkpoints and log in {work_dir}")
+    if distributed.is_main():  # the plan measures expert-training speed: once is enough
+        click.echo("Plan:")
+        for line in runner.plan(ctx):
+            click.echo(f"  - {line}")
+        click.echo(f"  - save to {out}"
+                   + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
+        click.echo(f"  - checkpoints and log in {work_dir}")
+        if distributed.world_size() > 1:
+            click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
     started = time.perf_counter()
     sset = runner.distill(ctx)
     sset.config["seconds"] = round(time.perf_counter() - started, 1)
     sset.config["device"] = str(torch_device)
-    save_synthetic_set(out, sset)
-    click.echo(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
+    if distributed.world_size() > 1:
+        sset.config["processes"] = distributed.world_size()
+    if distributed.is_main():
+        save_synthetic_set(out, sset)
+    say(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
     if not no_eval:
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs)
@@ -137,19 +149,21 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
 def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True) -> None:
-    sset = load_synthetic_set(path)
+    sset = _load_set_on_every_rank(path)
     archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
-    click.echo(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
-               f"{protocol.name!r} protocol: {protocol.runs} fresh networks x {protocol.epochs} epochs.")
+    say(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
+        f"{protocol.name!r} protocol: {protocol.runs} fresh networks x {protocol.epochs} epochs.")
     rows = []
     for arch in archs:
         report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
                               reference=reference, progress=not quiet)
-        if record:
+        if record and distributed.is_main():
             append_evaluation(path, report.to_record())
         rows.append(report)
+    if not distributed.is_main():
+        return
     click.echo(f"\n{'architecture':<24} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
     for r in rows:
         cells = [str(r.synthetic), str(r.random_subset) if r.random_subset else "-",
@@ -162,6 +176,12 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
                    "and cached (hours on a CPU).")
     if record:
         click.echo(f"Recorded in {path}.")
+
+
+def _load_set_on_every_rank(path: Path):
+    """The set at `path` as rank 0 reads it, on every rank (under torchrun the other ranks
+    need not see rank 0's file system, and cannot read a file rank 0 is still writing)."""
+    return distributed.broadcast_object(load_synthetic_set(path) if distributed.is_main() else None)
 
 
 @cli.command()
@@ -186,15 +206,19 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
              device, quiet) -> None:
     """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
     beside the matched random-subset baseline and the whole-dataset reference (both computed
-    once under the same protocol and cached), and record everything in the file."""
+    once under the same protocol and cached), and record everything in the file.
+
+    Under torchrun the runs are spread over the processes (run r on rank r mod P); rank 0
+    prints and records."""
     path = Path(set_path)
-    sset = load_synthetic_set(path)
+    sset = _load_set_on_every_rank(path)
     if protocol is None:
         try:
             protocol = get_method_class(sset.method).default_protocol
         except ConfigError:  # imported or foreign method name
             protocol = "mtt" if sset.learned_lr is not None else "classic"
-    _evaluate_and_record(path, protocol, list(archs) or None, runs, seed, data_root, resolve_device(device), quiet,
+    _evaluate_and_record(path, protocol, list(archs) or None, runs, seed, data_root,
+                         distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
                          record=not no_record)
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ddtool import __version__
+from ddtool import __version__, distributed
 from ddtool.errors import DDToolError
 
 
@@ -19,7 +19,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DDToolError as exc:
-            click.echo(click.wrap_text(f"Error: {exc}", width=100, preserve_paragraphs=True), err=True)
+            # Under torchrun every rank prints its own failure: say which one it is.
+            click.echo(click.wrap_text(f"Error{distributed.where()}: {exc}", width=100, preserve_paragraphs=True),
+                       err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted. Files being written were discarded; checkpoints on disk are intact.", err=True)
@@ -28,7 +30,12 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ddtool")
-def cli() -> None:
+@click.option("--dist-backend", type=click.Choice(distributed.BACKENDS), default="auto", show_default=True,
+              envvar="DDTOOL_DIST_BACKEND",
+              help="Under torchrun: the torch.distributed backend (auto: gloo on CPU; NCCL for CUDA tensors "
+                   "with gloo beside it when GPUs are present).")
+@click.pass_context
+def cli(ctx: click.Context, dist_backend: str) -> None:
     """Dataset distillation: turn a labelled image dataset into a few synthetic images per class.
 
     \b
@@ -37,7 +44,17 @@ def cli() -> None:
       ddtool distill --ipc 10              # Fashion-MNIST, default method, evaluated at the end
       ddtool evaluate synthetic_sets/X.h5  # fresh networks, mean ± std beside baselines
       ddtool show synthetic_sets/X.h5 -o grid.png
+      torchrun --nproc-per-node 2 -m ddtool distill ...   # several processes (README)
     """
+    if distributed.launched_by_torchrun():
+        distributed.init_from_env(dist_backend)
+        ctx.call_on_close(distributed.shutdown)
+
+
+def say(message: str = "", **kwargs) -> None:
+    """click.echo on rank 0 only: under torchrun the ranks share one terminal and would repeat it."""
+    if distributed.is_main():
+        click.echo(message, **kwargs)
 
 
 def _register_commands() -> None:

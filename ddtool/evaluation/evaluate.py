@@ -3,6 +3,10 @@
 Every run builds a new network from its own derived seed: nothing trained before is reused
 (the published FTD evaluation reused a network trained on other images). The accuracy
 reported is the test accuracy after the last epoch, never the best one seen.
+
+Under torchrun the runs are spread over the ranks (run r on rank r % world; a run depends
+only on its index, so where it runs does not change it) and gathered to every rank in run
+order; only rank 0 writes the baseline cache.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddtool import distributed
 from ddtool.augment import DSA, DSAConfig
 from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
@@ -153,33 +159,46 @@ def evaluate_images(
     images_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor | kd.LabelSource]] | None = None,
 ) -> Accuracies:
     """`runs` fresh networks on the same set (or on `images_for_run(i)` when each run gets
-    its own, as the random baseline does)."""
+    its own, as the random baseline does). Under torchrun each rank trains its share of the
+    runs and every rank returns all of them, in run order."""
     runs = runs or protocol.runs
     start = time.perf_counter()
-    accs = []
-    with tqdm(total=runs * protocol.epochs, desc=desc, unit="epoch", disable=not progress, leave=False) as bar:
-        for run in range(runs):
+    mine = distributed.indices_of_this_rank(runs)
+    accs: dict[int, float] = {}
+    # Rank 0's bar stands for all ranks: they share one terminal.
+    with tqdm(total=len(mine) * protocol.epochs, desc=desc, unit="epoch", leave=False,
+              disable=not progress or not distributed.is_main()) as bar:
+        for run in mine:
             x, y = images_for_run(run) if images_for_run is not None else (images, targets)
-            accs.append(train_fresh_network(x, y, data, protocol=protocol, lr=lr, arch=arch,
-                                            seed=derive_seed(seed, "run", run), on_epoch=lambda: bar.update(1)))
-            bar.set_postfix(last=f"{100 * accs[-1]:.2f}%")
-    return Accuracies(accs, seconds=time.perf_counter() - start)
+            accs[run] = train_fresh_network(x, y, data, protocol=protocol, lr=lr, arch=arch,
+                                            seed=derive_seed(seed, "run", run), on_epoch=lambda: bar.update(1))
+            bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
+    everyone = {run: acc for share in distributed.gather_objects(accs) for run, acc in share.items()}
+    return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start)
 
 
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
     """Baselines are expensive and depend only on `key`: compute once, keep in the cache."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir("baselines") / f"{digest}.json"
+    # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
+    # are spread over them (and on several machines each may have a cache of its own).
+    path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None
+    cached = distributed.broadcast_object(_read_cached(path, key) if path is not None else None)
+    if cached is not None or not compute_if_missing:
+        return cached
+    result = compute()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
+    return result
+
+
+def _read_cached(path: Path, key: dict) -> Accuracies | None:
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return Accuracies(stored["runs"], stored.get("seconds", 0.0))
-    if not compute_if_missing:
-        return None
-    result = compute()
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
-    return result
+    return None
 
 
 def _data_key(data: PreparedData) -> dict:

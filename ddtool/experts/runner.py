@@ -4,11 +4,18 @@ Resuming is skipping: an expert is a pure function of (configuration, index), so
 already in the store are skipped and an interrupted expert continues from its per-epoch
 checkpoint; the store then equals an uninterrupted run's, bit for bit on CPU. Sharding is a
 partition of the indices (i mod n), each shard into its own store, merged afterwards.
+
+Under torchrun the ranks are the shards: rank r trains the experts with index = r mod world
+into `<store>.shard-r-of-world.h5`, and rank 0 merges them into the store and removes the
+shard stores once every rank is done. A rerun of the same command (same number of
+processes) resumes each rank's shard; experts already merged into the store are skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +24,13 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ddtool import distributed
 from ddtool.data import PreparedData
-from ddtool.errors import ConfigError
+from ddtool.errors import ConfigError, DDToolError
 from ddtool.experts.config import ExpertConfig
 from ddtool.experts.manifest import build_manifest, merge_differences, raise_if_differences
-from ddtool.experts.store import StoreWriter, read_manifest
+from ddtool.experts.plan import stored_experts
+from ddtool.experts.store import StoreWriter, experts_folder, read_manifest
 from ddtool.experts.train import expert_layout, train_expert, training_split
 from ddtool.training import EpochStats
 
@@ -58,9 +67,9 @@ class Shard:
 
 @dataclass(frozen=True)
 class BufferResult:
-    path: Path  # the store written (the shard's own store when sharded)
-    trained: tuple[int, ...]  # experts trained by this call
-    skipped: tuple[int, ...]  # experts of this shard already in the store
+    path: Path  # the store written (the shard's own store when sharded by hand)
+    trained: tuple[int, ...]  # experts trained by this call (by all ranks under torchrun)
+    skipped: tuple[int, ...]  # experts of this shard (all ranks' shards under torchrun) already stored
 
 
 def run_buffer(
@@ -68,31 +77,88 @@ def run_buffer(
     store_path: str | os.PathLike,
     data: PreparedData,
     device: torch.device | str = "cpu",
-    shard: Shard | tuple[int, int] = Shard(),
+    shard: Shard | tuple[int, int] | None = None,
     progress: bool = True,
 ) -> BufferResult:
     """Train this shard's experts 0..config.experts-1 that the store lacks, adding each to it
-    as soon as it is complete."""
-    shard = shard if isinstance(shard, Shard) else Shard(*shard)
+    as soon as it is complete.
+
+    `shard=None` means all experts: in one process, or, under torchrun, split over the ranks
+    and merged into `store_path` by rank 0 (every rank returns once the merged store is
+    complete). An explicit `shard` trains only that shard, in this process."""
     device = torch.device(device)
-    path = shard.store_path(Path(store_path))
+    if shard is None and distributed.world_size() > 1:
+        return _run_over_ranks(config, Path(store_path), data, device, progress)
+    shard = Shard() if shard is None else shard if isinstance(shard, Shard) else Shard(*shard)
+    return _train_shard(config, shard.store_path(Path(store_path)), data, device, shard, progress)
+
+
+def _train_shard(config: ExpertConfig, path: Path, data: PreparedData, device: torch.device, shard: Shard,
+                 progress: bool, merged: frozenset[int] = frozenset()) -> BufferResult:
+    """Train the experts of `shard` missing from its store at `path` (and from `merged`, the
+    experts already in the store the shards are merged into)."""
     split = training_split(config, data, device)
     manifest = build_manifest(config, data, expert_layout(config, data), train_images=split[0].shape[0])
     writer = StoreWriter.open(path, manifest)
     mine = [i for i in range(config.experts) if shard.owns(i)]
-    skipped = tuple(i for i in mine if i in writer.completed())
-    todo = [i for i in mine if i not in writer.completed()]
+    done = writer.completed() | merged
+    skipped = tuple(i for i in mine if i in done)
+    todo = [i for i in mine if i not in done]
 
     with ExitStack() as bars:
         report = _Progress(bars, len(mine), len(skipped), config.epochs) if progress else None
         for index in todo:
             on_epoch = report.start_expert(index) if report else None
-            trajectory = train_expert(config, index, data, device, checkpoint=writer.checkpoint_path(index),
-                                      on_epoch=on_epoch, split=split)
-            writer.add(trajectory)
+            try:
+                trajectory = train_expert(config, index, data, device, checkpoint=writer.checkpoint_path(index),
+                                          on_epoch=on_epoch, split=split)
+                writer.add(trajectory)
+            except DDToolError:
+                raise  # names the expert already (the CLI adds the rank)
+            except Exception:
+                # A crash keeps its own message and traceback; under torchrun the ranks' output is
+                # interleaved, so say which expert on which rank it was, and that nothing is lost.
+                print(f"ddtool: expert {index}{distributed.where()} failed. The experts finished so far and this "
+                      f"one's last finished epoch are kept in {writer.folder}; run the same command again to "
+                      "resume.", file=sys.stderr, flush=True)
+                raise
             if report:
                 report.finish_expert(trajectory.test_accuracy)
     return BufferResult(path, tuple(todo), skipped)
+
+
+def _run_over_ranks(config: ExpertConfig, store: Path, data: PreparedData, device: torch.device,
+                    progress: bool) -> BufferResult:
+    """The whole buffer under torchrun: rank r is shard r/world, then rank 0 merges."""
+    shards = [Shard(r, distributed.world_size()) for r in range(distributed.world_size())]
+    # Read by every rank before any rank can change it: rank 0 writes the store only after the
+    # gather below, which waits for all ranks.
+    merged = frozenset(stored_experts(config, store))
+    mine = shards[distributed.rank()]
+    # One set of progress bars (rank 0's shard): the ranks share one terminal.
+    result = _train_shard(config, mine.store_path(store), data, device, mine, progress and distributed.is_main(),
+                          merged)
+    reports = distributed.gather_objects(result)  # returns when every rank's shard is complete
+    if distributed.is_main():
+        paths = [s.store_path(store) for s in shards]
+        unseen = [str(p) for p in paths if not p.exists()]
+        if unseen:
+            raise DDToolError(
+                f"Rank 0 cannot see the shard stores {', '.join(unseen)} that the other ranks wrote, so it cannot "
+                "merge them. Under torchrun on several machines the expert store (--out, or the cache "
+                "$DDTOOL_CACHE) must be on a file system that every machine shares."
+            )
+        merge_shards(paths, store)
+        for path in paths:  # the merged store hard-links (or copies) their expert files
+            _remove_store(path)
+    distributed.barrier()  # no rank reads the store before it is merged
+    return BufferResult(store, tuple(sorted(i for r in reports for i in r.trained)),
+                        tuple(sorted(i for r in reports for i in r.skipped)))
+
+
+def _remove_store(path: Path) -> None:
+    shutil.rmtree(experts_folder(path), ignore_errors=True)
+    path.unlink(missing_ok=True)
 
 
 def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:

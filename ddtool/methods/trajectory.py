@@ -7,7 +7,14 @@ DATM (methods/datm.py) and FTD (methods/ftd.py) subclass `TrajectoryMatching` an
 those hooks; AST's options are configuration fields every method of the family honours.
 
 Reproducibility: each outer iteration draws from its own generator derived from
-(seed, iteration), so a resumed run draws exactly what an uninterrupted one would.
+(seed, iteration), so a resumed run draws exactly what an uninterrupted one would. With
+`segments_per_iteration` S > 1, segment s > 0 draws from (seed, iteration, s); segment 0
+keeps the single-segment stream.
+
+Under torchrun, segment s of every iteration is matched on rank s % world and the segments'
+gradients are summed over ranks with all_reduce, so every rank holds the same mean and makes
+the same update and the same decisions (divergence, DATM's gate, FTD's average); rank 0
+alone writes the checkpoint, the log and the validation scores.
 """
 
 from __future__ import annotations
@@ -15,16 +22,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddtool import distributed
 from ddtool.augment import DSA, DSAConfig
 from ddtool.data import sample_per_class
 from ddtool.errors import ConfigError, DDToolError
@@ -68,6 +78,10 @@ class TrajectoryConfig:
     batch_syn: int = 0  # 0: the whole synthetic set at every inner step
     backend: str = "exact"
     augment: bool = True  # DSA inside the unroll
+    # (expert, start epoch) segments matched per outer iteration; their gradients (images, labels,
+    # α) and losses are averaged into one update. Under torchrun they are split over the processes,
+    # so it must be a multiple of the number of processes (the result does not depend on it).
+    segments_per_iteration: int = 1
     # Outer optimisation.
     iterations: int = 1000
     lr_img: float = 100.0
@@ -99,7 +113,7 @@ class TrajectoryConfig:
 
     def __post_init__(self) -> None:
         positive = ("experts", "expert_train_epochs", "syn_steps", "expert_epochs", "iterations",
-                    "checkpoint_every", "eval_epochs")
+                    "checkpoint_every", "eval_epochs", "segments_per_iteration")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
@@ -189,6 +203,16 @@ class MatchingState:
         return copy.deepcopy(self)
 
 
+@dataclass
+class Segment:
+    """One (expert, start epoch) segment of an outer iteration, and the generator that drew it
+    (the unroll's minibatches and augmentations continue from it)."""
+
+    expert: int
+    start_epoch: int
+    rng: torch.Generator
+
+
 class TrajectoryMatching(Method):
     """MTT: match N student steps on the synthetic set to M expert epochs."""
 
@@ -266,13 +290,25 @@ class TrajectoryMatching(Method):
             f"{self.name}: {ctx.ipc} images/class of {ctx.data.spec.name} ({ctx.ipc * ctx.data.spec.num_classes} images), "
             f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
             f"M={c.expert_epochs} expert epochs, start epochs [{c.min_start_epoch}, {c.max_start_epoch}), "
-            f"backend {c.backend}, labels {c.labels}, init {c.init}",
+            f"backend {c.backend}, labels {c.labels}, init {c.init}"
+            + (f", {c.segments_per_iteration} segments per iteration" if c.segments_per_iteration > 1 else ""),
         ]
         lines += describe_expert_plan(expert_config_for(c, ctx), ctx)
         return lines
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
         c = self.config
+        world = distributed.world_size()
+        if c.segments_per_iteration % world:
+            raise ConfigError(
+                f"segments_per_iteration={c.segments_per_iteration} cannot be split evenly over {world} processes. "
+                f"Each outer iteration matches that many segments, segment s on process s mod {world}; set it to a "
+                f"multiple of {world} (--set segments_per_iteration={world} * k). The result depends only on it, "
+                "not on the number of processes."
+            )
+        if not distributed.is_main():
+            # The other ranks compute the same state as rank 0: one voice is enough.
+            ctx = dataclasses.replace(ctx, log=lambda message: None, progress=False)
         data, device = ctx.data, ctx.device
         experts = open_experts(expert_config_for(c, ctx), ctx)
         spec = data.spec
@@ -287,9 +323,10 @@ class TrajectoryMatching(Method):
         def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return layout.functional_forward(net, flat, x)
 
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / "checkpoint.pt"
-        state = self._load_checkpoint(checkpoint, device) if ctx.resume and checkpoint.exists() else None
+        state = self._load_checkpoint(checkpoint, device) if ctx.resume else None
         if state is None:
             images, hard, logits = self.initialise(ctx, experts, forward)
             state = MatchingState(iteration=0, images=images.to(device), hard_labels=hard.to(device),
@@ -311,21 +348,17 @@ class TrajectoryMatching(Method):
         dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
         last_good = self._snapshot(state, images, lr, label_logits, optimizers)
         log_path = ctx.work_dir / "log.jsonl"
-        if not ctx.resume and log_path.exists():
+        if not ctx.resume and distributed.is_main() and log_path.exists():
             log_path.unlink()
+        my_segments = distributed.indices_of_this_rank(c.segments_per_iteration)
         bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
         it = state.iteration
         while it < c.iterations:
             started = time.perf_counter()
-            rng = generator(ctx.seed, "iteration", it)
-            low, high = self.start_epoch_range(it)
-            expert, start_epoch = experts.sample_segment(rng, high, c.expert_epochs, min_start=low)
-            unroll = self._unroll(experts, expert, start_epoch, forward, layout, images.shape, rng, dsa, device)
-            syn = SyntheticBatch(images=images, lr=lr, label_logits=label_logits,
-                                 fixed_targets=None if label_logits is not None else
-                                 self.fixed_targets(state, forward, unroll.targets[0].params),
-                                 label_temperature=c.soft_label_temperature)
-            result = backend(unroll, syn)
+            segments = self._draw_segments(ctx.seed, it, experts)
+            result = self._mean_over_segments(
+                [self._segment_gradients(segments[s], experts, forward, layout, backend, dsa, state)
+                 for s in my_segments])
             diverged = self._diverged(result)
             skipped = None if diverged else self.skip_reason(result)
             lr_clamped = False
@@ -351,14 +384,19 @@ class TrajectoryMatching(Method):
             state.images, state.lr, state.label_logits = images, lr, label_logits
             if not skipped:
                 self.after_update(state)
-            self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()),
-                                 "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
-                                 "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
+            if distributed.is_main():
+                expert, start_epoch = [s.expert for s in segments], [s.start_epoch for s in segments]
+                if len(segments) == 1:  # one segment logs plain numbers, as always; several, a list entry each
+                    expert, start_epoch = expert[0], start_epoch[0]
+                self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()),
+                                     "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
+                                     "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
                 self._validate(ctx, state)
             if it % c.checkpoint_every == 0 or it == c.iterations:
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
-                self._save_checkpoint(checkpoint, state)
+                if distributed.is_main():
+                    self._save_checkpoint(checkpoint, state)
                 last_good = self._snapshot(state, images, lr, label_logits, optimizers)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
@@ -366,6 +404,54 @@ class TrajectoryMatching(Method):
         return self._final_set(ctx, state)
 
     # ---- pieces of the loop -----------------------------------------------------------------
+    def _draw_segments(self, seed: int, iteration: int, experts: ExpertStore) -> list[Segment]:
+        """All of this iteration's segments, each from its own generator. Every rank draws all of
+        them (two integers each) so that rank 0 can log what the others match."""
+        c = self.config
+        low, high = self.start_epoch_range(iteration)
+        segments = []
+        for index in range(c.segments_per_iteration):
+            # Segment 0 keeps the single-segment stream: one segment per iteration draws what it always did.
+            rng = generator(seed, "iteration", iteration) if index == 0 else generator(seed, "iteration", iteration,
+                                                                                        index)
+            expert, start_epoch = experts.sample_segment(rng, high, c.expert_epochs, min_start=low)
+            segments.append(Segment(expert, start_epoch, rng))
+        return segments
+
+    def _segment_gradients(self, segment: Segment, experts: ExpertStore, forward: Forward, layout: ParamLayout,
+                           backend: Callable[[Unroll, SyntheticBatch], MatchResult], dsa: DSA | None,
+                           state: MatchingState) -> MatchResult:
+        """The matching loss of one segment and its gradients for the images, labels and α."""
+        images = state.images
+        unroll = self._unroll(experts, segment.expert, segment.start_epoch, forward, layout, images.shape,
+                              segment.rng, dsa, images.device)
+        syn = SyntheticBatch(images=images, lr=state.lr, label_logits=state.label_logits,
+                             fixed_targets=None if state.label_logits is not None else
+                             self.fixed_targets(state, forward, unroll.targets[0].params),
+                             label_temperature=self.config.soft_label_temperature)
+        return backend(unroll, syn)
+
+    def _mean_over_segments(self, results: list[MatchResult]) -> MatchResult:
+        """The mean over all the iteration's segments, given this rank's `results`: summed here,
+        summed over the ranks (all_reduce), divided by the number of segments. Every rank gets
+        the same numbers; with two ranks they are also those of one process (a + b = b + a)."""
+        first = results[0]
+        grad_images, grad_lr = first.grad_images.clone(), first.grad_lr.clone()
+        grad_labels = first.grad_label_logits.clone() if first.grad_label_logits is not None else None
+        loss = torch.tensor(first.loss, dtype=torch.float64, device=grad_images.device)
+        for r in results[1:]:
+            grad_images += r.grad_images
+            grad_lr += r.grad_lr
+            if grad_labels is not None:
+                grad_labels += r.grad_label_logits
+            loss += r.loss
+        distributed.all_reduce_sum_([t for t in (grad_images, grad_lr, grad_labels, loss) if t is not None])
+        count = self.config.segments_per_iteration
+        return MatchResult(loss=float(loss) / count, grad_images=grad_images / count, grad_lr=grad_lr / count,
+                           grad_label_logits=grad_labels / count if grad_labels is not None else None,
+                           # per-target terms are one segment's breakdown; a mean of them would mean little
+                           terms=first.terms if count == 1 else [])
+
     def _unroll(self, experts: ExpertStore, expert: int, start_epoch: int, forward: Forward, layout: ParamLayout,
                 shape: torch.Size, rng: torch.Generator, dsa: DSA | None, device: torch.device) -> Unroll:
         """The student's unroll for one segment, with AST's options applied."""
@@ -465,11 +551,14 @@ class TrajectoryMatching(Method):
         data = ctx.data
         if data.val_x.shape[0] == 0:
             return
-        protocol = get_protocol(self.default_protocol)
-        score = train_fresh_network(self.images_to_save(state), self._eval_targets(state), data, protocol=protocol,
-                                    lr=float(state.lr.detach()), arch=self.student_arch(),
-                                    seed=derive_seed(ctx.seed, "validation", state.iteration),
-                                    epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
+        score = None
+        if distributed.is_main():  # one network to train: rank 0 trains it, the others wait for its score
+            protocol = get_protocol(self.default_protocol)
+            score = train_fresh_network(self.images_to_save(state), self._eval_targets(state), data,
+                                        protocol=protocol, lr=float(state.lr.detach()), arch=self.student_arch(),
+                                        seed=derive_seed(ctx.seed, "validation", state.iteration),
+                                        epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
+        score = distributed.broadcast_object(score)  # so every rank keeps the same best state
         ctx.log(f"Iteration {state.iteration}: validation accuracy {100 * score:.2f}%")
         if score > state.best_val:
             state.best_val = score
@@ -508,8 +597,14 @@ class TrajectoryMatching(Method):
                                                      if state.label_logits is not None else None}, tmp)
 
     @staticmethod
-    def _load_checkpoint(path: Path, device: torch.device) -> MatchingState:
-        raw = torch.load(path, map_location=device, weights_only=False)
+    def _load_checkpoint(path: Path, device: torch.device) -> MatchingState | None:
+        """The checkpoint at `path`, None if there is none. Rank 0 reads it and sends its bytes
+        to the other ranks, so they resume from the same state without seeing rank 0's disk."""
+        payload = path.read_bytes() if distributed.is_main() and path.exists() else None
+        payload = distributed.broadcast_object(payload)
+        if payload is None:
+            return None
+        raw = torch.load(io.BytesIO(payload), map_location=device, weights_only=False)
         return MatchingState(**raw)
 
 
