@@ -196,7 +196,7 @@ def _copy_matching_log(cell: Cell) -> None:
     cls = get_method_class(cell.method)
     if not issubclass(cls.config_class, TrajectoryConfig):
         return
-    config = build_config(cls, None, parse_overrides(cls.config_class, list(cell.settings)))
+    config = build_config(cls, None, parse_overrides(cls.config_class, list(cell.settings)), ipc=cell.ipc)
     log = cache_dir("runs", run_fingerprint(cell.method, config, DATASET, cell.ipc, 0)) / "log.jsonl"
     if log.exists():
         cell.path.with_suffix(".log.jsonl").write_text(log.read_text())

@@ -41,7 +41,7 @@ def main() -> None:
 
     method_cls = get_method_class(args.method)
     axes = [(key, values.split(",")) for key, values in (g.split("=", 1) for g in args.grid)]
-    base = build_config(method_cls, args.preset, {"iterations": args.iterations})
+    base = build_config(method_cls, args.preset, {"iterations": args.iterations}, ipc=args.ipc)
     data = prepare("fashion-mnist", zca=base.zca)
     protocol = get_protocol(method_cls.default_protocol)
     print(f"{args.method} IPC {args.ipc}, {args.iterations} iterations per point, validation split of "
@@ -53,7 +53,7 @@ def main() -> None:
     for values in itertools.product(*[vals for _, vals in axes]):
         overrides = parse_overrides(method_cls.config_class, tuple(f"{k}={v}" for k, v in zip(header, values)))
         overrides["iterations"] = args.iterations
-        config = build_config(method_cls, args.preset, overrides)
+        config = build_config(method_cls, args.preset, overrides, ipc=args.ipc)
         method = method_cls(config)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:

@@ -31,31 +31,32 @@ class TinyNet(nn.Module):
         return self.head(x.flatten(1))
 
 
-def make_problem(*, steps=4, momentum=0.0, soft=False, augment=True, intermediate=False, seed=0):
+def make_problem(*, steps=4, momentum=0.0, soft=False, augment=True, intermediate=False, seed=0, device="cpu"):
+    # random draws stay on the CPU generator, so every device gets the same problem
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = TinyNet().to(DTYPE)
+    net = TinyNet().to(DTYPE).to(device)
     layout = ParamLayout.from_module(net)
     forward = lambda flat, x: layout.functional_forward(net, flat, x)  # noqa: E731
     start = layout.flatten(net).to(DTYPE)
     n_images, batch = 9, 4
-    images = torch.randn(n_images, 1, 8, 8, dtype=DTYPE, generator=g).requires_grad_(True)
-    lr = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    images = torch.randn(n_images, 1, 8, 8, dtype=DTYPE, generator=g).to(device).requires_grad_(True)
+    lr = torch.tensor(0.3, dtype=DTYPE, device=device, requires_grad=True)
     if soft:
         syn = SyntheticBatch(images=images, lr=lr,
-                             label_logits=torch.randn(n_images, 3, dtype=DTYPE, generator=g).requires_grad_(True),
+                             label_logits=torch.randn(n_images, 3, dtype=DTYPE, generator=g).to(device).requires_grad_(True),
                              label_temperature=1.5)
     else:
-        syn = SyntheticBatch(images=images, lr=lr, fixed_targets=torch.arange(n_images) % 3)
+        syn = SyntheticBatch(images=images, lr=lr, fixed_targets=(torch.arange(n_images) % 3).to(device))
     dsa = DSA(DSAConfig()) if augment else None
     inner = []
     for _ in range(steps):
         idx = torch.randperm(n_images, generator=g)[:batch]
         inner.append(InnerStep(batch=idx, augmentation=dsa.sample(batch, 8, 8, g) if dsa else None))
-    target = start + 0.05 * torch.randn(start.shape, dtype=DTYPE, generator=g)
+    target = start + 0.05 * torch.randn(start.shape, dtype=DTYPE, generator=g).to(device)
     targets = [MatchTarget(step=steps, params=target, normaliser=(start - target).pow(2).sum())]
     if intermediate:
-        mid = start + 0.02 * torch.randn(start.shape, dtype=DTYPE, generator=g)
+        mid = start + 0.02 * torch.randn(start.shape, dtype=DTYPE, generator=g).to(device)
         targets.append(MatchTarget(step=steps // 2, params=mid, normaliser=(start - mid).pow(2).sum(), weight=0.5))
     unroll = Unroll(forward=forward, start=start, steps=inner, targets=targets, augmenter=dsa, momentum=momentum)
     return unroll, syn
@@ -78,6 +79,20 @@ def test_exact_equals_bptt(momentum, soft):
     if soft:
         assert rel_err(result.grad_label_logits, reference.grad_label_logits) < 1e-8
         assert reference.grad_label_logits.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_equals_bptt_on_cuda_and_matches_cpu():
+    """The GPU path: exact still equals bptt there, and both agree with the CPU's answer."""
+    unroll, syn = make_problem(momentum=0.9, soft=True, intermediate=True, device="cuda")
+    reference = get_backend("bptt")(unroll, syn)
+    result = get_backend("exact")(unroll, syn)
+    cpu = get_backend("bptt")(*make_problem(momentum=0.9, soft=True, intermediate=True))
+    for got, want in ((result.grad_images, reference.grad_images), (result.grad_lr, reference.grad_lr),
+                      (result.grad_label_logits, reference.grad_label_logits)):
+        assert got.is_cuda and rel_err(got, want) < 1e-8
+    assert rel_err(result.grad_images.cpu(), cpu.grad_images) < 1e-8
+    assert rel_err(result.grad_label_logits.cpu(), cpu.grad_label_logits) < 1e-8
 
 
 def _directional_fd(unroll, syn, which: str, direction: torch.Tensor, eps=1e-6) -> float:

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_prepared
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.methods import trajectory
-from ddtool.methods.base import DistillContext, build_config, get_method_class
+from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset
 from ddtool.methods.coresets import Herding, KCenter
 
 
@@ -165,3 +165,22 @@ def test_presets_are_valid_and_tesla_presets_use_soft_labels():
         for name, cfg in cls.presets.items():
             assert dataclasses.replace(cfg) == cfg, name  # validates
     assert all(cfg.labels == "expert_soft" for cfg in trajectory.TESLA.presets.values())
+
+
+@pytest.mark.parametrize("method", ["mtt", "tesla", "datm", "ftd"])
+def test_fashion_presets_resolve_to_their_ipc_variant(method):
+    cls = get_method_class(method)
+    for ipc, sizes in trajectory.FASHION_IPC_CHANGES.items():
+        for size, changes in sizes.items():
+            named = resolve_preset(cls, f"fashion-{size}", ipc)
+            assert named == f"fashion-{size}-ipc{ipc}"
+            base, variant = cls.presets[f"fashion-{size}"], build_config(cls, f"fashion-{size}", {}, ipc=ipc)
+            # the variant is the method's own preset with only the per-IPC settings changed
+            differ = {f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(variant, f.name)}
+            assert differ <= set(changes) and all(getattr(variant, k) == v for k, v in changes.items())
+        assert resolve_preset(cls, None, ipc) == f"fashion-cpu-ipc{ipc}"  # the default preset too
+    assert resolve_preset(cls, None, 10) == "fashion-cpu"  # no variant: the preset itself
+    assert resolve_preset(cls, "fashion-cpu-ipc1", 50) == "fashion-cpu-ipc1"  # a full name is used as given
+    assert build_config(cls, None, {"iterations": 7}, ipc=1).iterations == 7  # overrides apply on top
+    if method in ("datm", "ftd"):  # the method's own settings survive in its variants
+        assert type(build_config(cls, None, {}, ipc=1)) is cls.config_class

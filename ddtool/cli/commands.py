@@ -20,7 +20,14 @@ from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, 
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
-from ddtool.methods.base import DistillContext, build_config, get_method_class, list_methods, parse_overrides
+from ddtool.methods.base import (
+    DistillContext,
+    build_config,
+    get_method_class,
+    list_methods,
+    parse_overrides,
+    resolve_preset,
+)
 from ddtool.paths import cache_dir
 from ddtool.storage import (
     EXPORT_FORMATS,
@@ -107,7 +114,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         overrides["iterations"] = iterations
     if backend is not None:
         overrides["backend"] = backend
-    config = build_config(method_cls, preset, overrides)
+    config = build_config(method_cls, preset, overrides, ipc=ipc)
     runner = method_cls(config)
     from ddtool.methods.trajectory import TrajectoryMatching, run_fingerprint
 
@@ -124,6 +131,10 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
                          resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
     if distributed.is_main():  # the plan measures expert-training speed: once is enough
         click.echo("Plan:")
+        chosen = resolve_preset(method_cls, preset, ipc)
+        if chosen is not None:
+            changed = f", with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
+            click.echo(f"  - preset {chosen}{changed}")
         for line in runner.plan(ctx):
             click.echo(f"  - {line}")
         click.echo(f"  - save to {out}"

@@ -113,9 +113,20 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def build_config(method_cls: type[Method], preset: str | None, overrides: dict[str, Any]) -> Any:
-    """Start from a named preset (or the defaults), apply overrides, validate once."""
+def resolve_preset(method_cls: type[Method], preset: str | None, ipc: int | None = None) -> str | None:
+    """The preset a run uses: the one named (or the method's default), or, when the method has
+    a variant of it for the run's IPC ("fashion-cpu" at IPC 1 -> "fashion-cpu-ipc1"), that."""
     preset = preset or method_cls.default_preset
+    if preset is not None and ipc is not None and f"{preset}-ipc{ipc}" in method_cls.presets:
+        return f"{preset}-ipc{ipc}"
+    return preset
+
+
+def build_config(method_cls: type[Method], preset: str | None, overrides: dict[str, Any],
+                 ipc: int | None = None) -> Any:
+    """Start from a named preset (or the defaults; its variant for `ipc` where the method has
+    one), apply overrides, validate once."""
+    preset = resolve_preset(method_cls, preset, ipc)
     if preset is not None:
         if preset not in method_cls.presets:
             known = ", ".join(sorted(method_cls.presets)) or "none"

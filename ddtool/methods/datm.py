@@ -18,7 +18,7 @@ from ddtool.matching import MatchResult
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, register_method
 from ddtool.methods.initialisation import correct_only_init
-from ddtool.methods.trajectory import FASHION_CPU, FASHION_GPU, TrajectoryConfig, TrajectoryMatching
+from ddtool.methods.trajectory import FASHION_CPU, FASHION_GPU, TrajectoryConfig, TrajectoryMatching, with_ipc_variants
 from ddtool.seeding import generator
 
 
@@ -60,7 +60,7 @@ class DATM(TrajectoryMatching):
     config_class = DATMConfig
     default_protocol = "datm"
     default_preset = "fashion-cpu"
-    presets = {
+    presets = with_ipc_variants({
         # Fashion-MNIST: the MTT presets with a window growing to twice its start and learned labels.
         "fashion-cpu": _datm(FASHION_CPU, max_start_epoch=2, max_start_epoch_final=4, window_grow_iterations=100),
         "fashion-gpu": _datm(FASHION_GPU, max_start_epoch=10, max_start_epoch_final=20, window_grow_iterations=1000),
@@ -75,7 +75,7 @@ class DATM(TrajectoryMatching):
                                     window_grow_iterations=2000),
         "datm-cifar100-ipc10": _datm(TrajectoryConfig(**_DATM_CIFAR, max_start_epoch=20, lr_img=1000, lr_lr=1e-5,
                                                       batch_syn=1000), lr_label=10.0),
-    }
+    })
 
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:
         c = self.config

@@ -20,6 +20,7 @@ from ddtool.methods.trajectory import (
     PUBLISHED_MTT,
     TrajectoryConfig,
     TrajectoryMatching,
+    with_ipc_variants,
 )
 
 
@@ -46,10 +47,10 @@ def _ftd(base: TrajectoryConfig, **changes) -> FTDConfig:
 class FTD(TrajectoryMatching):
     config_class = FTDConfig
     default_preset = "fashion-cpu"
-    presets = {
+    presets = with_ipc_variants({
         # 100 iterations: decay 0.98 averages roughly the last 50 iterates; bias-corrected, so
         # the initial real images do not dominate (0.999 would leave 90% of them in).
         "fashion-cpu": _ftd(FASHION_CPU, ema_decay=0.98, ema_bias_correction=True),
         "fashion-gpu": _ftd(FASHION_GPU, ema_decay=0.9995),
         **{f"ftd-{name}": _ftd(cfg) for name, cfg in PUBLISHED_MTT.items()},
-    }
+    })

@@ -159,6 +159,27 @@ FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, sy
                                max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
                                checkpoint_every=200, eval_every=500)
 
+# Per-IPC changes to the Fashion-MNIST presets (IPC 10 is the base): `--ipc 1` with the preset
+# fashion-cpu, named or by default, runs "fashion-cpu-ipc1" (methods.base.resolve_preset).
+# CPU: chosen for MTT on the validation split (scripts/tune_fashion.py, README "Choosing the
+# presets") and inherited by the family; GPU: the CPU's choice carried over, not validated.
+FASHION_IPC_CHANGES: dict[int, dict[str, dict]] = {
+    1: {"cpu": dict(lr_img=100.0), "gpu": dict(lr_img=100.0)},
+    50: {"cpu": dict(lr_img=100.0), "gpu": dict(lr_img=100.0)},
+}
+
+
+def with_ipc_variants(presets: dict[str, TrajectoryConfig]) -> dict[str, TrajectoryConfig]:
+    """`presets` plus the per-IPC variants of its fashion-cpu and fashion-gpu entries."""
+    out = dict(presets)
+    for size in ("cpu", "gpu"):
+        base = presets.get(f"fashion-{size}")
+        for ipc, changes in FASHION_IPC_CHANGES.items():
+            if base is not None:
+                out[f"fashion-{size}-ipc{ipc}"] = dataclasses.replace(base, **changes[size])
+    return out
+
+
 # The published MTT settings (methods.md §2): CIFAR experts are 50-epoch ConvNet-3 runs.
 _CIFAR = dict(experts=100, expert_train_epochs=50, iterations=5000)
 PUBLISHED_MTT = {
@@ -219,8 +240,8 @@ class TrajectoryMatching(Method):
     config_class = TrajectoryConfig
     default_protocol = "mtt"
     default_preset = "fashion-cpu"
-    presets = {"fashion-cpu": FASHION_CPU, "fashion-gpu": FASHION_GPU,
-               **{f"mtt-{k}": v for k, v in PUBLISHED_MTT.items()}}
+    presets = with_ipc_variants({"fashion-cpu": FASHION_CPU, "fashion-gpu": FASHION_GPU,
+                                 **{f"mtt-{k}": v for k, v in PUBLISHED_MTT.items()}})
 
     def student_arch(self) -> str:
         return format_arch(self.config.arch, self.config.arch_options())
