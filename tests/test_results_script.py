@@ -72,3 +72,33 @@ def test_plans_cover_every_method_and_ipc(results):
     for c in ablation:
         cls = get_method_class(c.method)
         build_config(cls, None, parse_overrides(cls.config_class, list(c.settings)))
+
+
+def _evaluated_set(path, results, method: str, ipc: int, mean: float):
+    sset = make_set(channels=1, size=6)
+    sset.method = method
+    sset.config = {"student_arch": "convnet:width=32", "seconds": 60.0}
+    save_synthetic_set(path, sset)
+    append_evaluation(path, _record("mtt", 1000, 5, "convnet:width=32", mean))
+    return results.Cell(key=f"{method}-ipc{ipc}", label=method, method=method, ipc=ipc, path=path, protocol="mtt")
+
+
+def test_published_comparison_puts_each_number_beside_its_paper(tmp_path, results):
+    cells = [_evaluated_set(tmp_path / "r.h5", results, "random", 10, 0.731),
+             _evaluated_set(tmp_path / "m.h5", results, "mtt", 10, 0.785),
+             results.Cell(key="mtt-ipc1", label="mtt", method="mtt", ipc=1, path=tmp_path / "absent.h5")]
+    rows = {line.split(" | ")[0].strip("| "): line for line in results.render_published(cells).splitlines()}
+    assert "| 73.10 ± 0.00 (mtt) | 73.8 ± 0.7 |" in rows["random real subset"]
+    assert rows["random real subset"].startswith("| random real subset | - | 51.4 ± 3.8 |")  # IPC 1 not run
+    assert "not in ddtool | 84.6" in rows["DSA"]
+    assert "| 78.50 ± 0.00 (mtt) | - |" in rows["mtt"]  # ours, with no published number beside it
+
+
+def test_plots_are_written_as_png(tmp_path, results):
+    pytest.importorskip("matplotlib")
+    cells = [_evaluated_set(tmp_path / f"m{ipc}.h5", results, "mtt", ipc, 0.7 + ipc / 1000) for ipc in (1, 10)]
+    (tmp_path / "m10.log.jsonl").write_text('{"iteration": 0, "loss": 0.9}\n{"iteration": 1, "loss": 0.8}\n')
+    made = results.plots(cells, [], folder=tmp_path / "plots")
+    assert {p.name for p in made} == {"grid_mtt_ipc10.png", "accuracy_vs_ipc.png", "matching_loss.png"}
+    for path in made:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 300
