@@ -73,9 +73,23 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     result = ok(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root, "-o", out,
                        "--iterations", 2, "--no-eval", "-q", *[a for s in settings for a in ("--set", s)]))
     assert "Plan:" in result.stdout and "to train first" in result.stdout
+    assert "preset fashion-cpu-ipc1, with " in result.stdout  # the CPU preset's IPC-1 variant
     with h5py.File(out, "r") as f:
         assert f["images"].shape == (10, 1, 28, 28)
         assert f["learned_lr"][()] > 0
+
+
+def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, fashion_root):
+    out = tmp_path / "c.h5"
+    settings = ["teacher_width=8", "teacher_epochs=1", "teacher_batch_size=32", "iterations=3", "relabel_epochs=2"]
+    result = ok(ddtool("distill", "--method", "cda", "--ipc", 2, "--data-root", fashion_root, "-o", out, "-q",
+                       "--eval-runs", 1, "--eval-epochs", 2, *[a for s in settings for a in ("--set", s)]))
+    assert "preset fashion-cpu" in result.stdout and "kd" in result.stdout
+    with h5py.File(out, "r") as f:
+        assert f["images"].shape == (20, 1, 28, 28)
+        assert f.attrs["method"] == "cda"
+    info = ok(ddtool("info", out)).stdout
+    assert "evaluation   kd on " in info and "over 1 runs, random subset" in info  # recorded with its baseline
 
 
 def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
