@@ -100,6 +100,24 @@ def test_tesla_uses_the_target_experts_soft_labels(tmp_path, data, monkeypatch):
     assert targets.shape == (10, 10) and torch.allclose(targets.sum(1), torch.ones(10))
 
 
+def test_tesla_saves_the_experts_soft_labels_it_was_distilled_for(tmp_path, data):
+    from ddtool.methods.experts import expert_config_for, open_experts
+    from ddtool.networks import ParamLayout, create_network
+
+    config = tiny_mtt(labels="expert_soft", iterations=2)
+    ctx = context(tmp_path, data)
+    sset = trajectory.TESLA(config).distill(ctx)
+    assert sset.label_kind == "logits" and sset.labels.shape == (10, 10)
+    # recomputed independently: the experts' mean logits at the last target epoch (1 + 1 here)
+    net = create_network("convnet", channels=1, num_classes=10, image_size=8, width=8)
+    layout = ParamLayout.from_module(net)
+    with open_experts(expert_config_for(config, ctx), ctx) as store:
+        logits = torch.stack([layout.functional_forward(net, store.params(e, 2), sset.images)
+                              for e in range(store.num_experts)]).mean(0)
+    torch.testing.assert_close(sset.labels, logits.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sset.soft_targets().max(1).values, torch.ones(10))  # soft, not one-hot
+
+
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
     config = tiny_mtt()
     uninterrupted = trajectory.MTT(config).distill(context(tmp_path / "a", data))

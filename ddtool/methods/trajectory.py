@@ -51,6 +51,7 @@ from ddtool.storage import SyntheticSet
 from ddtool.storage.atomic import atomic_path
 
 LABEL_MODES = ("hard", "expert_soft", "learned")
+Relabel = Callable[[torch.Tensor], torch.Tensor]  # images -> label logits
 INIT_MODES = ("real", "noise", "kmeans")
 
 
@@ -347,6 +348,7 @@ class TrajectoryMatching(Method):
         def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return layout.functional_forward(net, flat, x)
 
+        relabel = self._expert_labeller(experts, forward, device) if c.labels == "expert_soft" else None
         if distributed.is_main():
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / "checkpoint.pt"
@@ -416,7 +418,7 @@ class TrajectoryMatching(Method):
                                      "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
                                      "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
-                self._validate(ctx, state)
+                self._validate(ctx, state, relabel)
             if it % c.checkpoint_every == 0 or it == c.iterations:
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
                 if distributed.is_main():
@@ -425,7 +427,7 @@ class TrajectoryMatching(Method):
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
         bar.close()
-        return self._final_set(ctx, state)
+        return self._final_set(ctx, state, relabel)
 
     # ---- pieces of the loop -----------------------------------------------------------------
     def _draw_segments(self, seed: int, iteration: int, experts: ExpertStore) -> list[Segment]:
@@ -570,7 +572,7 @@ class TrajectoryMatching(Method):
         state.images, state.lr, state.label_logits = images, lr, label_logits
         return state, images, lr, label_logits, optimizers
 
-    def _validate(self, ctx: DistillContext, state: MatchingState) -> None:
+    def _validate(self, ctx: DistillContext, state: MatchingState, relabel: Relabel | None) -> None:
         """Score the current set on the validation split; remember the best for saving."""
         data = ctx.data
         if data.val_x.shape[0] == 0:
@@ -578,7 +580,7 @@ class TrajectoryMatching(Method):
         score = None
         if distributed.is_main():  # one network to train: rank 0 trains it, the others wait for its score
             protocol = get_protocol(self.default_protocol)
-            score = train_fresh_network(self.images_to_save(state), self._eval_targets(state), data,
+            score = train_fresh_network(self.images_to_save(state), self._eval_targets(state, relabel), data,
                                         protocol=protocol, lr=float(state.lr.detach()), arch=self.student_arch(),
                                         seed=derive_seed(ctx.seed, "validation", state.iteration),
                                         epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
@@ -590,17 +592,34 @@ class TrajectoryMatching(Method):
                           "lr": state.lr.detach().clone(),
                           "label_logits": state.label_logits.detach().clone() if state.label_logits is not None else None}
 
-    def _eval_targets(self, state: MatchingState) -> torch.Tensor:
-        if state.label_logits is not None:
-            return F.softmax(state.label_logits.detach() / self.config.soft_label_temperature, dim=1)
+    def _eval_targets(self, state: MatchingState, relabel: Relabel | None) -> torch.Tensor:
+        logits = state.label_logits.detach() if state.label_logits is not None else \
+            relabel(self.images_to_save(state)) if relabel is not None else None
+        if logits is not None:
+            return F.softmax(logits / self.config.soft_label_temperature, dim=1)
         return state.hard_labels
 
-    def _final_set(self, ctx: DistillContext, state: MatchingState) -> SyntheticSet:
+    def _expert_labeller(self, experts: ExpertStore, forward: Forward, device: torch.device) -> Relabel:
+        """TESLA's labels for the saved set. During matching each segment's target expert labels
+        the images; a saved set needs one labelling, and its student must train on the labels the
+        images were distilled for: the experts' mean logits at the last target epoch."""
+        c = self.config
+        epoch = self.start_epoch_range(c.iterations)[1] - 1 + c.expert_epochs
+        params = [experts.params(e, epoch).to(device) for e in range(experts.num_experts)]
+
+        def relabel(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.stack([forward(p, images.detach()) for p in params]).mean(dim=0)
+        return relabel
+
+    def _final_set(self, ctx: DistillContext, state: MatchingState, relabel: Relabel | None) -> SyntheticSet:
         chosen = state.best if state.best is not None else {
             "iteration": state.iteration, "images": self.images_to_save(state), "lr": state.lr,
             "label_logits": state.label_logits}
         if chosen["label_logits"] is not None:
             labels, kind = chosen["label_logits"], "logits"
+        elif relabel is not None:
+            labels, kind = relabel(chosen["images"]), "logits"
         else:
             labels, kind = state.hard_labels, "hard"
         sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"].detach()),
