@@ -135,9 +135,13 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, mo
     with pytest.raises(KeyboardInterrupt):
         trajectory.MTT(config).distill(context(tmp_path / "b", data))
     monkeypatch.setattr(trajectory.TrajectoryMatching, "_log", staticmethod(original))
+    checkpointed = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["elapsed"]
     resumed = trajectory.MTT(config).distill(context(tmp_path / "b", data, resume=True))
     assert torch.equal(resumed.images, uninterrupted.images)
     assert resumed.learned_lr == uninterrupted.learned_lr
+    # the time the killed process spent on iterations 1-4 is counted in the resumed set's time
+    assert uninterrupted.config["seconds_before_resume"] == 0.0
+    assert checkpointed > 0 and resumed.config["seconds_before_resume"] == round(checkpointed, 1)
 
 
 def test_injected_nan_triggers_rollback_and_a_finite_result(tmp_path, data, monkeypatch):

@@ -144,7 +144,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
             click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
     started = time.perf_counter()
     sset = runner.distill(ctx)
-    sset.config["seconds"] = round(time.perf_counter() - started, 1)
+    # a resumed run counts the outer iterations its interrupted processes ran as well
+    sset.config["seconds"] = round(time.perf_counter() - started + sset.config.pop("seconds_before_resume", 0.0), 1)
     sset.config["device"] = str(torch_device)
     if distributed.world_size() > 1:
         sset.config["processes"] = distributed.world_size()

@@ -223,6 +223,7 @@ class MatchingState:
     best_val: float = -1.0
     best: dict | None = None  # {"iteration", "images", "lr", "label_logits"} of the best validation score
     extra: dict = dataclasses.field(default_factory=dict)  # subclass state (e.g. FTD's EMA)
+    elapsed: float = 0.0  # seconds of outer iterations up to this state, over every process that ran them
 
     def clone(self) -> "MatchingState":
         return copy.deepcopy(self)
@@ -362,6 +363,7 @@ class TrajectoryMatching(Method):
             self.on_start(state)
         else:
             ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
+        resumed_after = state.elapsed
         images = state.images.requires_grad_(True)
         lr = state.lr.requires_grad_(True)
         label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
@@ -400,14 +402,16 @@ class TrajectoryMatching(Method):
                     lr.clamp_(min=c.lr_init * c.min_lr_factor)
                 diverged = self._diverged_after_step(images, lr, label_logits)
             if diverged:
+                elapsed = state.elapsed + time.perf_counter() - started
                 state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, it, diverged)
                 it += 1
-                state.iteration = it
+                state.iteration, state.elapsed = it, elapsed
                 bar.update(1)
                 continue
             it += 1
             state.iteration = it
             state.images, state.lr, state.label_logits = images, lr, label_logits
+            state.elapsed += time.perf_counter() - started
             if not skipped:
                 self.after_update(state)
             if distributed.is_main():
@@ -427,7 +431,10 @@ class TrajectoryMatching(Method):
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
         bar.close()
-        return self._final_set(ctx, state, relabel)
+        sset = self._final_set(ctx, state, relabel)
+        # what earlier, interrupted processes spent on this run, for the time the set reports
+        sset.config["seconds_before_resume"] = round(resumed_after, 1)
+        return sset
 
     # ---- pieces of the loop -----------------------------------------------------------------
     def _draw_segments(self, seed: int, iteration: int, experts: ExpertStore) -> list[Segment]:
