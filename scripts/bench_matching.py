@@ -120,14 +120,12 @@ def main() -> None:
                 # the CUDA start-up once); the CPU's profiler-based peak needs a fresh process
                 torch.cuda.empty_cache()
                 rows.append(measure(backend, steps, args.device, args.width, args.ipc, args.iterations))
-                print(f"  measured {backend} N={steps}: {rows[-1]['seconds']:.2f} s, {rows[-1]['peak_mib']:.0f} MiB",
-                      file=sys.stderr)
-                continue
-            out = subprocess.run([sys.executable, __file__, "--one", f"{backend}:{steps}", "--device", args.device,
-                                  "--width", str(args.width), "--ipc", str(args.ipc),
-                                  "--iterations", str(args.iterations)], capture_output=True, text=True, check=True)
-            # the profiler logs to stdout on some builds: the JSON is the last line
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                out = subprocess.run([sys.executable, __file__, "--one", f"{backend}:{steps}", "--device", args.device,
+                                      "--width", str(args.width), "--ipc", str(args.ipc),
+                                      "--iterations", str(args.iterations)], capture_output=True, text=True, check=True)
+                # the profiler logs to stdout on some builds: the JSON is the last line
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  measured {backend} N={steps}: {rows[-1]['seconds']:.2f} s, {rows[-1]['peak_mib']:.0f} MiB",
                   file=sys.stderr)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"

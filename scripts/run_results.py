@@ -152,6 +152,12 @@ def find_evaluation(cell: Cell, sset, arch: str | None):
     return None
 
 
+def own_record(cell: Cell, sset):
+    """The cell's evaluation on the network its table reads (the first it lists, else the one
+    the set was distilled for), or None."""
+    return find_evaluation(cell, sset, cell.archs[0] if cell.archs else None) if sset is not None else None
+
+
 def _same_arch(a: str | None, b: str | None) -> bool:
     from ddtool.networks import same_network
 
@@ -221,7 +227,7 @@ def render_main(cells: list[Cell]) -> str:
         accs, randoms, times, protocol = [], [], [], "-"
         for c in row:
             sset = load(c)
-            record = find_evaluation(c, sset, c.archs[0] if c.archs else None) if sset else None
+            record = own_record(c, sset)
             if record is None:
                 accs.append("not run")
                 randoms.append("")
@@ -304,8 +310,7 @@ def render_published(cells: list[Cell]) -> str:
 
     def ours(method: str, ipc: int) -> str:
         cell = next((c for c in cells if c.method == method and c.ipc == ipc), None)
-        record = find_evaluation(cell, sset, cell.archs[0] if cell.archs else None) \
-            if cell is not None and (sset := load(cell)) is not None else None
+        record = own_record(cell, load(cell)) if cell is not None else None
         return f"{pct(record['mean'], record['std'])} ({record['protocol']['name']})" if record else "-"
 
     def published(value: tuple[float, float | None]) -> str:
@@ -369,7 +374,7 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(c.method for c in main):
         points = [(c.ipc, r["mean"] * 100, r["std"] * 100) for c in main if c.method == method
-                  and (s := load(c)) is not None and (r := find_evaluation(c, s, None)) is not None]
+                  and (r := own_record(c, load(c))) is not None]
         if points:
             ax.errorbar(*zip(*points), marker="o", capsize=3, label=method)
     ax.set(xscale="log", xlabel="images per class", ylabel="test accuracy (%)", title="Fashion-MNIST")

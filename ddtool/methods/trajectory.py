@@ -178,9 +178,10 @@ def with_ipc_variants(presets: dict[str, TrajectoryConfig]) -> dict[str, Traject
     out = dict(presets)
     for size in ("cpu", "gpu"):
         base = presets.get(f"fashion-{size}")
+        if base is None:
+            continue
         for ipc, changes in FASHION_IPC_CHANGES.items():
-            if base is not None:
-                out[f"fashion-{size}-ipc{ipc}"] = dataclasses.replace(base, **changes[size])
+            out[f"fashion-{size}-ipc{ipc}"] = dataclasses.replace(base, **changes[size])
     return out
 
 
@@ -600,11 +601,19 @@ class TrajectoryMatching(Method):
                           "label_logits": state.label_logits.detach().clone() if state.label_logits is not None else None}
 
     def _eval_targets(self, state: MatchingState, relabel: Relabel | None) -> torch.Tensor:
-        logits = state.label_logits.detach() if state.label_logits is not None else \
-            relabel(self.images_to_save(state)) if relabel is not None else None
-        if logits is not None:
-            return F.softmax(logits / self.config.soft_label_temperature, dim=1)
-        return state.hard_labels
+        labels, kind = self._labels(self.images_to_save(state), state.label_logits, state.hard_labels, relabel)
+        return F.softmax(labels.detach() / self.config.soft_label_temperature, dim=1) if kind == "logits" else labels
+
+    @staticmethod
+    def _labels(images: torch.Tensor, label_logits: torch.Tensor | None, hard: torch.Tensor,
+                relabel: Relabel | None) -> tuple[torch.Tensor, str]:
+        """The labels a set of these images carries: learned logits, the experts' logits (TESLA),
+        or the hard class ids; and their kind."""
+        if label_logits is not None:
+            return label_logits, "logits"
+        if relabel is not None:
+            return relabel(images), "logits"
+        return hard, "hard"
 
     def _expert_labeller(self, experts: ExpertStore, forward: Forward, device: torch.device) -> Relabel:
         """TESLA's labels for the saved set. During matching each segment's target expert labels
@@ -616,19 +625,14 @@ class TrajectoryMatching(Method):
 
         def relabel(images: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.stack([forward(p, images.detach()) for p in params]).mean(dim=0)
+                return torch.stack([forward(p, images) for p in params]).mean(dim=0)
         return relabel
 
     def _final_set(self, ctx: DistillContext, state: MatchingState, relabel: Relabel | None) -> SyntheticSet:
         chosen = state.best if state.best is not None else {
             "iteration": state.iteration, "images": self.images_to_save(state), "lr": state.lr,
             "label_logits": state.label_logits}
-        if chosen["label_logits"] is not None:
-            labels, kind = chosen["label_logits"], "logits"
-        elif relabel is not None:
-            labels, kind = relabel(chosen["images"]), "logits"
-        else:
-            labels, kind = state.hard_labels, "hard"
+        labels, kind = self._labels(chosen["images"], chosen["label_logits"], state.hard_labels, relabel)
         sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"].detach()),
                              label_temperature=self.config.soft_label_temperature)
         sset.config["selected_iteration"] = chosen["iteration"]
