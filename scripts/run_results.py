@@ -16,7 +16,8 @@ rows at once (--only); on a shared CPU give each OMP_NUM_THREADS=1.
 
 Tables (each between `<!-- results:NAME -->` markers in README.md):
 - main: every method at IPC 1, 10, 50 under its own protocol, with the matched random-subset
-  baseline and the whole-dataset reference (when cached; `--reference` computes it).
+  baseline and the whole-dataset reference of the same protocol and network (`run --reference`
+  trains it, into synthetic_sets/whole_dataset.json).
 - ablation: the trajectory-matching family at IPC 10, cumulative, all under the mtt protocol.
 - cross-arch: the IPC-10 sets trained on ConvNet, AlexNet, VGG11 and ResNet-18.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ROOT / "synthetic_sets"
 PLOTS = ROOT / "docs" / "results"
+REFERENCES = SETS / "whole_dataset.json"  # the whole-dataset references, per protocol and network
 DATASET = "fashion-mnist"
 RUNS = 5
 KD_EPOCHS = 100  # the curriculum CPU presets store views for 100 epochs (see README "Curriculum")
@@ -67,9 +69,8 @@ class Cell:
             command += ["--set", setting]
         return command
 
-    def evaluate_command(self, arch: str | None, reference: bool) -> list[str]:
-        command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet",
-                   "--reference" if reference else "--no-reference"]
+    def evaluate_command(self, arch: str | None) -> list[str]:
+        command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet", "--no-reference"]
         if self.protocol:
             command += ["--protocol", self.protocol]
         if self.epochs:
@@ -143,13 +144,17 @@ def find_evaluation(cell: Cell, sset, arch: str | None):
 
     name = _protocol_name(cell, sset)
     epochs = cell.epochs or get_protocol(name).epochs
-    arch = arch or sset.config.get("student_arch") or sset.config.get("student") or "convnet"
+    arch = arch or _distilled_for(sset)
     for record in reversed(sset.evaluations):
         protocol = record.get("protocol", {})
         if (protocol.get("name") == name and protocol.get("epochs") == epochs and len(record.get("runs", [])) == RUNS
                 and _same_arch(record.get("arch"), arch)):
             return record
     return None
+
+
+def _distilled_for(sset) -> str:
+    return sset.config.get("student_arch") or sset.config.get("student") or "convnet"
 
 
 def own_record(cell: Cell, sset):
@@ -171,7 +176,7 @@ def load(cell: Cell):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def run_cell(cell: Cell, reference: bool, log) -> None:
+def run_cell(cell: Cell, log) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     timings = cell.path.with_suffix(".times.json")
     times = json.loads(timings.read_text()) if timings.exists() else {}
@@ -188,9 +193,48 @@ def run_cell(cell: Cell, reference: bool, log) -> None:
         if find_evaluation(cell, sset, arch) is not None:
             log(f"[{cell.key}] {arch or 'own network'}: evaluation already recorded")
             continue
-        log(f"[{cell.key}] evaluating: {' '.join(cell.evaluate_command(arch, reference))}")
-        subprocess.run(cell.evaluate_command(arch, reference), check=True, env=env)
+        log(f"[{cell.key}] evaluating: {' '.join(cell.evaluate_command(arch))}")
+        subprocess.run(cell.evaluate_command(arch), check=True, env=env)
         sset = load(cell)
+
+
+def reference_key(cell: Cell, sset) -> str:
+    """Which whole-dataset reference a cell is read beside: its protocol on its own network."""
+    return f"{_protocol_name(cell, sset)} on {cell.archs[0] if cell.archs else _distilled_for(sset)}"
+
+
+def read_references(path: Path = REFERENCES) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_reference(cell: Cell, log, path: Path = REFERENCES) -> None:
+    """Train the whole-dataset reference of the cell's protocol and network, once per pair: the
+    result goes into `path` (shipped beside the sets, so `tables` needs no cache) and into the
+    baseline cache that `ddtool evaluate` reads."""
+    from ddtool.data import prepare
+    from ddtool.evaluation import get_protocol, kd
+    from ddtool.evaluation.evaluate import whole_dataset_reference
+    from ddtool.storage.atomic import atomic_path
+
+    sset = load(cell)
+    if sset is None or (key := reference_key(cell, sset)) in read_references(path):
+        return
+    protocol = get_protocol(_protocol_name(cell, sset))
+    arch = cell.archs[0] if cell.archs else _distilled_for(sset)
+    data = prepare(sset.dataset, None, preprocessing=sset.preprocessing)
+    teacher = teacher_key = None
+    if protocol.kd is not None:  # the reference learns from the set's teacher on the whole split
+        teacher, teacher_key = kd.set_teacher(sset, data.test_x.device), kd.teacher_fingerprint(sset.teacher)
+    log(f"[{cell.key}] whole-dataset reference: {key}, {protocol.reference_epochs} epochs on "
+        f"{data.train_x.shape[0]} images")
+    result = whole_dataset_reference(data, protocol=protocol, arch=arch, progress=False, teacher=teacher,
+                                     teacher_key=teacher_key)
+    references = read_references(path)  # another process may have added one meanwhile
+    references[key] = {"protocol": protocol.name, "arch": arch, "epochs": protocol.reference_epochs,
+                       "batch_size": protocol.reference_batch_size, "teacher": teacher_key,
+                       "runs": result.runs, "mean": result.mean, "std": result.std, "seconds": result.seconds}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(references, indent=1, sort_keys=True))
 
 
 def _copy_matching_log(cell: Cell) -> None:
@@ -217,16 +261,19 @@ def minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.0f}"
 
 
-def render_main(cells: list[Cell]) -> str:
+def render_main(cells: list[Cell], references_path: Path = REFERENCES) -> str:
     ipcs = sorted({c.ipc for c in cells})
     lines = ["| method | protocol | " + " | ".join(f"IPC {i}" for i in ipcs) + " | random subset (same protocol) | "
-             "minutes (distil + evaluate), per IPC |",
-             "|---|---|" + "---|" * len(ipcs) + "---|---|"]
+             "whole dataset (same protocol and network) | minutes (distil + evaluate), per IPC |",
+             "|---|---|" + "---|" * len(ipcs) + "---|---|---|"]
+    references = read_references(references_path)
     for method in dict.fromkeys(c.method for c in cells):
         row = [c for c in cells if c.method == method]
-        accs, randoms, times, protocol = [], [], [], "-"
+        accs, randoms, times, protocol, whole = [], [], [], "-", "not run"
         for c in row:
             sset = load(c)
+            if sset is not None and (ref := references.get(reference_key(c, sset))):
+                whole = f"{pct(ref['mean'], ref['std'])} ({len(ref['runs'])} run, {ref['epochs']} ep)"
             record = own_record(c, sset)
             if record is None:
                 accs.append("not run")
@@ -239,7 +286,7 @@ def render_main(cells: list[Cell]) -> str:
             randoms.append(f"{c.ipc}: {pct(base['mean'], base['std'])}" if base else "")
             times.append(f"{c.ipc}: {minutes(sset.config.get('seconds'))} + {minutes(record.get('seconds'))}")
         lines.append(f"| {method} | {protocol} | " + " | ".join(accs) + f" | {'; '.join(r for r in randoms if r)} | "
-                     f"{'; '.join(t for t in times if t)} |")
+                     f"{whole} | {'; '.join(t for t in times if t)} |")
     return "\n".join(lines)
 
 
@@ -403,7 +450,9 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, nargs="+", default=None, help="only these IPCs")
     parser.add_argument("--only", nargs="+", default=None, help="only these cell keys or methods")
     parser.add_argument("--reference", action="store_true",
-                        help="compute the whole-dataset reference when not cached (hours on a CPU)")
+                        help=f"also train the whole-dataset reference of each main-table cell's protocol and "
+                             f"network, once per pair, into {REFERENCES.relative_to(ROOT)} (30 epochs on "
+                             f"55000 images: about half an hour per pair for the width-32 ConvNet on one core)")
     parser.add_argument("--no-plots", dest="make_plots", action="store_false")
     args = parser.parse_args()
 
@@ -422,7 +471,9 @@ def main() -> None:
     elif args.action == "run":
         for name in args.table:
             for c in selected(TABLES[name]()):
-                run_cell(c, args.reference, lambda m: print(m, flush=True))
+                run_cell(c, lambda m: print(m, flush=True))
+                if args.reference and name == "main":
+                    run_reference(c, lambda m: print(m, flush=True))
     if args.action == "plan":
         return
     tables = {name: RENDER[name](TABLES[name]()) + f"\n\n(Generated by `python scripts/run_results.py tables` from "

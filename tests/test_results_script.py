@@ -102,3 +102,38 @@ def test_plots_are_written_as_png(tmp_path, results):
     assert {p.name for p in made} == {"grid_mtt_ipc10.png", "accuracy_vs_ipc.png", "matching_loss.png"}
     for path in made:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 300
+
+
+def test_whole_dataset_reference_is_trained_once_per_recipe_and_shown(tmp_path, results, fashion_root, monkeypatch):
+    from ddtool.data import prepare
+    from ddtool.evaluation import PROTOCOLS
+    from ddtool.evaluation import evaluate as evaluation
+    from ddtool.storage import SyntheticSet
+
+    monkeypatch.setenv("DDTOOL_DATA", str(fashion_root))
+    for name in ("mtt", "datm"):  # one epoch over the tiny split instead of 30
+        monkeypatch.setitem(PROTOCOLS, name, PROTOCOLS[name].with_overrides(reference_epochs=1))
+    trained = []
+    real = evaluation.train_fresh_network
+    monkeypatch.setattr(evaluation, "train_fresh_network", lambda *a, **k: trained.append(k["arch"]) or real(*a, **k))
+    data = prepare("fashion-mnist", fashion_root)
+    cells = []
+    for method in ("mtt", "datm"):
+        sset = SyntheticSet(images=data.train_x[:20], labels=data.train_y[:20], classes=list(data.spec.classes),
+                            preprocessing=data.preprocessing, dataset="fashion-mnist", ipc=2, method=method,
+                            config={"student_arch": "convnet:width=8"})
+        save_synthetic_set(tmp_path / f"{method}.h5", sset)
+        cells.append(results.Cell(key=f"{method}-ipc2", label=method, method=method, ipc=2,
+                                  path=tmp_path / f"{method}.h5"))
+    store = tmp_path / "whole_dataset.json"
+    for cell in cells + cells:
+        results.run_reference(cell, lambda message: None, store)
+    references = results.read_references(store)
+    assert set(references) == {"mtt on convnet:width=8", "datm on convnet:width=8"}
+    # datm trains the reference exactly as mtt does (only their synthetic-set batch differs): one network
+    assert trained == ["convnet:width=8"]
+    assert references["mtt on convnet:width=8"]["runs"] == references["datm on convnet:width=8"]["runs"]
+    assert references["mtt on convnet:width=8"]["epochs"] == 1
+    mean = references["mtt on convnet:width=8"]["mean"]
+    table = results.render_main(cells[:1], references_path=store)
+    assert f"{100 * mean:.2f} ± 0.00 (1 run, 1 ep)" in table

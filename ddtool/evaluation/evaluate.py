@@ -252,8 +252,10 @@ def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str
     Under a KD protocol: the same recipe, `teacher` live on the whole split."""
     reference = dataclasses.replace(protocol, epochs=protocol.reference_epochs,
                                     batch_size=protocol.reference_batch_size)
-    key = {"kind": "whole_dataset", "protocol": reference.to_dict(), "arch": arch, "seed": seed, "runs": runs,
-           **_data_key(data)}
+    # Keyed by what the training does, not by the protocol's name: protocols that differ only
+    # in how they train synthetic sets (mtt and datm: the batch size) share one reference.
+    recipe = {k: v for k, v in reference.to_dict().items() if k not in ("name", "runs")}
+    key = {"kind": "whole_dataset", "recipe": recipe, "arch": arch, "seed": seed, "runs": runs, **_data_key(data)}
     targets: torch.Tensor | kd.LabelSource = data.train_y
     if protocol.kd is not None:
         if teacher is None or teacher_key is None:

@@ -1,0 +1,71 @@
+"""Evaluation: fresh networks per run, and the cached baselines (random subset, whole dataset)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_prepared
+from ddtool.evaluation import evaluate as evaluation
+from ddtool.evaluation import get_protocol
+
+ARCH = "convnet:width=4"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_prepared(per_class=4)
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Counts the networks trained, to tell a computed baseline from a cached one."""
+    count = {"networks": 0}
+    real = evaluation.train_fresh_network
+
+    def counting(*args, **kwargs):
+        count["networks"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_fresh_network", counting)
+    return count
+
+
+def small(name: str):
+    return get_protocol(name).with_overrides(epochs=2, runs=2, reference_epochs=1)
+
+
+def test_whole_dataset_reference_is_computed_once_and_shared_by_equal_recipes(data, trainings):
+    mtt, datm = small("mtt"), small("datm")
+    assert mtt.batch_size != datm.batch_size  # they differ on synthetic sets only
+    assert evaluation.whole_dataset_reference(data, protocol=mtt, arch=ARCH, progress=False,
+                                              compute_if_missing=False) is None
+    assert trainings["networks"] == 0
+    first = evaluation.whole_dataset_reference(data, protocol=mtt, arch=ARCH, progress=False)
+    assert trainings["networks"] == 1 and len(first.runs) == 1
+    # datm's reference trains exactly as mtt's (reference batch size, epochs, lr): the cache serves it
+    shared = evaluation.whole_dataset_reference(data, protocol=datm, arch=ARCH, progress=False,
+                                                compute_if_missing=False)
+    assert shared is not None and shared.runs == first.runs and trainings["networks"] == 1
+    # a different recipe (here more reference epochs) is another reference
+    longer = mtt.with_overrides(reference_epochs=2)
+    assert evaluation.whole_dataset_reference(data, protocol=longer, arch=ARCH, progress=False,
+                                              compute_if_missing=False) is None
+
+
+def test_random_subset_baseline_draws_per_run_and_is_cached(data, trainings):
+    protocol = small("classic")
+    first = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, progress=False)
+    assert trainings["networks"] == 2 and len(first.runs) == 2
+    again = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, progress=False)
+    assert again.runs == first.runs and trainings["networks"] == 2
+    # another IPC or seed is another baseline
+    evaluation.random_subset_baseline(data, ipc=2, protocol=protocol, arch=ARCH, progress=False)
+    assert trainings["networks"] == 4
+
+
+def test_an_evaluation_repeats_exactly_from_its_seed(data):
+    protocol = small("classic")
+    images, labels = data.train_x[:20], data.train_y[:20]
+    twice = [evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=3,
+                                        progress=False).runs for _ in range(2)]
+    assert twice[0] == twice[1]
