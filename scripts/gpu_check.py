@@ -8,7 +8,11 @@
    finished experts;
 4. mtt, tesla and datm distilled at IPC 10 in parallel on those experts with the `fashion-gpu`
    preset, cut to as many outer iterations as the benchmark's speed allows in the time left
-   (recorded in each file), each evaluated under its own protocol, 5 fresh networks.
+   (recorded in each file), each evaluated under its own protocol, 5 fresh networks;
+5. from stage 2 on, beside the rest: the cross-architecture table's evaluations the shipped
+   IPC-10 sets lack (AlexNet, VGG11, ResNet-18 for 1000 epochs are CPU-days), on copies in
+   OUT_DIR/cross-arch; `python scripts/run_results.py merge OUT_DIR/cross-arch/*.h5` brings
+   their records home.
 
 Everything a stage prints goes to OUT_DIR as it happens, so a run stopped at the lease's
 limit still leaves what it measured.
@@ -49,6 +53,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["mtt", "tesla", "datm"])
     parser.add_argument("--set", dest="settings", action="append", default=[], help="passed to every distill")
     parser.add_argument("--eval-reserve", type=float, default=100, help="seconds kept for the evaluations")
+    parser.add_argument("--no-cross-arch", dest="cross_arch", action="store_false",
+                        help="skip stage 5 (the shipped sets' cross-architecture evaluations)")
     args = parser.parse_args()
 
     deadline = time.monotonic() + args.budget
@@ -78,6 +84,8 @@ def main() -> None:
     tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                               "tests/test_matching_engine.py", "tests/test_networks.py", "tests/test_augment.py"],
                              cwd=ROOT, env=env, stdout=open(out / "pytest_cuda.txt", "w"), stderr=subprocess.STDOUT)
+    cross_arch = _start_cross_arch(out / "cross-arch", ddtool, env, args.device) if args.cross_arch else {}
+    summary["cross_arch"] = sorted(cross_arch)
     buffer_args = ["buffer", "--width", str(args.width), "--epochs", str(args.expert_epochs),
                    "--experts", str(args.experts), "--device", args.device]
     shards = [subprocess.Popen(ddtool + buffer_args + ["--shard", f"{i}/{args.shards}"], cwd=ROOT, env=env,
@@ -100,6 +108,7 @@ def main() -> None:
     save_summary()
     if finished == 0:
         print("no expert finished in the time box; nothing to distill", file=sys.stderr)
+        _wait_all(list(cross_arch.values()), deadline - time.monotonic())
         return
 
     # 4. the methods in parallel, with the iterations the remaining time allows
@@ -122,10 +131,35 @@ def main() -> None:
             command += ["--set", f"window_grow_iterations={max(1, iterations // 2)}"]
         runs[method] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(out / f"distill_{method}.log", "w"),
                                         stderr=subprocess.STDOUT)
-    _wait_all(list(runs.values()), deadline - time.monotonic())
+    _wait_all(list(runs.values()) + list(cross_arch.values()), deadline - time.monotonic())
     summary["distill"]["exit"] = {m: p.poll() for m, p in runs.items()}
     summary["distill"]["seconds"] = round(time.monotonic() - began, 1)
+    summary["cross_arch_exit"] = {name: p.poll() for name, p in cross_arch.items()}
     save_summary()
+
+
+def _start_cross_arch(folder: Path, ddtool: list[str], env: dict, device: str) -> dict[str, subprocess.Popen]:
+    """One `ddtool evaluate` per shipped IPC-10 set, on a copy, for the networks its file has no
+    record of (the table's protocol, epochs and runs: scripts/run_results.py decides them)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_results import cross_arch_table, find_evaluation, load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    started = {}
+    for cell in cross_arch_table():
+        sset = load(cell)
+        missing = [arch for arch in cell.archs if sset is not None and find_evaluation(cell, sset, arch) is None]
+        if not missing:
+            continue
+        copy = folder / cell.path.name
+        shutil.copyfile(cell.path, copy)
+        command = cell.evaluate_command(missing[0])
+        command = ddtool + command[1:2] + [str(copy)] + command[3:] + ["--device", device]
+        for arch in missing[1:]:
+            command += ["--arch", arch]
+        started[cell.key] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(folder / f"{cell.key}.log", "w"),
+                                             stderr=subprocess.STDOUT)
+    return started
 
 
 def _run(command: list[str], log: Path, env: dict, seconds: float) -> int | None:

@@ -6,6 +6,7 @@ it on fresh networks, and write the tables (into README.md), the plots and synth
     python scripts/run_results.py run --table ablation --only ftd datm
     python scripts/run_results.py run --table cross-arch
     python scripts/run_results.py tables                        # README tables + plots from the files
+    python scripts/run_results.py merge OUT/cross-arch/*.h5     # records of copies evaluated elsewhere
 
 Every cell is one HDF5 set with its evaluations inside: `run` skips a set that exists and an
 evaluation the set already records (same protocol, epochs, runs, architecture), and resumes an
@@ -237,6 +238,26 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES) -> None:
         tmp.write_text(json.dumps(references, indent=1, sort_keys=True))
 
 
+def merge_evaluations(copy: Path, into: Path) -> int:
+    """Append to the set `into` the evaluation records that `copy` (the same set, evaluated
+    elsewhere: scripts/gpu_check.py evaluates copies on a GPU) has and `into` lacks; refuses a
+    copy whose images differ. Returns how many records were added."""
+    import torch
+
+    from ddtool.storage import append_evaluation, load_synthetic_set
+
+    theirs, ours = load_synthetic_set(copy), load_synthetic_set(into)
+    if not (theirs.images.shape == ours.images.shape and torch.equal(theirs.images, ours.images)):
+        raise SystemExit(f"{copy} is not a copy of {into}: their images differ")
+    known = {json.dumps(r, sort_keys=True, default=str) for r in ours.evaluations}
+    added = 0
+    for record in theirs.evaluations:
+        if json.dumps(record, sort_keys=True, default=str) not in known:
+            append_evaluation(into, record)
+            added += 1
+    return added
+
+
 def _copy_matching_log(cell: Cell) -> None:
     """Keep the matching loss per iteration beside the set (for the loss plot)."""
     from ddtool.methods.base import build_config, get_method_class, parse_overrides
@@ -316,7 +337,8 @@ def render_cross_arch(cells: list[Cell]) -> str:
         cells_ = []
         for arch in CROSS_ARCHS:
             record = find_evaluation(c, sset, arch) if sset else None
-            cells_.append(pct(record["mean"], record["std"]) if record else "not run")
+            where = "" if record is None or str(record.get("device", "cpu")).startswith("cpu") else " (GPU)"
+            cells_.append(pct(record["mean"], record["std"]) + where if record else "not run")
         lines.append(f"| {c.label} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
@@ -445,7 +467,9 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("plan", "run", "tables"))
+    parser.add_argument("action", choices=("plan", "run", "tables", "merge"))
+    parser.add_argument("copies", nargs="*", type=Path,
+                        help="merge: evaluated copies of shipped sets (same file name), e.g. from gpu_check.py")
     parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["main", "ablation", "cross-arch"])
     parser.add_argument("--ipc", type=int, nargs="+", default=None, help="only these IPCs")
     parser.add_argument("--only", nargs="+", default=None, help="only these cell keys or methods")
@@ -460,6 +484,13 @@ def main() -> None:
         return [c for c in cells if (args.ipc is None or c.ipc in args.ipc)
                 and (args.only is None or c.key in args.only or c.method in args.only)]
 
+    if args.action == "merge":
+        for copy in args.copies:
+            shipped = next((c.path for name in TABLES for c in TABLES[name]() if c.path.name == copy.name), None)
+            if shipped is None or not shipped.exists():
+                raise SystemExit(f"{copy.name} is not one of the shipped sets")
+            print(f"{shipped.relative_to(ROOT)}: {merge_evaluations(copy, shipped)} evaluation(s) added")
+        return
     if args.action == "plan":
         for name in args.table:
             print(f"== {name}")

@@ -137,3 +137,24 @@ def test_whole_dataset_reference_is_trained_once_per_recipe_and_shown(tmp_path, 
     mean = references["mtt on convnet:width=8"]["mean"]
     table = results.render_main(cells[:1], references_path=store)
     assert f"{100 * mean:.2f} ± 0.00 (1 run, 1 ep)" in table
+
+
+def test_merge_adds_only_the_copys_new_records_and_refuses_other_images(tmp_path, results):
+    shipped, copy = tmp_path / "set.h5", tmp_path / "gpu" / "set.h5"
+    save_synthetic_set(shipped, make_set(channels=1, size=6))
+    append_evaluation(shipped, _record("mtt", 1000, 5, "convnet:width=32", 0.70))
+    copy.parent.mkdir()
+    copy.write_bytes(shipped.read_bytes())
+    append_evaluation(copy, {**_record("mtt", 1000, 5, "alexnet", 0.60), "device": "cuda:0"})
+    append_evaluation(shipped, _record("mtt", 1000, 5, "vgg11", 0.65))  # made here meanwhile
+    assert results.merge_evaluations(copy, shipped) == 1
+    assert results.merge_evaluations(copy, shipped) == 0  # nothing new the second time
+    archs = [r["arch"] for r in results.load(results.Cell("k", "l", "mtt", 2, shipped)).evaluations]
+    assert archs == ["convnet:width=32", "vgg11", "alexnet"]
+    cell = results.Cell(key="mtt-xarch", label="mtt", method="mtt", ipc=2, path=shipped,
+                        archs=("convnet:width=32", "alexnet"))
+    assert "60.00 ± 0.00 (GPU)" in results.render_cross_arch([cell])
+    other = tmp_path / "other.h5"
+    save_synthetic_set(other, make_set(channels=1, size=6, ipc=3))
+    with pytest.raises(SystemExit, match="images differ"):
+        results.merge_evaluations(other, shipped)
