@@ -69,3 +69,18 @@ def test_an_evaluation_repeats_exactly_from_its_seed(data):
     twice = [evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=3,
                                         progress=False).runs for _ in range(2)]
     assert twice[0] == twice[1]
+
+
+def test_compiled_networks_train_like_eager_ones(data, monkeypatch):
+    import torch
+
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(type(net).__name__) or real_compile(net, **kw))
+    protocol = small("mtt")  # DSA and the lr decay on the way
+    images, labels = data.train_x[:20], data.train_y[:20]
+    runs = {compile: evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=3,
+                                                progress=False, compile=compile).runs for compile in (False, True)}
+    assert len(compiled) == 2  # one fresh network per run, each compiled; none in the eager pass
+    # the same training fused into other kernels: at most a rounding-flipped test prediction apart
+    assert runs[True] == pytest.approx(runs[False], abs=1 / data.test_y.shape[0] + 1e-9)
