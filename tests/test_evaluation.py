@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_prepared
 from ddtool.evaluation import evaluate as evaluation
 from ddtool.evaluation import get_protocol
+from ddtool.storage import SyntheticSet
 
 ARCH = "convnet:width=4"
 
@@ -84,3 +85,9 @@ def test_compiled_networks_train_like_eager_ones(data, monkeypatch):
     assert len(compiled) == 2  # one fresh network per run, each compiled; none in the eager pass
     # the same training fused into other kernels: at most a rounding-flipped test prediction apart
     assert runs[True] == pytest.approx(runs[False], abs=1 / data.test_y.shape[0] + 1e-9)
+    sset = SyntheticSet(images=images, labels=labels, classes=list(data.spec.classes), preprocessing=data.preprocessing,
+                        dataset=data.spec.name, ipc=2, method="mtt")
+    for compile in (False, True):
+        report = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, seed=3, baselines=False,
+                                         reference=False, progress=False, compile=compile)
+        assert report.to_record()["compiled"] is compile and report.synthetic.runs == runs[compile]

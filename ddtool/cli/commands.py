@@ -90,12 +90,14 @@ def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
               help="Evaluation protocol [default: the method's own].")
 @click.option("--eval-runs", type=click.IntRange(min=1), default=None, help="Fresh networks to evaluate with.")
 @click.option("--eval-epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
+@click.option("--compile-eval", is_flag=True, help="Evaluate with torch.compile'd networks (as `ddtool evaluate "
+              "--compile`: about 2x faster on a CPU after a one-off compile).")
 @click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
 @_seed
 @_device
 @_quiet
 def distill(method, ipc, dataset, data_root, preset, settings, iterations, backend, output, resume, no_eval,
-            protocol, eval_runs, eval_epochs, list_presets, seed, device, quiet) -> None:
+            protocol, eval_runs, eval_epochs, compile_eval, list_presets, seed, device, quiet) -> None:
     """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
 
     Finds or trains the expert trajectories it needs (cached by configuration), prints its
@@ -154,7 +156,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     say(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
     if not no_eval:
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
-                             data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs)
+                             data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
+                             compile=compile_eval)
 
 
 # ---- evaluate -------------------------------------------------------------------------------
