@@ -91,3 +91,31 @@ def test_compiled_networks_train_like_eager_ones(data, monkeypatch):
         report = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, seed=3, baselines=False,
                                          reference=False, progress=False, compile=compile)
         assert report.to_record()["compiled"] is compile and report.synthetic.runs == runs[compile]
+
+
+def test_a_baseline_computed_elsewhere_meanwhile_is_waited_for_not_recomputed():
+    import threading
+
+    key = {"kind": "test", "n": 1}
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow() -> evaluation.Accuracies:  # the first process's computation, held open by the test
+        calls.append("first")
+        started.set()
+        release.wait(timeout=30)
+        return evaluation.Accuracies([0.5, 0.7])
+
+    first = threading.Thread(target=lambda: evaluation._cached(key, slow))
+    first.start()
+    assert started.wait(timeout=30)
+    results = []
+    second = threading.Thread(target=lambda: results.append(
+        evaluation._cached(key, lambda: calls.append("second") or evaluation.Accuracies([0.0]))))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and not results  # waits on the first one's lock
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert calls == ["first"] and results[0].runs == [0.5, 0.7]

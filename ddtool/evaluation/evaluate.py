@@ -11,7 +11,9 @@ order; only rank 0 writes the baseline cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import time
@@ -202,19 +204,38 @@ def evaluate_images(
 
 
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
-    """Baselines are expensive and depend only on `key`: compute once, keep in the cache."""
+    """Baselines are expensive and depend only on `key`: compute once, keep in the cache.
+
+    Processes that need the same baseline at once (parallel evaluations of one table) take
+    turns on a lock file: the first computes, the others wait and read its result."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
     # are spread over them (and on several machines each may have a cache of its own).
     path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None
-    cached = distributed.broadcast_object(_read_cached(path, key) if path is not None else None)
-    if cached is not None or not compute_if_missing:
-        return cached
-    result = compute()
-    if path is not None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
+    with _exclusive(path.with_suffix(".lock") if path is not None and compute_if_missing else None):
+        cached = distributed.broadcast_object(_read_cached(path, key) if path is not None else None)
+        if cached is not None or not compute_if_missing:
+            return cached
+        result = compute()
+        if path is not None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
     return result
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path | None):
+    """Hold an exclusive advisory lock on `lock` (None: no lock) for the block's duration."""
+    if lock is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_cached(path: Path, key: dict) -> Accuracies | None:
