@@ -302,7 +302,8 @@ def render_main(cells: list[Cell], references_path: Path = REFERENCES) -> str:
         for c in row:
             sset = load(c)
             if sset is not None and (ref := references.get(reference_key(c, sset))):
-                whole = f"{pct(ref['mean'], ref['std'])} ({len(ref['runs'])} run, {ref['epochs']} ep)"
+                spread = f" ± {100 * ref['std']:.2f}" if len(ref["runs"]) > 1 else ""  # no std of one run
+                whole = f"{100 * ref['mean']:.2f}{spread} ({len(ref['runs'])} run, {ref['epochs']} ep)"
             record = own_record(c, sset)
             if record is None:
                 accs.append("not run")
