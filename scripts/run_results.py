@@ -201,9 +201,14 @@ def run_cell(cell: Cell, log, compile: bool = False) -> None:
         sset = load(cell)
 
 
+def _read_on(cell: Cell, sset) -> str:
+    """The network a cell's table reads it on: the first it lists, else the one it was distilled for."""
+    return cell.archs[0] if cell.archs else _distilled_for(sset)
+
+
 def reference_key(cell: Cell, sset) -> str:
     """Which whole-dataset reference a cell is read beside: its protocol on its own network."""
-    return f"{_protocol_name(cell, sset)} on {cell.archs[0] if cell.archs else _distilled_for(sset)}"
+    return f"{_protocol_name(cell, sset)} on {_read_on(cell, sset)}"
 
 
 def read_references(path: Path = REFERENCES) -> dict:
@@ -223,7 +228,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     if sset is None or (key := reference_key(cell, sset)) in read_references(path):
         return
     protocol = get_protocol(_protocol_name(cell, sset))
-    arch = cell.archs[0] if cell.archs else _distilled_for(sset)
+    arch = _read_on(cell, sset)
     data = prepare(sset.dataset, None, preprocessing=sset.preprocessing)
     teacher = teacher_key = None
     if protocol.kd is not None:  # the reference learns from the set's teacher on the whole split
