@@ -493,7 +493,7 @@ def main() -> None:
                              f"55000 images: about half an hour per pair for the width-32 ConvNet on one core)")
     parser.add_argument("--no-plots", dest="make_plots", action="store_false")
     parser.add_argument("--compile", action="store_true",
-                        help="evaluate with `ddtool evaluate --compile` (torch.compile: about 2x faster on a CPU)")
+                        help="evaluate with `ddtool evaluate --compile` (torch.compile: 1.4-2.2x faster on a CPU)")
     args = parser.parse_args()
 
     def selected(cells: list[Cell]) -> list[Cell]:
