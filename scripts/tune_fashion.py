@@ -7,6 +7,10 @@ best validation accuracy is what the preset should use.
 
     python scripts/tune_fashion.py --method mtt --ipc 10 --iterations 50 \\
         --grid lr_img=30,100,300 --grid max_start_epoch=2,4
+
+`--baseline-lr 0.01,0.02` first scores random real subsets of the same size (a new draw per
+network, hard labels) the same way, at each of those evaluation lrs: the bar a distilled set
+has to clear, and a check on whether its learned lr, rather than its images, is what helps.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddtool.data import prepare
+from ddtool.data import prepare, sample_per_class
 from ddtool.evaluation import get_protocol, train_fresh_network
 from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides
-from ddtool.seeding import derive_seed
+from ddtool.seeding import derive_seed, generator
 
 
 def main() -> None:
@@ -37,6 +41,11 @@ def main() -> None:
     parser.add_argument("--val-epochs", type=int, default=300)
     parser.add_argument("--val-runs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-lr", default=None, metavar="LR1,LR2",
+                        help="also score random real subsets at these evaluation lrs")
+    parser.add_argument("--baseline-only", action="store_true", help="score only the random subsets (no grid)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train the validation networks through torch.compile (faster; rounding-level differences)")
     args = parser.parse_args()
 
     method_cls = get_method_class(args.method)
@@ -46,6 +55,11 @@ def main() -> None:
     protocol = get_protocol(method_cls.default_protocol)
     print(f"{args.method} IPC {args.ipc}, {args.iterations} iterations per point, validation split of "
           f"{data.val_x.shape[0]} images, {args.val_runs} fresh networks x {args.val_epochs} epochs each\n")
+    if args.baseline_lr:
+        score_random_subsets(data, method_cls(base), args, [float(v) for v in args.baseline_lr.split(",")],
+                             protocol)
+    if args.baseline_only:
+        return
     header = [key for key, _ in axes]
     print("| " + " | ".join(header) + " | validation acc. | minutes |")
     print("|" + "---|" * (len(header) + 2))
@@ -63,7 +77,8 @@ def main() -> None:
         targets = sset.soft_targets() if sset.is_soft else sset.hard_labels()
         scores = [train_fresh_network(sset.images, targets, data, protocol=protocol, lr=sset.learned_lr or protocol.lr,
                                       arch=method.student_arch(), seed=derive_seed(args.seed, "tune", run),
-                                      epochs=args.val_epochs, held_out=(data.val_x, data.val_y))
+                                      epochs=args.val_epochs, held_out=(data.val_x, data.val_y),
+                                      compile=args.compile)
                   for run in range(args.val_runs)]
         minutes = (time.perf_counter() - started) / 60
         rows.append((values, float(np.mean(scores))))
@@ -71,6 +86,24 @@ def main() -> None:
               flush=True)
     best = max(rows, key=lambda r: r[1])
     print(f"\nbest on validation: {dict(zip(header, best[0]))} ({100 * best[1]:.2f}%)")
+
+
+def score_random_subsets(data, method, args, lrs: list[float], protocol) -> None:
+    """Print the validation accuracy of random real subsets of the run's size, one row per lr."""
+    print("| random real subset, lr | validation acc. | minutes |\n|---|---|---|")
+    for lr in lrs:
+        started = time.perf_counter()
+        scores = []
+        for run in range(args.val_runs):
+            idx = sample_per_class(data.train_y, data.spec.num_classes, args.ipc,
+                                   generator(args.seed, "tune-random-subset", run))
+            scores.append(train_fresh_network(data.train_x[idx], data.train_y[idx], data, protocol=protocol, lr=lr,
+                                              arch=method.student_arch(), seed=derive_seed(args.seed, "tune", run),
+                                              epochs=args.val_epochs, held_out=(data.val_x, data.val_y),
+                                              compile=args.compile))
+        minutes = (time.perf_counter() - started) / 60
+        print(f"| {lr:g} | {100 * np.mean(scores):.2f} ± {100 * np.std(scores):.2f} | {minutes:.1f} |", flush=True)
+    print()
 
 
 if __name__ == "__main__":

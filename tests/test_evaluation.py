@@ -57,8 +57,11 @@ def test_random_subset_baseline_draws_per_run_and_is_cached(data, trainings):
     protocol = small("classic")
     first = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, progress=False)
     assert trainings["networks"] == 2 and len(first.runs) == 2
-    again = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, progress=False)
+    again = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, progress=False,
+                                              compile=True)
     assert again.runs == first.runs and trainings["networks"] == 2
+    # the cached result says how it was computed (eagerly), not how the later caller would have
+    assert first.compiled is False and again.compiled is False and again.to_dict()["compiled"] is False
     # another IPC or seed is another baseline
     evaluation.random_subset_baseline(data, ipc=2, protocol=protocol, arch=ARCH, progress=False)
     assert trainings["networks"] == 4

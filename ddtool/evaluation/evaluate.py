@@ -42,6 +42,8 @@ from ddtool.training import accuracy, train_epoch
 class Accuracies:
     runs: list[float]
     seconds: float = 0.0
+    # Whether the networks ran through torch.compile; None for a cached result from before it was recorded.
+    compiled: bool | None = None
 
     @property
     def mean(self) -> float:
@@ -53,7 +55,8 @@ class Accuracies:
         return float(np.std(self.runs))
 
     def to_dict(self) -> dict:
-        return {"runs": list(self.runs), "mean": self.mean, "std": self.std, "seconds": self.seconds}
+        return {"runs": list(self.runs), "mean": self.mean, "std": self.std, "seconds": self.seconds,
+                "compiled": self.compiled}
 
     def __str__(self) -> str:
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
@@ -200,7 +203,7 @@ def evaluate_images(
                                             compile=compile)
             bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
     everyone = {run: acc for share in distributed.gather_objects(accs) for run, acc in share.items()}
-    return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start)
+    return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start, compiled=compile)
 
 
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
@@ -219,7 +222,8 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
         result = compute()
         if path is not None:
             with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds}, indent=1))
+                tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
+                                           "compiled": result.compiled}, indent=1))
     return result
 
 
@@ -242,7 +246,7 @@ def _read_cached(path: Path, key: dict) -> Accuracies | None:
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            return Accuracies(stored["runs"], stored.get("seconds", 0.0))
+            return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"))
     return None
 
 
