@@ -179,7 +179,9 @@ def load(cell: Cell):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def run_cell(cell: Cell, log, compile: bool = False) -> None:
+def run_cell(cell: Cell, log, compile: bool = False, archs: list[str] | None = None) -> None:
+    """Distil the cell's set if it is missing, then evaluate it on each of its networks (only
+    those in `archs`, when given) that it has no record for."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     timings = cell.path.with_suffix(".times.json")
     times = json.loads(timings.read_text()) if timings.exists() else {}
@@ -193,6 +195,8 @@ def run_cell(cell: Cell, log, compile: bool = False) -> None:
         _copy_matching_log(cell)
     sset = load(cell)
     for arch in cell.archs or (None,):
+        if archs is not None and arch is not None and arch not in archs:
+            continue
         if find_evaluation(cell, sset, arch) is not None:
             log(f"[{cell.key}] {arch or 'own network'}: evaluation already recorded")
             continue
@@ -487,6 +491,8 @@ def main() -> None:
     parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["main", "ablation", "cross-arch"])
     parser.add_argument("--ipc", type=int, nargs="+", default=None, help="only these IPCs")
     parser.add_argument("--only", nargs="+", default=None, help="only these cell keys or methods")
+    parser.add_argument("--arch", nargs="+", default=None, choices=CROSS_ARCHS,
+                        help="cross-arch: evaluate on these networks only (e.g. the ConvNet column on a CPU)")
     parser.add_argument("--reference", action="store_true",
                         help=f"also train the whole-dataset reference of each main-table cell's protocol and "
                              f"network, once per pair, into {REFERENCES.relative_to(ROOT)} (30 epochs on "
@@ -518,7 +524,7 @@ def main() -> None:
     elif args.action == "run":
         for name in args.table:
             for c in selected(TABLES[name]()):
-                run_cell(c, lambda m: print(m, flush=True), args.compile)
+                run_cell(c, lambda m: print(m, flush=True), args.compile, args.arch)
                 if args.reference and name == "main":
                     run_reference(c, lambda m: print(m, flush=True), compile=args.compile)
     if args.action == "plan":

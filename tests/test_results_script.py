@@ -134,6 +134,7 @@ def test_whole_dataset_reference_is_trained_once_per_recipe_and_shown(tmp_path, 
     assert trained == ["convnet:width=8"]
     assert references["mtt on convnet:width=8"]["runs"] == references["datm on convnet:width=8"]["runs"]
     assert references["mtt on convnet:width=8"]["epochs"] == 1
+    assert references["datm on convnet:width=8"]["compiled"] is False  # as computed (by mtt's call), cached
     mean = references["mtt on convnet:width=8"]["mean"]
     table = results.render_main(cells[:1], references_path=store)
     assert f"| {100 * mean:.2f} (1 run, 1 ep) |" in table
@@ -158,3 +159,19 @@ def test_merge_adds_only_the_copys_new_records_and_refuses_other_images(tmp_path
     save_synthetic_set(other, make_set(channels=1, size=6, ipc=3))
     with pytest.raises(SystemExit, match="images differ"):
         results.merge_evaluations(other, shipped)
+
+
+def test_run_evaluates_only_the_networks_asked_for(tmp_path, results, monkeypatch):
+    path = tmp_path / "set.h5"
+    sset = make_set(channels=1, size=6)
+    sset.method = "mtt"
+    save_synthetic_set(path, sset)
+    cell = results.Cell(key="mtt-xarch", label="mtt", method="mtt", ipc=2, path=path, protocol="mtt",
+                        archs=results.CROSS_ARCHS)
+    commands = []
+    monkeypatch.setattr(results.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    results.run_cell(cell, lambda message: None, archs=["alexnet", "vgg11"])
+    assert [command[command.index("--arch") + 1] for command in commands] == ["alexnet", "vgg11"]
+    commands.clear()
+    results.run_cell(cell, lambda message: None)
+    assert len(commands) == len(results.CROSS_ARCHS)
