@@ -18,7 +18,14 @@ from ddtool.matching import MatchResult
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, register_method
 from ddtool.methods.initialisation import correct_only_init
-from ddtool.methods.trajectory import FASHION_CPU, FASHION_GPU, TrajectoryConfig, TrajectoryMatching, with_ipc_variants
+from ddtool.methods.trajectory import (
+    FASHION_CPU,
+    FASHION_GPU,
+    FASHION_IPC_CHANGES_SHORT_EXPERTS,
+    TrajectoryConfig,
+    TrajectoryMatching,
+    with_ipc_variants,
+)
 from ddtool.seeding import generator
 
 
@@ -75,7 +82,7 @@ class DATM(TrajectoryMatching):
                                     window_grow_iterations=2000),
         "datm-cifar100-ipc10": _datm(TrajectoryConfig(**_DATM_CIFAR, max_start_epoch=20, lr_img=1000, lr_lr=1e-5,
                                                       batch_syn=1000), lr_label=10.0),
-    })
+    }, FASHION_IPC_CHANGES_SHORT_EXPERTS)
 
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:
         c = self.config
