@@ -151,7 +151,7 @@ class TrajectoryConfig:
 
 
 # Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
-# "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 64).
+# "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 32).
 # "gpu": the full setting (width 128, more experts and iterations).
 FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
                                max_start_epoch=4, batch_syn=100, iterations=100, lr_img=100.0, lr_lr=1e-5,
