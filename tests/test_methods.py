@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_prepared
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.methods import trajectory
+from ddtool.methods import datm, trajectory
 from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset
 from ddtool.methods.coresets import Herding, KCenter
 
@@ -192,9 +192,10 @@ def test_presets_are_valid_and_tesla_presets_use_soft_labels():
 @pytest.mark.parametrize("method", ["mtt", "tesla", "datm", "ftd"])
 def test_fashion_presets_resolve_to_their_ipc_variant(method):
     cls = get_method_class(method)
-    # ftd and datm keep the short-expert IPC-50 variant until theirs is checked on validation
-    table = trajectory.FASHION_IPC_CHANGES_SHORT_EXPERTS if method in ("datm", "ftd") else trajectory.FASHION_IPC_CHANGES
-    assert build_config(cls, None, {}, ipc=50).expert_train_epochs == (6 if method in ("datm", "ftd") else 20)
+    # ftd keeps the short-expert IPC-50 variant until its own is checked; datm scales its window
+    table = {"ftd": trajectory.FASHION_IPC_CHANGES_SHORT_EXPERTS, "datm": datm.DATM_IPC_CHANGES}.get(
+        method, trajectory.FASHION_IPC_CHANGES)
+    assert build_config(cls, None, {}, ipc=50).expert_train_epochs == (6 if method == "ftd" else 20)
     for ipc, sizes in table.items():
         for size, changes in sizes.items():
             named = resolve_preset(cls, f"fashion-{size}", ipc)

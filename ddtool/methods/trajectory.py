@@ -175,8 +175,8 @@ FASHION_IPC_CHANGES: dict[int, dict[str, dict]] = {
     50: {"cpu": dict(expert_train_epochs=20, max_start_epoch=16), "gpu": dict(lr_img=100.0)},
 }
 
-# The IPC-50 variant before the longer experts, which FTD and DATM keep until theirs is checked
-# (FTD's GSAM experts of 20 epochs are about 2.5 CPU-hours; DATM needs its own window).
+# The IPC-50 variant before the longer experts, which FTD keeps until its own is checked (its
+# GSAM experts of 20 epochs are about 2.5 CPU-hours here).
 FASHION_IPC_CHANGES_SHORT_EXPERTS = {**FASHION_IPC_CHANGES, 50: {"cpu": dict(lr_img=100.0), "gpu": dict(lr_img=100.0)}}
 
 
