@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="train the validation networks through torch.compile (faster; rounding-level differences)")
     args = parser.parse_args()
+    if args.baseline_only and not args.baseline_lr:
+        parser.error("--baseline-only needs --baseline-lr (the evaluation lrs to score random subsets at)")
 
     method_cls = get_method_class(args.method)
     axes = [(key, values.split(",")) for key, values in (g.split("=", 1) for g in args.grid)]
@@ -75,17 +77,21 @@ def main() -> None:
                                  work_dir=Path(work), progress=False, log=lambda m: None)
             sset = method.distill(ctx)
         targets = sset.soft_targets() if sset.is_soft else sset.hard_labels()
-        scores = [train_fresh_network(sset.images, targets, data, protocol=protocol, lr=sset.learned_lr or protocol.lr,
-                                      arch=method.student_arch(), seed=derive_seed(args.seed, "tune", run),
-                                      epochs=args.val_epochs, held_out=(data.val_x, data.val_y),
-                                      compile=args.compile)
-                  for run in range(args.val_runs)]
+        scores = [validation_score(sset.images, targets, data, args, protocol, sset.learned_lr or protocol.lr,
+                                   method.student_arch(), run) for run in range(args.val_runs)]
         minutes = (time.perf_counter() - started) / 60
         rows.append((values, float(np.mean(scores))))
         print(f"| {' | '.join(values)} | {100 * np.mean(scores):.2f} ± {100 * np.std(scores):.2f} | {minutes:.1f} |",
               flush=True)
     best = max(rows, key=lambda r: r[1])
     print(f"\nbest on validation: {dict(zip(header, best[0]))} ({100 * best[1]:.2f}%)")
+
+
+def validation_score(images, targets, data, args, protocol, lr: float, arch: str, run: int) -> float:
+    """One fresh network trained on (images, targets), scored on the validation split."""
+    return train_fresh_network(images, targets, data, protocol=protocol, lr=lr, arch=arch,
+                               seed=derive_seed(args.seed, "tune", run), epochs=args.val_epochs,
+                               held_out=(data.val_x, data.val_y), compile=args.compile)
 
 
 def score_random_subsets(data, method, args, lrs: list[float], protocol) -> None:
@@ -97,10 +103,8 @@ def score_random_subsets(data, method, args, lrs: list[float], protocol) -> None
         for run in range(args.val_runs):
             idx = sample_per_class(data.train_y, data.spec.num_classes, args.ipc,
                                    generator(args.seed, "tune-random-subset", run))
-            scores.append(train_fresh_network(data.train_x[idx], data.train_y[idx], data, protocol=protocol, lr=lr,
-                                              arch=method.student_arch(), seed=derive_seed(args.seed, "tune", run),
-                                              epochs=args.val_epochs, held_out=(data.val_x, data.val_y),
-                                              compile=args.compile))
+            scores.append(validation_score(data.train_x[idx], data.train_y[idx], data, args, protocol, lr,
+                                           method.student_arch(), run))
         minutes = (time.perf_counter() - started) / 60
         print(f"| {lr:g} | {100 * np.mean(scores):.2f} ± {100 * np.std(scores):.2f} | {minutes:.1f} |", flush=True)
     print()

@@ -178,7 +178,7 @@ FASHION_IPC_CHANGES: dict[int, dict[str, dict]] = {
 
 # The IPC-50 variant before the longer experts, which FTD keeps until its own is checked (its
 # GSAM experts of 20 epochs are about 2.5 CPU-hours here).
-FASHION_IPC_CHANGES_SHORT_EXPERTS = {**FASHION_IPC_CHANGES, 50: {"cpu": dict(lr_img=100.0), "gpu": dict(lr_img=100.0)}}
+FASHION_IPC_CHANGES_SHORT_EXPERTS = {**FASHION_IPC_CHANGES, 50: {**FASHION_IPC_CHANGES[50], "cpu": dict(lr_img=100.0)}}
 
 
 def with_ipc_variants(presets: dict[str, TrajectoryConfig],
