@@ -69,6 +69,14 @@ def test_unknown_method_and_setting_are_config_errors():
         tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
 
 
+def test_last_start_epoch_may_end_on_the_experts_last_epoch():
+    # Start epochs are [0, max): max 3 with 2 matched epochs reaches epoch 4 at most, which
+    # 4-epoch experts hold (the config check agrees with the store's).
+    tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=4)
+    with pytest.raises(ConfigError, match="at least 5 epochs"):
+        tiny_mtt(max_start_epoch=4, expert_epochs=2, expert_train_epochs=4)
+
+
 def test_mtt_distills_and_saves_learned_lr(tmp_path, data):
     sset = trajectory.MTT(tiny_mtt()).distill(context(tmp_path, data))
     assert sset.images.shape == (10, 1, 8, 8) and sset.label_kind == "hard"

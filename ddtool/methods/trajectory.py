@@ -132,7 +132,8 @@ class TrajectoryConfig:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the moving average off), got {self.ema_decay}.")
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
-        if self.max_start_epoch + self.expert_epochs > self.expert_train_epochs:
+        # Start epochs are drawn from [min, max): the last, max - 1, needs max - 1 + M stored epochs.
+        if self.max_start_epoch - 1 + self.expert_epochs > self.expert_train_epochs:
             raise ConfigError(
                 f"Start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} need experts "
                 f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
