@@ -10,7 +10,9 @@ it on fresh networks, and write the tables (into README.md), the plots and synth
 
 Every cell is one HDF5 set with its evaluations inside: `run` skips a set that exists and an
 evaluation the set already records (same protocol, epochs, runs, architecture), and resumes an
-interrupted distillation from its checkpoint, so rerunning continues where it stopped. `tables`
+interrupted distillation from its checkpoint, so rerunning continues where it stopped. A set
+made before its preset changed is not taken as done: `plan` marks it STALE and `run` skips it
+with the settings that moved, for the user to move it away and re-make it. `tables`
 reads only the files, so each number in the README comes from a set anyone can re-evaluate
 (`ddtool evaluate SET.h5 --protocol P --runs 5`). Several `run` processes may work on disjoint
 rows at once (--only); on a shared CPU give each OMP_NUM_THREADS=1.
@@ -42,6 +44,8 @@ PLOTS = ROOT / "docs" / "results"
 REFERENCES = SETS / "whole_dataset.json"  # the whole-dataset references, per protocol and network
 DATASET = "fashion-mnist"
 RUNS = 5
+# Settings that change how a run is watched or resumed, not the set it makes.
+RUN_ONLY_SETTINGS = {"checkpoint_every", "eval_every", "eval_epochs", "seconds", "device"}
 KD_EPOCHS = 100  # the curriculum CPU presets store views for 100 epochs (see README "Curriculum")
 CROSS_ARCHS = ("convnet:width=32", "alexnet", "vgg11", "resnet18")
 EMA = ("ema_decay=0.98", "ema_bias_correction=true")  # FTD's fashion-cpu average
@@ -172,6 +176,35 @@ def _same_arch(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and same_network(a, b)
 
 
+def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
+    """{setting: (the set's value, the preset's now)} where the shipped preset (with the cell's
+    settings) has changed since the set was made: such a set no longer shows the preset, and
+    `run` would otherwise skip it as done. Settings an older set does not record are ignored."""
+    import dataclasses
+
+    from ddtool.methods.base import build_config, get_method_class, parse_overrides
+
+    method_cls = get_method_class(cell.method)
+    config = build_config(method_cls, None, parse_overrides(method_cls.config_class, cell.settings), ipc=cell.ipc)
+    if not dataclasses.is_dataclass(config):
+        return {}
+    stored = sset.config or {}
+    return {name: (stored[name], value) for name, value in dataclasses.asdict(config).items()
+            if name in stored and name not in RUN_ONLY_SETTINGS and _differs(stored[name], value)}
+
+
+def _differs(stored, now) -> bool:
+    if isinstance(now, float) or isinstance(stored, float):
+        return not (isinstance(stored, (int, float)) and abs(float(stored) - float(now)) <= 1e-12 * abs(float(now)))
+    if isinstance(now, (tuple, list)):
+        return list(stored) != list(now)
+    return stored != now
+
+
+def describe_drift(drift: dict[str, tuple]) -> str:
+    return ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in drift.items())
+
+
 def load(cell: Cell):
     from ddtool.storage import load_synthetic_set
 
@@ -194,6 +227,11 @@ def run_cell(cell: Cell, log, compile: bool = False, archs: list[str] | None = N
         timings.write_text(json.dumps(times, indent=1))
         _copy_matching_log(cell)
     sset = load(cell)
+    drift = preset_drift(cell, sset)
+    if drift:
+        log(f"[{cell.key}] SKIPPED: {cell.path.relative_to(ROOT)} was made before its preset changed "
+            f"({describe_drift(drift)}); move it (and its .log.jsonl, .times.json) away to re-make it")
+        return
     for arch in cell.archs or (None,):
         if archs is not None and arch is not None and arch not in archs:
             continue
@@ -520,6 +558,9 @@ def main() -> None:
                 sset = load(c)
                 done = [a or "own" for a in c.archs or (None,) if sset and find_evaluation(c, sset, a)]
                 state = "missing" if sset is None else f"distilled; evaluated on {done or 'nothing yet'}"
+                drift = preset_drift(c, sset) if sset is not None else {}
+                if drift:
+                    state += f"; STALE, the preset changed since: {describe_drift(drift)}"
                 print(f"  {c.key:<14} {c.path.relative_to(ROOT)}: {state}")
     elif args.action == "run":
         for name in args.table:

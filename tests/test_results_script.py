@@ -175,3 +175,28 @@ def test_run_evaluates_only_the_networks_asked_for(tmp_path, results, monkeypatc
     commands.clear()
     results.run_cell(cell, lambda message: None)
     assert len(commands) == len(results.CROSS_ARCHS)
+
+
+def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(tmp_path, results, monkeypatch):
+    import dataclasses
+
+    from ddtool.methods.base import build_config, get_method_class
+
+    preset = dataclasses.asdict(build_config(get_method_class("mtt"), None, {}, ipc=50))
+    path = tmp_path / "set.h5"
+    sset = make_set(channels=1, size=6)
+    sset.method = "mtt"
+    sset.config = {**preset, "student_arch": "convnet:width=32", "seconds": 1.0, "checkpoint_every": 7}
+    save_synthetic_set(path, sset)
+    cell = results.Cell(key="mtt-ipc50", label="mtt", method="mtt", ipc=50, path=path)
+    assert results.preset_drift(cell, results.load(cell)) == {}  # run-only settings do not count
+
+    sset.config = {**sset.config, "max_start_epoch": preset["max_start_epoch"] - 3}
+    save_synthetic_set(path, sset)
+    drift = results.preset_drift(cell, results.load(cell))
+    assert drift == {"max_start_epoch": (preset["max_start_epoch"] - 3, preset["max_start_epoch"])}
+    commands, messages = [], []
+    monkeypatch.setattr(results.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    results.run_cell(cell, messages.append)
+    assert commands == [] and "SKIPPED" in messages[-1] and "max_start_epoch" in messages[-1]
