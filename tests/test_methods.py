@@ -200,13 +200,13 @@ def test_presets_are_valid_and_tesla_presets_use_soft_labels():
 @pytest.mark.parametrize("method", ["mtt", "tesla", "datm", "ftd"])
 def test_fashion_presets_resolve_to_their_ipc_variant(method):
     cls = get_method_class(method)
-    # ftd keeps the short-expert IPC-50 variant until its own is checked; datm scales its window;
-    # mtt starts over the whole 20-epoch trajectory, tesla (the family default) below 16
-    table = {"ftd": trajectory.FASHION_IPC_CHANGES_SHORT_EXPERTS, "datm": datm.DATM_IPC_CHANGES,
-             "mtt": trajectory.MTT_IPC_CHANGES}.get(method, trajectory.FASHION_IPC_CHANGES)
+    # at IPC 50 mtt and ftd start over the whole 20-epoch trajectory, tesla (the family default)
+    # below 16, datm's window grows from [0, 8) to the whole trajectory
+    table = {"mtt": trajectory.MTT_IPC_CHANGES, "ftd": trajectory.MTT_IPC_CHANGES,
+             "datm": datm.DATM_IPC_CHANGES}.get(method, trajectory.FASHION_IPC_CHANGES)
     ipc50 = build_config(cls, None, {}, ipc=50)
-    assert ipc50.expert_train_epochs == (6 if method == "ftd" else 20)
-    assert ipc50.max_start_epoch == {"mtt": 19, "tesla": 16, "datm": 8, "ftd": 4}[method]
+    assert ipc50.expert_train_epochs == 20
+    assert ipc50.max_start_epoch == {"mtt": 19, "tesla": 16, "datm": 8, "ftd": 19}[method]
     for ipc, sizes in table.items():
         for size, changes in sizes.items():
             named = resolve_preset(cls, f"fashion-{size}", ipc)

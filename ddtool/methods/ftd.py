@@ -17,7 +17,7 @@ from ddtool.methods.base import register_method
 from ddtool.methods.trajectory import (
     FASHION_CPU,
     FASHION_GPU,
-    FASHION_IPC_CHANGES_SHORT_EXPERTS,
+    MTT_IPC_CHANGES,
     PUBLISHED_MTT,
     TrajectoryConfig,
     TrajectoryMatching,
@@ -54,4 +54,4 @@ class FTD(TrajectoryMatching):
         "fashion-cpu": _ftd(FASHION_CPU, ema_decay=0.98, ema_bias_correction=True),
         "fashion-gpu": _ftd(FASHION_GPU, ema_decay=0.9995),
         **{f"ftd-{name}": _ftd(cfg) for name, cfg in PUBLISHED_MTT.items()},
-    }, FASHION_IPC_CHANGES_SHORT_EXPERTS)
+    }, MTT_IPC_CHANGES)
