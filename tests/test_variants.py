@@ -51,6 +51,15 @@ def test_datm_window_grows_linearly_then_stays():
     assert fixed.start_epoch_range(0) == fixed.start_epoch_range(10**6) == (0, 3)
 
 
+def test_datm_plan_names_the_window_it_will_reach():
+    growing = DATM(DATMConfig(**base(max_start_epoch=2, max_start_epoch_final=6, window_grow_iterations=4)))
+    assert growing.describe_start_epochs() == "start epochs [0, 2) growing to [0, 6) over 4 iterations"
+    # a window set to grow over more iterations than the run has only gets part of the way
+    partial = DATM(DATMConfig(**base(max_start_epoch=2, max_start_epoch_final=6, window_grow_iterations=8)))
+    assert partial.describe_start_epochs() == "start epochs [0, 2) growing to [0, 4) over 4 iterations"
+    assert DATM(DATMConfig(**base(max_start_epoch=3))).describe_start_epochs() == "start epochs [0, 3)"
+
+
 def test_correct_only_init_and_averaged_logits_by_hand():
     data = tiny_prepared(size=2, per_class=6)
     d, k = 4, 10

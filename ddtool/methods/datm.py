@@ -100,6 +100,15 @@ class DATM(TrajectoryMatching):
         progress = min(1.0, iteration / c.window_grow_iterations)
         return c.min_start_epoch, c.max_start_epoch + int(progress * (final - c.max_start_epoch))
 
+    def describe_start_epochs(self) -> str:
+        c = self.config
+        low, high = self.start_epoch_range(0)
+        final = self.start_epoch_range(c.iterations)[1]
+        if final == high:
+            return f"start epochs [{low}, {high})"
+        return (f"start epochs [{low}, {high}) growing to [{low}, {final}) over "
+                f"{min(c.window_grow_iterations, c.iterations)} iterations")
+
     def initialise(self, ctx: DistillContext, experts: ExpertStore, forward: Forward):
         if not self.config.correct_only_init:
             return super().initialise(ctx, experts, forward)

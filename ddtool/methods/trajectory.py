@@ -324,14 +324,20 @@ class TrajectoryMatching(Method):
         return ema.clone()
 
     # ---- the loop --------------------------------------------------------------------------
+    def describe_start_epochs(self) -> str:
+        low, high = self.start_epoch_range(0)
+        return f"start epochs [{low}, {high})"
+
     def plan(self, ctx: DistillContext) -> list[str]:
         c = self.config
         lines = [
             f"{self.name}: {ctx.ipc} images/class of {ctx.data.spec.name} ({ctx.ipc * ctx.data.spec.num_classes} images), "
             f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
-            f"M={c.expert_epochs} expert epochs, start epochs [{c.min_start_epoch}, {c.max_start_epoch}), "
+            f"M={c.expert_epochs} expert epochs, {self.describe_start_epochs()}, "
             f"backend {c.backend}, labels {c.labels}, init {c.init}"
-            + (f", {c.segments_per_iteration} segments per iteration" if c.segments_per_iteration > 1 else ""),
+            + (f", {c.segments_per_iteration} segments per iteration" if c.segments_per_iteration > 1 else "")
+            + (f", saves the images' moving average (decay {c.ema_decay}"
+               f"{', bias-corrected' if c.ema_bias_correction else ''})" if c.ema_decay else ""),
         ]
         lines += describe_expert_plan(expert_config_for(c, ctx), ctx)
         return lines
