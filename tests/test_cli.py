@@ -79,6 +79,15 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
         assert f["learned_lr"][()] > 0
 
 
+def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path, fashion_root):
+    out, cache = tmp_path / "m.h5", tmp_path / "cache"
+    result = ok(ddtool("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out,
+                       "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
+    assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
+    assert "to train first" in result.stdout and "Dry run" in result.stdout
+    assert not out.exists() and not (cache / "runs").exists() and not (cache / "experts").exists()
+
+
 def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, fashion_root):
     out = tmp_path / "c.h5"
     settings = ["teacher_width=8", "teacher_epochs=1", "teacher_batch_size=32", "iterations=3", "relabel_epochs=2"]

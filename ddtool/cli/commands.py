@@ -28,7 +28,7 @@ from ddtool.methods.base import (
     parse_overrides,
     resolve_preset,
 )
-from ddtool.paths import cache_dir
+from ddtool.paths import cache_root
 from ddtool.storage import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,
@@ -93,11 +93,13 @@ def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
 @click.option("--compile-eval", is_flag=True, help="Evaluate with torch.compile'd networks (as `ddtool evaluate "
               "--compile`: 1.4-2.2x faster on a CPU after a one-off compile).")
 @click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (with the experts' training estimate) and exit; "
+              "nothing is trained or written.")
 @_seed
 @_device
 @_quiet
 def distill(method, ipc, dataset, data_root, preset, settings, iterations, backend, output, resume, no_eval,
-            protocol, eval_runs, eval_epochs, compile_eval, list_presets, seed, device, quiet) -> None:
+            protocol, eval_runs, eval_epochs, compile_eval, list_presets, dry_run, seed, device, quiet) -> None:
     """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
 
     Finds or trains the expert trajectories it needs (cached by configuration), prints its
@@ -128,7 +130,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     spec = get_spec(dataset)
     data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
     out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
-    work_dir = cache_dir("runs", run_fingerprint(method, config, data.spec.name, ipc, seed))
+    work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
     if distributed.is_main():  # the plan measures expert-training speed: once is enough
@@ -144,6 +146,10 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         click.echo(f"  - checkpoints and log in {work_dir}")
         if distributed.world_size() > 1:
             click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
+    if dry_run:
+        click.echo("Dry run: nothing trained or written.")
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sset = runner.distill(ctx)
     # a resumed run counts the outer iterations its interrupted processes ran as well
