@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,16 +180,14 @@ def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
     """{setting: (the set's value, the preset's now)} where the shipped preset (with the cell's
     settings) has changed since the set was made: such a set no longer shows the preset, and
     `run` would otherwise skip it as done. Settings an older set does not record are ignored."""
-    import dataclasses
-
     from ddtool.methods.base import build_config, get_method_class, parse_overrides
 
     method_cls = get_method_class(cell.method)
     config = build_config(method_cls, None, parse_overrides(method_cls.config_class, cell.settings), ipc=cell.ipc)
-    if not dataclasses.is_dataclass(config):
+    if not is_dataclass(config):
         return {}
     stored = sset.config or {}
-    return {name: (stored[name], value) for name, value in dataclasses.asdict(config).items()
+    return {name: (stored[name], value) for name, value in asdict(config).items()
             if name in stored and name not in RUN_ONLY_SETTINGS and _differs(stored[name], value)}
 
 
