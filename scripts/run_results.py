@@ -181,22 +181,17 @@ def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
     settings) has changed since the set was made: such a set no longer shows the preset, and
     `run` would otherwise skip it as done. Settings an older set does not record are ignored."""
     from ddtool.methods.base import build_config, get_method_class, parse_overrides
+    from ddtool.storage.synthetic_set import to_plain
 
     method_cls = get_method_class(cell.method)
     config = build_config(method_cls, None, parse_overrides(method_cls.config_class, cell.settings), ipc=cell.ipc)
     if not is_dataclass(config):
         return {}
     stored = sset.config or {}
-    return {name: (stored[name], value) for name, value in asdict(config).items()
-            if name in stored and name not in RUN_ONLY_SETTINGS and _differs(stored[name], value)}
-
-
-def _differs(stored, now) -> bool:
-    if isinstance(now, float) or isinstance(stored, float):
-        return not (isinstance(stored, (int, float)) and abs(float(stored) - float(now)) <= 1e-12 * abs(float(now)))
-    if isinstance(now, (tuple, list)):
-        return list(stored) != list(now)
-    return stored != now
+    # the values as the file stores them (JSON: tuples as lists, floats exact), so equal means equal
+    now = to_plain(asdict(config), "preset")
+    return {name: (stored[name], value) for name, value in now.items()
+            if name in stored and name not in RUN_ONLY_SETTINGS and stored[name] != value}
 
 
 def describe_drift(drift: dict[str, tuple]) -> str:

@@ -105,7 +105,7 @@ class DATM(TrajectoryMatching):
         low, high = self.start_epoch_range(0)
         final = self.start_epoch_range(c.iterations)[1]
         if final == high:
-            return f"start epochs [{low}, {high})"
+            return super().describe_start_epochs()
         return (f"start epochs [{low}, {high}) growing to [{low}, {final}) over "
                 f"{min(c.window_grow_iterations, c.iterations)} iterations")
 
