@@ -76,8 +76,6 @@ class Cell:
 
     def evaluate_command(self, arch: str | None, compile: bool = False) -> list[str]:
         command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet", "--no-reference"]
-        if self.method == "random":  # a random subset is its own baseline: another draw would repeat it
-            command.append("--no-baselines")
         if compile:
             command.append("--compile")
         if self.protocol:

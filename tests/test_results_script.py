@@ -177,14 +177,6 @@ def test_run_evaluates_only_the_networks_asked_for(tmp_path, results, monkeypatc
     assert len(commands) == len(results.CROSS_ARCHS)
 
 
-def test_only_a_distilled_set_is_evaluated_beside_a_random_subset(results):
-    def command(method):
-        return results.Cell(key=method, label=method, method=method, ipc=50, path=Path("x.h5")).evaluate_command(None)
-
-    assert "--no-baselines" in command("random")  # another random subset would only repeat it
-    assert "--no-baselines" not in command("herding") and "--no-baselines" not in command("mtt")
-
-
 def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(tmp_path, results, monkeypatch):
     import dataclasses
 
