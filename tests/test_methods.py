@@ -207,6 +207,11 @@ def test_fashion_presets_resolve_to_their_ipc_variant(method):
     ipc50 = build_config(cls, None, {}, ipc=50)
     assert ipc50.expert_train_epochs == 20
     assert ipc50.max_start_epoch == {"mtt": 19, "tesla": 16, "datm": 8, "ftd": 19}[method]
+    # at IPC 10 mtt and ftd match 20-epoch experts below 16 and datm's window starts at [0, 4);
+    # tesla keeps the base preset's 6-epoch experts (its labels come from the target-epoch expert)
+    ipc10 = build_config(cls, None, {}, ipc=10)
+    assert (ipc10.expert_train_epochs, ipc10.max_start_epoch) == {"mtt": (20, 16), "tesla": (6, 4), "datm": (20, 4),
+                                                                  "ftd": (20, 16)}[method]
     for ipc, sizes in table.items():
         for size, changes in sizes.items():
             named = resolve_preset(cls, f"fashion-{size}", ipc)
@@ -216,7 +221,7 @@ def test_fashion_presets_resolve_to_their_ipc_variant(method):
             differ = {f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(variant, f.name)}
             assert differ <= set(changes) and all(getattr(variant, k) == v for k, v in changes.items())
         assert resolve_preset(cls, None, ipc) == f"fashion-cpu-ipc{ipc}"  # the default preset too
-    assert resolve_preset(cls, None, 10) == "fashion-cpu"  # no variant: the preset itself
+    assert resolve_preset(cls, None, 20) == "fashion-cpu"  # no variant: the preset itself
     assert resolve_preset(cls, "fashion-cpu-ipc1", 50) == "fashion-cpu-ipc1"  # a full name is used as given
     assert build_config(cls, None, {"iterations": 7}, ipc=1).iterations == 7  # overrides apply on top
     if method in ("datm", "ftd"):  # the method's own settings survive in its variants

@@ -66,12 +66,17 @@ def test_plans_cover_every_method_and_ipc(results):
     assert {c.ipc for c in main} == {1, 10, 50} and len({c.path for c in main}) == len(main)
     ablation = results.ablation_table()
     assert all(c.protocol == "mtt" and c.ipc == 10 for c in ablation)
-    # every ablation row is a valid configuration of its method
+    # every ablation row is a valid configuration of its method, on the same budget whatever
+    # the IPC-10 presets of the main table move to: 3 experts x 6 epochs, N = 10, 100 iterations
     from ddtool.methods.base import build_config, get_method_class, parse_overrides
 
+    budgets = set()
     for c in ablation:
         cls = get_method_class(c.method)
-        build_config(cls, None, parse_overrides(cls.config_class, list(c.settings)))
+        config = build_config(cls, None, parse_overrides(cls.config_class, list(c.settings)), ipc=c.ipc)
+        budgets.add((config.experts, config.expert_train_epochs, config.syn_steps, config.iterations))
+    assert budgets == {(3, 6, 10, 100)}
+    assert not {c.path for c in ablation} & {c.path for c in main}  # its own sets, not the main table's
 
 
 def _evaluated_set(path, results, method: str, ipc: int, mean: float):
