@@ -152,7 +152,8 @@ class TrajectoryConfig:
 
 
 # Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
-# "cpu": fits a 2-core CPU in about half an hour end to end at IPC 10 (small experts, width 32).
+# "cpu": the base fits a 2-core CPU in about half an hour end to end (3 small experts x 6
+# epochs, width 32); its IPC-10 and IPC-50 variants train 20-epoch experts (about 76 min, once).
 # "gpu": the full setting (width 128, more experts and iterations).
 FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
                                max_start_epoch=4, batch_syn=100, iterations=100, lr_img=100.0, lr_lr=1e-5,
@@ -161,8 +162,8 @@ FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, sy
                                max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
                                checkpoint_every=200, eval_every=500)
 
-# Per-IPC changes to the Fashion-MNIST presets (IPC 10 is the base): `--ipc 1` with the preset
-# fashion-cpu, named or by default, runs "fashion-cpu-ipc1" (methods.base.resolve_preset).
+# Per-IPC changes to the Fashion-MNIST presets: `--ipc 1` with the preset fashion-cpu, named or
+# by default, runs "fashion-cpu-ipc1" (methods.base.resolve_preset); other IPCs, the base.
 # CPU: chosen for MTT on the validation split (scripts/tune_fashion.py, README "Choosing the
 # presets") and inherited by the family; GPU: the CPU's choice carried over, not validated.
 FASHION_IPC_CHANGES: dict[int, dict[str, dict]] = {
