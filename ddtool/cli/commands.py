@@ -176,7 +176,7 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
     say(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
-        f"{protocol.name!r} protocol: {protocol.runs} fresh networks x {protocol.epochs} epochs.")
+        f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
     rows = []
     for arch in archs:
         report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
