@@ -123,6 +123,8 @@ def ablation_table() -> list[Cell]:
         ("soft", "+ correct-only init, learned soft labels (= DATM + EMA)", "datm", EMA),
         ("ast", "+ AST: balanced loss, intermediate matching, weight perturbation", "datm", EMA + AST),
         ("ast-flat", "the row above on flat experts (GSAM)", "datm", EMA + AST + ("expert_optimizer=gsam",)),
+        ("ast-kmeans", "the AST row + representative init (k-means on expert logits)", "datm",
+         EMA + AST + ("init=kmeans",)),
     ]
     return [Cell(key=key, label=label, method=method, ipc=10, path=folder / f"{DATASET}_{key}_ipc10_seed0.h5",
                  settings=ABLATION_BUDGET[method] + settings, protocol="mtt")

@@ -97,6 +97,48 @@ def test_correct_only_init_averages_over_the_correct_experts_only():
     assert torch.equal(logits.max(dim=1).values, torch.full((10,), 2.0))  # (1 + 3) / 2
 
 
+def test_correct_only_init_with_kmeans_picks_the_representative_among_the_correct_images(tmp_path, monkeypatch):
+    data = tiny_prepared(size=2, per_class=5)
+    x = data.train_x.flatten(1)
+    # The j-th training image of each class (4 or 5 per class here): expert 0 predicts its class
+    # with confidence 1, -, 4, 7, 4.2; the second (j = 1) it gets wrong. IPC 1 takes the correct
+    # image nearest the mean of the correct ones' logits (4 or 4.05 at the true class): the one
+    # of confidence 4.
+    confidence = {0: 1.0, 1: 3.0, 2: 4.0, 3: 7.0, 4: 4.2}
+    table = {}
+    for c in range(10):
+        for j, i in enumerate((data.train_y == c).nonzero().squeeze(1).tolist()):
+            table[tuple(x[i].tolist())] = ((c + 1) % 10 if j == 1 else c, confidence[j])
+
+    def forward(params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        rows = [table[tuple(v.tolist())] for v in images.flatten(1)]
+        return torch.stack([torch.nn.functional.one_hot(torch.tensor(label), 10).float() * conf
+                            for label, conf in rows])
+
+    store = StubStore([torch.zeros(2, 1)])
+    idx, logits = correct_only_init(data, store, forward, 1, pool_per_class=10,
+                                    generator=torch.Generator().manual_seed(0), representative=True)
+    assert (data.train_y[idx] == torch.arange(10)).all()
+    assert torch.equal(logits, torch.eye(10) * 4.0)
+    # DATM passes init=kmeans through to it; init=noise cannot start from scored real images
+    import ddtool.methods.datm as datm_module
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return idx, logits
+
+    monkeypatch.setattr(datm_module, "correct_only_init", spy)
+    ctx = _context(tmp_path, data)
+    for init in ("kmeans", "real"):
+        DATM(DATMConfig(**base(init=init))).initialise(ctx, store, forward)
+        assert seen["representative"] is (init == "kmeans")
+    with pytest.raises(ConfigError, match="correct_only_init=false"):
+        DATMConfig(**base(init="noise"))
+    DATMConfig(**base(init="noise", correct_only_init=False))
+
+
 def test_gate_skips_exactly_the_updates_above_the_threshold(tmp_path):
     datm = DATM(DATMConfig(**base(gate_threshold=1.0)))
     result = lambda loss: MatchResult(loss=loss, grad_images=torch.zeros(1), grad_lr=torch.zeros(()),  # noqa: E731

@@ -51,6 +51,9 @@ class DATMConfig(TrajectoryConfig):
             raise ConfigError("gate_threshold and window_grow_iterations must be >= 0.")
         if self.correct_only_init and self.labels != "learned":
             raise ConfigError("DATM's correct-only initialisation comes with learned labels (labels='learned').")
+        if self.correct_only_init and self.init == "noise":
+            raise ConfigError("DATM's correct-only initialisation starts from real images the experts classify "
+                              "correctly; init='noise' needs correct_only_init=false.")
 
 
 def _datm(base: TrajectoryConfig, **changes) -> DATMConfig:
@@ -117,7 +120,8 @@ class DATM(TrajectoryMatching):
             return super().initialise(ctx, experts, forward)
         idx, logits = correct_only_init(ctx.data, experts, forward, ctx.ipc,
                                         pool_per_class=self.config.init_pool_per_class,
-                                        generator=generator(ctx.seed, "init"))
+                                        generator=generator(ctx.seed, "init"),
+                                        representative=self.config.init == "kmeans")
         return ctx.data.train_x[idx].detach().clone(), ctx.data.train_y[idx], logits
 
     def skip_reason(self, result: MatchResult) -> str | None:

@@ -3,7 +3,8 @@
 - representative (AST): k-means on an expert's logits of each class's images, then the image
   nearest each centre; works for any IPC (IPC 1: the image nearest the class mean).
 - correct-only (DATM): only images an expert classifies correctly, with soft labels that are
-  the logits averaged over the experts that classify the image correctly.
+  the logits averaged over the experts that classify the image correctly; with `init=kmeans`
+  the representative images among those.
 
 Both score a seeded pool of each class's images (not the whole class) to keep the cost of a
 CPU run small; pool_per_class bounds it.
@@ -55,6 +56,18 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations:
     return centres
 
 
+def nearest_to_centres(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the `k` points nearest the centres of k-means on `points`, never the same point
+    twice (two centres can share a nearest point)."""
+    distances = torch.cdist(kmeans(points, k, generator), points)
+    picked: list[int] = []
+    for row in distances:
+        row = row.clone()
+        row[picked] = float("inf")
+        picked.append(int(row.argmin()))
+    return torch.tensor(picked, device=points.device)
+
+
 def representative_indices(data: PreparedData, experts: ExpertStore, forward: Forward, ipc: int, *,
                            pool_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """AST's representative initialisation: per class, the images nearest the k-means centres
@@ -65,22 +78,17 @@ def representative_indices(data: PreparedData, experts: ExpertStore, forward: Fo
             raise DDToolError(f"Class {data.spec.classes[c]!r} has {pool.numel()} training images; IPC {ipc} "
                               "is too many.")
         logits = expert_logits(experts, experts.expert_indices[0], forward, data.train_x[pool])
-        centres = kmeans(logits, ipc, generator)
-        distances = torch.cdist(centres, logits)
-        picked: list[int] = []
-        for row in distances:  # nearest image to each centre, never the same image twice
-            row = row.clone()
-            row[picked] = float("inf")
-            picked.append(int(row.argmin()))
-        chosen.append(pool[torch.tensor(picked, device=pool.device)])
+        chosen.append(pool[nearest_to_centres(logits, ipc, generator).to(pool.device)])
     return torch.cat(chosen)
 
 
 def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward, ipc: int, *,
-                      pool_per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      pool_per_class: int, generator: torch.Generator,
+                      representative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DATM's initialisation: (indices, label logits). Images are drawn among those expert 0
     classifies correctly; each label is the mean logit vector over the experts that classify
-    that image correctly."""
+    that image correctly. `representative`: AST's choice among those images instead of a
+    random one (the images nearest the k-means centres of expert 0's logits)."""
     indices, labels = [], []
     for c, pool in enumerate(class_pools(data, pool_per_class, generator)):
         images = data.train_x[pool]
@@ -92,7 +100,10 @@ def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward
                 f"Only {eligible.numel()} of {pool.numel()} scored images of class {data.spec.classes[c]!r} are "
                 f"classified correctly by the expert, fewer than IPC {ipc}: raise init_pool_per_class or train "
                 "better experts.")
-        pick = eligible[torch.randperm(eligible.numel(), generator=generator)[:ipc].to(eligible.device)]
+        if representative:
+            pick = eligible[nearest_to_centres(logits[0, eligible], ipc, generator).to(eligible.device)]
+        else:
+            pick = eligible[torch.randperm(eligible.numel(), generator=generator)[:ipc].to(eligible.device)]
         weights = correct[:, pick].float()  # which experts count for each picked image
         averaged = (logits[:, pick] * weights.unsqueeze(2)).sum(0) / weights.sum(0).unsqueeze(1)
         indices.append(pool[pick])
