@@ -81,6 +81,33 @@ def test_exact_equals_bptt(momentum, soft):
         assert reference.grad_label_logits.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["bptt", "exact", "tesla"])
+def test_target_loss_is_the_end_point_match_alone(backend):
+    # DATM's gate reads target_loss: with intermediate targets `loss` adds their terms, and a
+    # gate at 1 on it skipped every update of AST's runs (the end-point match stays below 1)
+    unroll, syn = make_problem(intermediate=True)
+    result = get_backend(backend)(unroll, syn)
+    end, mid = unroll.targets
+    theta = _final_params(unroll, syn)
+    expected = float((theta - end.params).pow(2).sum() / end.normaliser)
+    assert result.target_loss == pytest.approx(expected, rel=1e-10)
+    assert result.loss == pytest.approx(sum(result.terms)) and result.loss > result.target_loss + 1e-6
+    plain, syn = make_problem(intermediate=False)
+    assert get_backend(backend)(plain, syn).target_loss == pytest.approx(get_backend(backend)(plain, syn).loss)
+
+
+def _final_params(unroll, syn) -> torch.Tensor:
+    """The student's parameters after the whole unroll (plain SGD, as make_problem sets up)."""
+    theta = unroll.start.detach().clone()
+    with torch.no_grad():
+        for k in range(len(unroll.steps)):
+            with torch.enable_grad():
+                t = theta.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(unroll.inner_loss(t, k, syn, syn.images.detach(), None), t)
+            theta = theta - syn.lr.detach() * grad
+    return theta
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_exact_equals_bptt_on_cuda_and_matches_cpu():
     """The GPU path: exact still equals bptt there, and both agree with the CPU's answer."""

@@ -141,8 +141,9 @@ def test_correct_only_init_with_kmeans_picks_the_representative_among_the_correc
 
 def test_gate_skips_exactly_the_updates_above_the_threshold(tmp_path):
     datm = DATM(DATMConfig(**base(gate_threshold=1.0)))
-    result = lambda loss: MatchResult(loss=loss, grad_images=torch.zeros(1), grad_lr=torch.zeros(()),  # noqa: E731
-                                      grad_label_logits=None)
+    # `loss` also counts AST's intermediate targets (here 0.9 more); the gate reads the end-point match
+    result = lambda loss: MatchResult(loss=loss + 0.9, grad_images=torch.zeros(1), grad_lr=torch.zeros(()),  # noqa: E731
+                                      grad_label_logits=None, target_loss=loss)
     assert datm.skip_reason(result(1.0001)) and datm.skip_reason(result(0.9999)) is None
     assert DATM(DATMConfig(**base(gate_threshold=0.0))).skip_reason(result(50.0)) is None
 

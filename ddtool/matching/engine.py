@@ -113,11 +113,19 @@ class Unroll:
 
 @dataclass
 class MatchResult:
-    loss: float
+    loss: float  # the objective: the targets' weighted sum, whose gradients these are
     grad_images: torch.Tensor
     grad_lr: torch.Tensor
     grad_label_logits: torch.Tensor | None
     terms: list[float] = field(default_factory=list)  # each target's loss value, in order
+    # The first target's normalised loss, unweighted: the match against the trajectory's end
+    # (1 = the student ended as far from it as its start). What DATM's gate compares and the
+    # log records; unlike `loss`, it does not grow with intermediate targets.
+    target_loss: float = float("nan")
+
+
+def _target_loss(unroll: "Unroll", terms: list[float]) -> float:
+    return terms[0] / unroll.targets[0].weight
 
 
 def _term_loss(theta: torch.Tensor, target: MatchTarget) -> torch.Tensor:
@@ -153,6 +161,7 @@ def bptt(unroll: Unroll, syn: SyntheticBatch) -> MatchResult:
         grad_lr=_zeros_or(grads[1], syn.lr),
         grad_label_logits=_zeros_or(grads[2], syn.label_logits) if syn.label_logits is not None else None,
         terms=[float(t.detach()) for t in terms],
+        target_loss=_target_loss(unroll, [float(t.detach()) for t in terms]),
     )
 
 
@@ -222,7 +231,7 @@ def _reverse_sweep(unroll: Unroll, syn: SyntheticBatch, first_order: bool) -> Ma
             lam_theta = lam_theta + _term_grad(thetas[k], target)
 
     return MatchResult(loss=sum(terms), grad_images=grad_images, grad_lr=grad_lr,
-                       grad_label_logits=grad_labels, terms=terms)
+                       grad_label_logits=grad_labels, terms=terms, target_loss=_target_loss(unroll, terms))
 
 
 def exact(unroll: Unroll, syn: SyntheticBatch) -> MatchResult:

@@ -126,8 +126,9 @@ class DATM(TrajectoryMatching):
 
     def skip_reason(self, result: MatchResult) -> str | None:
         threshold = self.config.gate_threshold
-        if threshold and result.loss > threshold:
-            return f"matching loss {result.loss:.3f} > gate {threshold:g}"
+        # the end-point match alone: AST's intermediate targets add to `loss`, not to what is gated
+        if threshold and result.target_loss > threshold:
+            return f"matching loss {result.target_loss:.3f} > gate {threshold:g}"
         return None
 
 

@@ -445,7 +445,8 @@ class TrajectoryMatching(Method):
                 expert, start_epoch = [s.expert for s in segments], [s.start_epoch for s in segments]
                 if len(segments) == 1:  # one segment logs plain numbers, as always; several, a list entry each
                     expert, start_epoch = expert[0], start_epoch[0]
-                self._log(log_path, {"iteration": it, "loss": result.loss, "lr": float(lr.detach()),
+                self._log(log_path, {"iteration": it, "loss": result.loss, "target_loss": result.target_loss,
+                                     "lr": float(lr.detach()),
                                      "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
                                      "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
@@ -498,19 +499,19 @@ class TrajectoryMatching(Method):
         first = results[0]
         grad_images, grad_lr = first.grad_images.clone(), first.grad_lr.clone()
         grad_labels = first.grad_label_logits.clone() if first.grad_label_logits is not None else None
-        loss = torch.tensor(first.loss, dtype=torch.float64, device=grad_images.device)
+        losses = torch.tensor([first.loss, first.target_loss], dtype=torch.float64, device=grad_images.device)
         for r in results[1:]:
             grad_images += r.grad_images
             grad_lr += r.grad_lr
             if grad_labels is not None:
                 grad_labels += r.grad_label_logits
-            loss += r.loss
-        distributed.all_reduce_sum_([t for t in (grad_images, grad_lr, grad_labels, loss) if t is not None])
+            losses += torch.tensor([r.loss, r.target_loss], dtype=torch.float64, device=grad_images.device)
+        distributed.all_reduce_sum_([t for t in (grad_images, grad_lr, grad_labels, losses) if t is not None])
         count = self.config.segments_per_iteration
-        return MatchResult(loss=float(loss) / count, grad_images=grad_images / count, grad_lr=grad_lr / count,
+        return MatchResult(loss=float(losses[0]) / count, grad_images=grad_images / count, grad_lr=grad_lr / count,
                            grad_label_logits=grad_labels / count if grad_labels is not None else None,
                            # per-target terms are one segment's breakdown; a mean of them would mean little
-                           terms=first.terms if count == 1 else [])
+                           terms=first.terms if count == 1 else [], target_loss=float(losses[1]) / count)
 
     def _unroll(self, experts: ExpertStore, expert: int, start_epoch: int, forward: Forward, layout: ParamLayout,
                 shape: torch.Size, rng: torch.Generator, dsa: DSA | None, device: torch.device) -> Unroll:
