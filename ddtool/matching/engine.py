@@ -124,7 +124,7 @@ class MatchResult:
     target_loss: float = float("nan")
 
 
-def _target_loss(unroll: "Unroll", terms: list[float]) -> float:
+def _target_loss(unroll: Unroll, terms: list[float]) -> float:
     return terms[0] / unroll.targets[0].weight
 
 
@@ -155,13 +155,14 @@ def bptt(unroll: Unroll, syn: SyntheticBatch) -> MatchResult:
     total = torch.stack(terms).sum()
     inputs = [syn.images, syn.lr] + ([syn.label_logits] if syn.label_logits is not None else [])
     grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    values = [float(t.detach()) for t in terms]
     return MatchResult(
         loss=float(total.detach()),
         grad_images=_zeros_or(grads[0], syn.images),
         grad_lr=_zeros_or(grads[1], syn.lr),
         grad_label_logits=_zeros_or(grads[2], syn.label_logits) if syn.label_logits is not None else None,
-        terms=[float(t.detach()) for t in terms],
-        target_loss=_target_loss(unroll, [float(t.detach()) for t in terms]),
+        terms=values,
+        target_loss=_target_loss(unroll, values),
     )
 
 
