@@ -79,7 +79,8 @@ class Cell:
         return command
 
     def evaluate_command(self, arch: str | None, compile: bool = False) -> list[str]:
-        command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet", "--no-reference"]
+        # --resume: an interrupted evaluation keeps its finished runs (a cross-arch cell is hours on a CPU)
+        command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet", "--no-reference", "--resume"]
         if compile:
             command.append("--compile")
         if self.protocol:
@@ -309,8 +310,8 @@ def merge_evaluations(copy: Path, into: Path) -> int:
 
 def _copy_matching_log(cell: Cell) -> None:
     """Keep the matching loss per iteration beside the set (for the loss plot)."""
-    from ddtool.methods.base import build_config, get_method_class, parse_overrides
-    from ddtool.methods.trajectory import TrajectoryConfig, run_fingerprint
+    from ddtool.methods.base import build_config, get_method_class, parse_overrides, run_fingerprint
+    from ddtool.methods.trajectory import TrajectoryConfig
     from ddtool.paths import cache_root
 
     cls = get_method_class(cell.method)

@@ -66,6 +66,45 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
     assert "synthetic set" in evaluated and "Recorded in" in evaluated
 
 
+def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fashion_root):
+    import json
+    import shutil
+    import time
+
+    from ddtool.paths import cache_root
+
+    made = tmp_path / "set.h5"
+    ok(ddtool("distill", "--method", "random", "--ipc", 2, "--data-root", fashion_root, "-o", made, "--no-eval", "-q"))
+    copies = {name: tmp_path / f"{name}.h5" for name in ("whole", "killed")}
+    for copy in copies.values():
+        shutil.copy(made, copy)
+    # a second or more per run: the kill lands between the first run and the last
+    args = ("--protocol", "classic", "--runs", 3, "--epochs", 15, "--no-baselines", "--data-root", fashion_root, "-q")
+    ok(ddtool("evaluate", copies["whole"], *args))
+
+    kept = cache_root() / "evaluations"
+    process = subprocess.Popen([sys.executable, "-m", "ddtool", "evaluate", str(copies["killed"]), *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(kept.glob("*/run-0.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() != 0, "the evaluation ended before it could be interrupted"
+    [first] = kept.glob("*/run-0.json")
+    # mark the kept run, to tell a run read back from one trained again
+    stored = json.loads(first.read_text())
+    first.write_text(json.dumps({**stored, "accuracy": 0.987}))
+
+    ok(ddtool("evaluate", copies["killed"], "--resume", *args))
+    runs = {}
+    for name, copy in copies.items():
+        with h5py.File(copy, "r") as f:
+            runs[name] = list(f["evaluations"]["000"]["runs"][()])
+    assert runs["killed"][0] == pytest.approx(0.987)
+    assert runs["killed"][1:] == runs["whole"][1:] and len(runs["whole"]) == 3
+    assert not list(kept.glob("*/run-*.json"))
+
+
 def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, fashion_root):
     out = tmp_path / "m.h5"
     settings = ["width=8", "experts=1", "expert_train_epochs=2", "expert_epochs=1", "max_start_epoch=1",

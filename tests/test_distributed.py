@@ -27,8 +27,8 @@ from ddtool.evaluation import evaluate_set, get_protocol
 from ddtool.experts import ExpertConfig, Shard, run_buffer
 from ddtool.experts.store import experts_folder
 from ddtool.methods import trajectory
-from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides
-from ddtool.methods.trajectory import MTT, TrajectoryConfig, run_fingerprint
+from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides, run_fingerprint
+from ddtool.methods.trajectory import MTT, TrajectoryConfig
 from ddtool.paths import cache_root
 from ddtool.storage import load_synthetic_set, save_synthetic_set
 from test_experts import assert_same_store

@@ -122,3 +122,81 @@ def test_a_baseline_computed_elsewhere_meanwhile_is_waited_for_not_recomputed():
     first.join(timeout=30)
     second.join(timeout=30)
     assert calls == ["first"] and results[0].runs == [0.5, 0.7]
+
+
+def _kept_runs():
+    from ddtool.paths import cache_root
+
+    return sorted(p.name for p in (cache_root() / "evaluations").glob("*/run-*.json"))
+
+
+def test_an_interrupted_evaluation_resumes_from_the_runs_it_finished(data, monkeypatch):
+    protocol = small("mtt").with_overrides(runs=3)
+    images, labels = data.train_x[:20], data.train_y[:20]
+    key = {"kind": "test", "what": "these 20 images"}
+    # A stand-in network whose accuracy is its seed's: every run scores differently, so a run
+    # read back in the wrong place, or trained again with another seed, shows.
+    trained: list[int] = []
+    interrupt_at = {"call": None}
+
+    def train(*args, seed, **kwargs):
+        trained.append(seed)
+        if len(trained) == interrupt_at["call"]:
+            raise KeyboardInterrupt
+        return (seed % 1000) / 1000
+
+    monkeypatch.setattr(evaluation, "train_fresh_network", train)
+
+    def evaluate(seed=3, **kwargs):
+        return evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=seed,
+                                          progress=False, checkpoint={**key, "seed": seed}, **kwargs)
+
+    uninterrupted = evaluate()
+    assert len(set(uninterrupted.runs)) == 3 and _kept_runs() == []  # kept only until the evaluation is done
+
+    trained.clear()
+    interrupt_at["call"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    assert _kept_runs() == ["run-0.json", "run-1.json"]
+
+    trained.clear()
+    interrupt_at["call"] = None
+    other = evaluate(seed=4, resume=True)  # another checkpoint key does not take them
+    assert len(trained) == 3 and set(other.runs).isdisjoint(uninterrupted.runs)
+    trained.clear()
+    resumed = evaluate(resume=True)
+    assert trained == [evaluation.derive_seed(3, "run", 2)]  # only the third run is trained again
+    assert resumed.runs == uninterrupted.runs and _kept_runs() == []
+
+
+def test_without_resume_an_evaluation_trains_every_run_again(data, trainings, monkeypatch):
+    protocol = small("classic").with_overrides(runs=2)
+    images, labels = data.train_x[:20], data.train_y[:20]
+    key = {"kind": "test"}
+    finished = evaluation.FinishedRuns(key)
+    finished.keep(0, 0.123, 1.0)  # as if an interrupted evaluation had left it
+    fresh = evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=3,
+                                       progress=False, checkpoint=key)
+    assert trainings["networks"] == 2 and fresh.runs[0] != 0.123 and _kept_runs() == []
+
+
+def test_a_sets_checkpoint_key_follows_what_its_networks_learn_from(data):
+    images, labels = data.train_x[:20].clone(), data.train_y[:20]
+    sset = SyntheticSet(images=images, labels=labels, classes=list(data.spec.classes), preprocessing=data.preprocessing,
+                        dataset=data.spec.name, ipc=2, method="mtt", learned_lr=0.01)
+    protocol = small("mtt")
+
+    def key(s, **kw):
+        return evaluation._set_checkpoint(s, data, kw.get("protocol", protocol), kw.get("arch", ARCH),
+                                          kw.get("seed", 0), kw.get("compile", False))
+
+    base = key(sset)
+    assert key(sset) == base
+    from dataclasses import replace
+
+    changed = [replace(sset, images=images + 1e-3), replace(sset, learned_lr=0.02),
+               replace(sset, config={"iterations": 7}, method="datm")]
+    assert [key(s) == base for s in changed] == [False, False, True]  # provenance is not what networks learn from
+    assert key(sset, seed=1) != base and key(sset, compile=True) != base and key(sset, arch="convnet:width=8") != base
+    assert key(sset, protocol=protocol.with_overrides(epochs=3)) != base

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_prepared
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.methods import datm, trajectory
-from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset
+from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset, run_fingerprint
 from ddtool.methods.coresets import Herding, KCenter
 
 
@@ -226,3 +226,18 @@ def test_fashion_presets_resolve_to_their_ipc_variant(method):
     assert build_config(cls, None, {"iterations": 7}, ipc=1).iterations == 7  # overrides apply on top
     if method in ("datm", "ftd"):  # the method's own settings survive in its variants
         assert type(build_config(cls, None, {}, ipc=1)) is cls.config_class
+
+
+def test_a_method_revision_gives_its_runs_new_work_folders(monkeypatch):
+    """After a fix that changes what a method computes, --resume must not continue a
+    checkpoint the old code made: the revision is part of the run's folder name."""
+    configs = {name: build_config(get_method_class(name), None, {}) for name in ("mtt", "datm")}
+
+    def folders():
+        return {name: run_fingerprint(name, config, "fashion-mnist", 10, 0) for name, config in configs.items()}
+
+    before = folders()
+    assert folders() == before  # the same settings find the same folder
+    monkeypatch.setattr(get_method_class("datm"), "revision", get_method_class("datm").revision + 1)
+    after = folders()
+    assert after["datm"] != before["datm"] and after["mtt"] == before["mtt"]

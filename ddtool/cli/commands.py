@@ -27,6 +27,7 @@ from ddtool.methods.base import (
     list_methods,
     parse_overrides,
     resolve_preset,
+    run_fingerprint,
 )
 from ddtool.paths import cache_root
 from ddtool.storage import (
@@ -84,7 +85,8 @@ def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
               help="Gradient backend of trajectory matching (exact: constant memory and exact; default).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Where to save the set [default: synthetic_sets/<dataset>_<method>_ipc<N>_seed<S>.h5].")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run with the same settings.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run with the same settings (its distillation, then its evaluation).")
 @click.option("--no-eval", is_flag=True, help="Save the set without evaluating it.")
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
               help="Evaluation protocol [default: the method's own].")
@@ -120,7 +122,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         overrides["backend"] = backend
     config = build_config(method_cls, preset, overrides, ipc=ipc)
     runner = method_cls(config)
-    from ddtool.methods.trajectory import TrajectoryMatching, run_fingerprint
+    from ddtool.methods.trajectory import TrajectoryMatching
 
     if distributed.world_size() > 1 and not isinstance(runner, TrajectoryMatching):
         raise ConfigError(f"Method {method!r} does not split its work over torchrun processes; only the trajectory "
@@ -163,14 +165,14 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     if not no_eval:
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
-                             compile=compile_eval)
+                             compile=compile_eval, resume=resume)
 
 
 # ---- evaluate -------------------------------------------------------------------------------
 def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True,
-                         compile: bool = False) -> None:
+                         compile: bool = False, resume: bool = False) -> None:
     sset = _load_set_on_every_rank(path)
     archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
@@ -180,7 +182,7 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
     rows = []
     for arch in archs:
         report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
-                              reference=reference, progress=not quiet, compile=compile)
+                              reference=reference, progress=not quiet, compile=compile, resume=resume)
         if record and distributed.is_main():
             append_evaluation(path, report.to_record())
         rows.append(report)
@@ -225,12 +227,15 @@ def _load_set_on_every_rank(path: Path):
                    "networks gain less) after a one-off "
                    "compile (seconds to a minute); the same protocol, numbers differ from eager by rounding only. "
                    "Recorded with the results.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted evaluation with the same settings: the runs it finished (kept in the "
+                   "cache as each ends) are taken, the others trained.")
 @_data_root
 @_seed
 @_device
 @_quiet
 def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, compile_networks,
-             data_root, seed, device, quiet) -> None:
+             resume, data_root, seed, device, quiet) -> None:
     """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
     beside the matched random-subset baseline and the whole-dataset reference (both computed
     once under the same protocol and cached), and record everything in the file.
@@ -247,7 +252,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
     _evaluate_and_record(path, protocol, list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
-                         record=not no_record, compile=compile_networks)
+                         record=not no_record, compile=compile_networks, resume=resume)
 
 
 # ---- info / show / export / import ----------------------------------------------------------

@@ -7,6 +7,11 @@ reported is the test accuracy after the last epoch, never the best one seen.
 Under torchrun the runs are spread over the ranks (run r on rank r % world; a run depends
 only on its index, so where it runs does not change it) and gathered to every rank in run
 order; only rank 0 writes the baseline cache.
+
+An evaluation keeps each run's accuracy in the cache as soon as the run ends, until all its
+runs are done: `resume=True` takes the runs an interrupted evaluation of the same set,
+protocol, network and seed finished instead of training them again (on a CPU a cross-
+architecture cell is hours; a run, minutes to an hour).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
 from ddtool.evaluation.protocols import Protocol
 from ddtool.networks import create_network
-from ddtool.paths import cache_dir
+from ddtool.paths import cache_dir, cache_root
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage.atomic import atomic_path
 from ddtool.training import accuracy, train_epoch
@@ -185,25 +190,83 @@ def evaluate_images(
     progress: bool = True,
     images_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor | kd.LabelSource]] | None = None,
     compile: bool = False,
+    checkpoint: dict | None = None,
+    resume: bool = False,
 ) -> Accuracies:
     """`runs` fresh networks on the same set (or on `images_for_run(i)` when each run gets
     its own, as the random baseline does). Under torchrun each rank trains its share of the
-    runs and every rank returns all of them, in run order."""
+    runs and every rank returns all of them, in run order.
+
+    `checkpoint`: what identifies this evaluation (JSON values; it must name everything the
+    runs depend on). Each run's accuracy is then kept as it ends, and with `resume` the runs
+    an interrupted evaluation of the same checkpoint finished are read back, not retrained;
+    the kept runs are deleted once all are done. `seconds` counts the read-back runs' time."""
     runs = runs or protocol.runs
     start = time.perf_counter()
     mine = distributed.indices_of_this_rank(runs)
+    finished = FinishedRuns(checkpoint) if checkpoint is not None else None
     accs: dict[int, float] = {}
+    seconds_before = 0.0
     # Rank 0's bar stands for all ranks: they share one terminal.
     with tqdm(total=len(mine) * protocol.epochs, desc=desc, unit="epoch", leave=False,
               disable=not progress or not distributed.is_main()) as bar:
         for run in mine:
+            kept = finished.read(run) if finished is not None and resume else None
+            if kept is not None:
+                accs[run], seconds = kept
+                seconds_before += seconds
+                bar.update(protocol.epochs)
+                continue
+            run_start = time.perf_counter()
             x, y = images_for_run(run) if images_for_run is not None else (images, targets)
             accs[run] = train_fresh_network(x, y, data, protocol=protocol, lr=lr, arch=arch,
                                             seed=derive_seed(seed, "run", run), on_epoch=lambda: bar.update(1),
                                             compile=compile)
+            if finished is not None:
+                finished.keep(run, accs[run], time.perf_counter() - run_start)
             bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
     everyone = {run: acc for share in distributed.gather_objects(accs) for run, acc in share.items()}
-    return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start, compiled=compile)
+    if finished is not None:
+        finished.discard(mine)
+    return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start + seconds_before,
+                      compiled=compile)
+
+
+class FinishedRuns:
+    """The runs of one evaluation finished so far: one small file per run (written by the
+    rank that trained it, so ranks never share a file) under
+    <cache>/evaluations/<digest of the checkpoint key>/."""
+
+    def __init__(self, key: dict) -> None:
+        self.key = key
+        self.folder = cache_root() / "evaluations" / _digest(key)
+
+    def _path(self, run: int) -> Path:
+        return self.folder / f"run-{run}.json"
+
+    def read(self, run: int) -> tuple[float, float] | None:
+        """(accuracy, seconds) of a kept run, or None."""
+        path = self._path(run)
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        if stored.get("key") != self.key:  # a digest collision, however unlikely, is not a match
+            return None
+        return float(stored["accuracy"]), float(stored["seconds"])
+
+    def keep(self, run: int, accuracy: float, seconds: float) -> None:
+        with atomic_path(self._path(run)) as tmp:
+            tmp.write_text(json.dumps({"key": self.key, "run": run, "accuracy": accuracy, "seconds": seconds}))
+
+    def discard(self, runs) -> None:
+        for run in runs:
+            self._path(run).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: another rank's files, removed by that rank
+            self.folder.rmdir()
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
@@ -211,7 +274,7 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
 
     Processes that need the same baseline at once (parallel evaluations of one table) take
     turns on a lock file: the first computes, the others wait and read its result."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = _digest(key)
     # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
     # are spread over them (and on several machines each may have a cache of its own).
     path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None
@@ -262,7 +325,8 @@ def _data_key(data: PreparedData) -> dict:
 def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, arch: str = "convnet",
                            seed: int = 0, runs: int | None = None, progress: bool = True,
                            teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None,
-                           like: kd.LabelSource | None = None, compile: bool = False) -> Accuracies:
+                           like: kd.LabelSource | None = None, compile: bool = False,
+                           resume: bool = False) -> Accuracies:
     """Real images, `ipc` per class drawn at random (a new draw per run), hard labels, lr of
     the protocol, trained exactly like the synthetic set.
 
@@ -289,13 +353,14 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
 
     return _cached(key, lambda: evaluate_images(
         data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
-        runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile))
+        runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile,
+        checkpoint={**key, "compiled": compile}, resume=resume))
 
 
 def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
                             runs: int = 1, progress: bool = True, compute_if_missing: bool = True,
                             teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None,
-                            compile: bool = False) -> Accuracies | None:
+                            compile: bool = False, resume: bool = False) -> Accuracies | None:
     """The same architecture and optimiser trained on the whole training split for
     protocol.reference_epochs epochs (lr decay at the same fraction). With
     compute_if_missing=False, only a cached result is returned (None if there is none).
@@ -313,7 +378,8 @@ def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str
         key["teacher"], targets = teacher_key, teacher
     return _cached(key, lambda: evaluate_images(
         data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
-        desc="whole dataset", progress=progress, compile=compile), compute_if_missing=compute_if_missing)
+        desc="whole dataset", progress=progress, compile=compile, checkpoint={**key, "compiled": compile},
+        resume=resume), compute_if_missing=compute_if_missing)
 
 
 def evaluate_set(
@@ -328,60 +394,84 @@ def evaluate_set(
     reference: bool | None = None,
     progress: bool = True,
     compile: bool = False,
+    resume: bool = False,
 ) -> EvaluationReport:
     """Evaluate a SyntheticSet under `protocol` on `arch`, with the matched baselines.
 
     `reference`: True computes the whole-dataset reference if it is not cached, None uses it
     only when cached (training on the whole split takes hours on a CPU), False skips it.
-    `compile`: see train_fresh_network; the baselines computed here are compiled too."""
+    `compile`: see train_fresh_network; the baselines computed here are compiled too.
+    `resume`: take the runs an interrupted evaluation finished (see evaluate_images).
+
+    The baselines come first: they land in their cache when done, while the set's runs are
+    kept only until the caller records the report, so an interruption loses the least."""
     if protocol.kd is not None:
         return _evaluate_set_kd(sset, data, protocol=protocol, arch=arch, seed=seed, runs=runs, baselines=baselines,
-                                reference=reference, progress=progress, compile=compile)
+                                reference=reference, progress=progress, compile=compile, resume=resume)
     device = data.test_x.device
+    whole = None if reference is False else whole_dataset_reference(
+        data, protocol=protocol, arch=arch, seed=seed, progress=progress, compute_if_missing=bool(reference),
+        compile=compile, resume=resume)
+    random = None if not baselines else random_subset_baseline(
+        data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed, runs=runs, progress=progress, compile=compile,
+        resume=resume)
     soft = protocol.soft_labels and sset.label_kind != "hard"
     targets = sset.soft_targets() if soft else sset.hard_labels()
     lr = sset.learned_lr if (protocol.use_learned_lr and sset.learned_lr is not None) else protocol.lr
     synthetic = evaluate_images(sset.images.to(device), targets.to(device), data, protocol=protocol, lr=lr,
                                 arch=arch, seed=seed, runs=runs, desc=f"{sset.method} on {arch}", progress=progress,
-                                compile=compile)
-    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
-                              synthetic=synthetic, seed=seed, device=str(device), compiled=compile)
-    if baselines:
-        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
-                                                      runs=runs, progress=progress, compile=compile)
-    if reference is not False:
-        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
-                                                       progress=progress, compute_if_missing=bool(reference),
-                                                       compile=compile)
-    return report
+                                compile=compile, checkpoint=_set_checkpoint(sset, data, protocol, arch, seed, compile),
+                                resume=resume)
+    return EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
+                            synthetic=synthetic, random_subset=random, whole_dataset=whole, seed=seed,
+                            device=str(device), compiled=compile)
 
 
 def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int | None,
-                     baselines: bool, reference: bool | None, progress: bool, compile: bool) -> EvaluationReport:
+                     baselines: bool, reference: bool | None, progress: bool, compile: bool,
+                     resume: bool) -> EvaluationReport:
     """evaluate_set under a KD protocol: the set's stored soft labels, else its live teacher.
     The baselines learn from the same teacher (skipped, and said so, when the set has none)."""
     device = data.test_x.device
     labels = kd.set_label_source(sset, device)
     teacher = kd.set_teacher(sset, device)
     teacher_key = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
-    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
-                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
-                                compile=compile)
     details: dict[str, Any] = {"teacher": labels.mode,
                                "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
     if isinstance(labels, kd.StoredSoftLabels):
         details["stored_epochs"] = labels.epochs
-    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
-                              seed=seed, device=str(device), details=details, compiled=compile)
+    whole = random = None
     if teacher is None:
         details["baselines_skipped"] = "the set carries no teacher"
-        return report
-    if baselines:
-        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
-                                                      runs=runs, progress=progress, teacher=teacher,
-                                                      teacher_key=teacher_key, like=labels, compile=compile)
-    if reference is not False:
-        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
-                                                       progress=progress, compute_if_missing=bool(reference),
-                                                       teacher=teacher, teacher_key=teacher_key, compile=compile)
-    return report
+    else:
+        if reference is not False:
+            whole = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed, progress=progress,
+                                            compute_if_missing=bool(reference), teacher=teacher,
+                                            teacher_key=teacher_key, compile=compile, resume=resume)
+        if baselines:
+            random = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed, runs=runs,
+                                            progress=progress, teacher=teacher, teacher_key=teacher_key, like=labels,
+                                            compile=compile, resume=resume)
+    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
+                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
+                                compile=compile, checkpoint=_set_checkpoint(sset, data, protocol, arch, seed, compile),
+                                resume=resume)
+    return EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
+                            random_subset=random, whole_dataset=whole, seed=seed, device=str(device), details=details,
+                            compiled=compile)
+
+
+def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, seed: int, compile: bool) -> dict:
+    """The checkpoint key of a set's evaluation: everything its networks learn from (images,
+    labels and how they read, the learned lr, stored views, the teacher) by content, not by
+    file name, and how they are trained."""
+    content = hashlib.sha256()
+    for tensor in (sset.images, sset.labels):
+        content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for name in sorted(sset.extras):
+        content.update(name.encode())
+        content.update(np.ascontiguousarray(sset.extras[name]).tobytes())
+    teacher = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
+    content.update(json.dumps([sset.label_kind, sset.label_temperature, sset.learned_lr, teacher]).encode())
+    return {"kind": "synthetic_set", "set": content.hexdigest()[:16], "protocol": protocol.to_dict(), "arch": arch,
+            "seed": seed, "compiled": compile, **_data_key(data)}

@@ -9,6 +9,7 @@ elsewhere; adding a method touches one file plus its registry decorator.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import typing
 from abc import ABC, abstractmethod
@@ -47,6 +48,9 @@ class Method(ABC):
     default_protocol: ClassVar[str] = "classic"
     # The preset used when none is named (None: the config class's defaults).
     default_preset: ClassVar[str | None] = None
+    # Bumped when a fix changes what a run of the method computes, so that --resume does not
+    # continue from a checkpoint the old code made (see run_fingerprint).
+    revision: ClassVar[int] = 1
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):
@@ -106,6 +110,15 @@ def get_method_class(name: str) -> type[Method]:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"Unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}.") from None
+
+
+def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
+    """Names the work folder of a run, so --resume finds it: the settings, and the method's
+    revision, as the settings alone cannot tell a checkpoint made before a fix from one after."""
+    key = json.dumps({"method": method, "revision": get_method_class(method).revision,
+                      "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc, "seed": seed},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def list_methods() -> list[str]:

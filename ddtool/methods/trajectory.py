@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -719,9 +718,3 @@ class TESLA(TrajectoryMatching):
     presets = {name: dataclasses.replace(cfg, labels="expert_soft")
                for name, cfg in TrajectoryMatching.presets.items()}
 
-
-def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
-    """Names the work folder of a run, so --resume finds it."""
-    key = json.dumps({"method": method, "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc,
-                      "seed": seed}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
