@@ -174,7 +174,7 @@ def test_without_resume_an_evaluation_trains_every_run_again(data, trainings, mo
     protocol = small("classic").with_overrides(runs=2)
     images, labels = data.train_x[:20], data.train_y[:20]
     key = {"kind": "test"}
-    finished = evaluation.FinishedRuns(key)
+    finished = evaluation.FinishedRuns(key, runs=2)
     finished.keep(0, 0.123, 1.0)  # as if an interrupted evaluation had left it
     fresh = evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=3,
                                        progress=False, checkpoint=key)
@@ -200,3 +200,19 @@ def test_a_sets_checkpoint_key_follows_what_its_networks_learn_from(data):
     assert [key(s) == base for s in changed] == [False, False, True]  # provenance is not what networks learn from
     assert key(sset, seed=1) != base and key(sset, compile=True) != base and key(sset, arch="convnet:width=8") != base
     assert key(sset, protocol=protocol.with_overrides(epochs=3)) != base
+
+
+def test_a_sets_runs_are_kept_until_its_report_is_stored_and_a_baselines_until_cached(data, trainings):
+    protocol = small("classic")
+    sset = SyntheticSet(images=data.train_x[:20], labels=data.train_y[:20], classes=list(data.spec.classes),
+                        preprocessing=data.preprocessing, dataset=data.spec.name, ipc=2, method="random")
+    report = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    # the baseline is in its cache and needs no kept runs; the set's wait for the report's record
+    assert report.random_subset is not None and _kept_runs() == ["run-0.json", "run-1.json"]
+    trained = trainings["networks"]
+    resumed = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False,
+                                      resume=True)
+    assert trainings["networks"] == trained  # both read back: the set's kept runs, the cached baseline
+    assert resumed.synthetic.runs == report.synthetic.runs
+    report.release_kept_runs()
+    assert _kept_runs() == []

@@ -185,6 +185,9 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
                               reference=reference, progress=not quiet, compile=compile, resume=resume)
         if record and distributed.is_main():
             append_evaluation(path, report.to_record())
+        # each rank kept the set's runs for a resume until now (rank 0 has recorded them)
+        distributed.barrier()
+        report.release_kept_runs()
         rows.append(report)
     if not distributed.is_main():
         return

@@ -8,10 +8,11 @@ Under torchrun the runs are spread over the ranks (run r on rank r % world; a ru
 only on its index, so where it runs does not change it) and gathered to every rank in run
 order; only rank 0 writes the baseline cache.
 
-An evaluation keeps each run's accuracy in the cache as soon as the run ends, until all its
-runs are done: `resume=True` takes the runs an interrupted evaluation of the same set,
-protocol, network and seed finished instead of training them again (on a CPU a cross-
-architecture cell is hours; a run, minutes to an hour).
+An evaluation keeps each run's accuracy in the cache as soon as the run ends, until its
+result is safe (a baseline: in its cache; a set: recorded in its file, see
+EvaluationReport.release_kept_runs): `resume=True` takes the runs an interrupted evaluation
+of the same set, protocol, network and seed finished instead of training them again (on a
+CPU a cross-architecture cell is hours; a run, minutes to an hour).
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ class EvaluationReport:
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # Protocol-specific facts stored beside the figures (KD: whether the teacher was live or stored).
     details: dict[str, Any] = field(default_factory=dict)
+    # The set's runs, kept in the cache for a resume until the report is stored.
+    kept_runs: FinishedRuns | None = field(default=None, repr=False, compare=False)
+
+    def release_kept_runs(self) -> None:
+        """Call once the report is stored (ddtool evaluate: recorded in the set's file): its
+        runs need no longer be kept for a resume."""
+        if self.kept_runs is not None:
+            self.kept_runs.discard()
 
     def to_record(self) -> dict:
         """The dict stored in the synthetic-set file's evaluations."""
@@ -192,6 +201,7 @@ def evaluate_images(
     compile: bool = False,
     checkpoint: dict | None = None,
     resume: bool = False,
+    keep_runs: bool = False,
 ) -> Accuracies:
     """`runs` fresh networks on the same set (or on `images_for_run(i)` when each run gets
     its own, as the random baseline does). Under torchrun each rank trains its share of the
@@ -199,12 +209,14 @@ def evaluate_images(
 
     `checkpoint`: what identifies this evaluation (JSON values; it must name everything the
     runs depend on). Each run's accuracy is then kept as it ends, and with `resume` the runs
-    an interrupted evaluation of the same checkpoint finished are read back, not retrained;
-    the kept runs are deleted once all are done. `seconds` counts the read-back runs' time."""
+    an interrupted evaluation of the same checkpoint finished are read back, not retrained.
+    The kept runs are deleted once all are done, unless `keep_runs` (the caller deletes them
+    with FinishedRuns(checkpoint, runs).discard() once the result is stored). `seconds` counts
+    the read-back runs' time."""
     runs = runs or protocol.runs
     start = time.perf_counter()
     mine = distributed.indices_of_this_rank(runs)
-    finished = FinishedRuns(checkpoint) if checkpoint is not None else None
+    finished = FinishedRuns(checkpoint, runs) if checkpoint is not None else None
     accs: dict[int, float] = {}
     seconds_before = 0.0
     # Rank 0's bar stands for all ranks: they share one terminal.
@@ -226,8 +238,8 @@ def evaluate_images(
                 finished.keep(run, accs[run], time.perf_counter() - run_start)
             bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
     everyone = {run: acc for share in distributed.gather_objects(accs) for run, acc in share.items()}
-    if finished is not None:
-        finished.discard(mine)
+    if finished is not None and not keep_runs:
+        finished.discard()
     return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start + seconds_before,
                       compiled=compile)
 
@@ -237,8 +249,9 @@ class FinishedRuns:
     rank that trained it, so ranks never share a file) under
     <cache>/evaluations/<digest of the checkpoint key>/."""
 
-    def __init__(self, key: dict) -> None:
+    def __init__(self, key: dict, runs: int) -> None:
         self.key = key
+        self.runs = runs
         self.folder = cache_root() / "evaluations" / _digest(key)
 
     def _path(self, run: int) -> Path:
@@ -258,8 +271,9 @@ class FinishedRuns:
         with atomic_path(self._path(run)) as tmp:
             tmp.write_text(json.dumps({"key": self.key, "run": run, "accuracy": accuracy, "seconds": seconds}))
 
-    def discard(self, runs) -> None:
-        for run in runs:
+    def discard(self) -> None:
+        """Delete this rank's kept runs (each rank deletes what it wrote)."""
+        for run in distributed.indices_of_this_rank(self.runs):
             self._path(run).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: another rank's files, removed by that rank
             self.folder.rmdir()
@@ -401,33 +415,37 @@ def evaluate_set(
     `reference`: True computes the whole-dataset reference if it is not cached, None uses it
     only when cached (training on the whole split takes hours on a CPU), False skips it.
     `compile`: see train_fresh_network; the baselines computed here are compiled too.
-    `resume`: take the runs an interrupted evaluation finished (see evaluate_images).
+    `resume`: take the runs an interrupted evaluation finished (see evaluate_images); the
+    set's runs stay kept until the caller stores the report and calls release_kept_runs.
 
-    The baselines come first: they land in their cache when done, while the set's runs are
-    kept only until the caller records the report, so an interruption loses the least."""
+    The set comes first, the baselines after: processes evaluating several sets at once then
+    train their own sets while one of them computes the baseline they share."""
+    runs = runs or protocol.runs
     if protocol.kd is not None:
         return _evaluate_set_kd(sset, data, protocol=protocol, arch=arch, seed=seed, runs=runs, baselines=baselines,
                                 reference=reference, progress=progress, compile=compile, resume=resume)
     device = data.test_x.device
-    whole = None if reference is False else whole_dataset_reference(
-        data, protocol=protocol, arch=arch, seed=seed, progress=progress, compute_if_missing=bool(reference),
-        compile=compile, resume=resume)
-    random = None if not baselines else random_subset_baseline(
-        data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed, runs=runs, progress=progress, compile=compile,
-        resume=resume)
     soft = protocol.soft_labels and sset.label_kind != "hard"
     targets = sset.soft_targets() if soft else sset.hard_labels()
     lr = sset.learned_lr if (protocol.use_learned_lr and sset.learned_lr is not None) else protocol.lr
+    checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
     synthetic = evaluate_images(sset.images.to(device), targets.to(device), data, protocol=protocol, lr=lr,
                                 arch=arch, seed=seed, runs=runs, desc=f"{sset.method} on {arch}", progress=progress,
-                                compile=compile, checkpoint=_set_checkpoint(sset, data, protocol, arch, seed, compile),
-                                resume=resume)
-    return EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
-                            synthetic=synthetic, random_subset=random, whole_dataset=whole, seed=seed,
-                            device=str(device), compiled=compile)
+                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=True)
+    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
+                              synthetic=synthetic, seed=seed, device=str(device), compiled=compile,
+                              kept_runs=FinishedRuns(checkpoint, runs))
+    if baselines:
+        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
+                                                      runs=runs, progress=progress, compile=compile, resume=resume)
+    if reference is not False:
+        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
+                                                       progress=progress, compute_if_missing=bool(reference),
+                                                       compile=compile, resume=resume)
+    return report
 
 
-def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int | None,
+def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int,
                      baselines: bool, reference: bool | None, progress: bool, compile: bool,
                      resume: bool) -> EvaluationReport:
     """evaluate_set under a KD protocol: the set's stored soft labels, else its live teacher.
@@ -436,29 +454,31 @@ def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str,
     labels = kd.set_label_source(sset, device)
     teacher = kd.set_teacher(sset, device)
     teacher_key = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
+    checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
+    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
+                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
+                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=True)
     details: dict[str, Any] = {"teacher": labels.mode,
                                "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
     if isinstance(labels, kd.StoredSoftLabels):
         details["stored_epochs"] = labels.epochs
-    whole = random = None
+    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
+                              seed=seed, device=str(device), details=details, compiled=compile,
+                              kept_runs=FinishedRuns(checkpoint, runs))
     if teacher is None:
         details["baselines_skipped"] = "the set carries no teacher"
-    else:
-        if reference is not False:
-            whole = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed, progress=progress,
-                                            compute_if_missing=bool(reference), teacher=teacher,
-                                            teacher_key=teacher_key, compile=compile, resume=resume)
-        if baselines:
-            random = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed, runs=runs,
-                                            progress=progress, teacher=teacher, teacher_key=teacher_key, like=labels,
-                                            compile=compile, resume=resume)
-    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
-                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
-                                compile=compile, checkpoint=_set_checkpoint(sset, data, protocol, arch, seed, compile),
-                                resume=resume)
-    return EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
-                            random_subset=random, whole_dataset=whole, seed=seed, device=str(device), details=details,
-                            compiled=compile)
+        return report
+    if baselines:
+        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
+                                                      runs=runs, progress=progress, teacher=teacher,
+                                                      teacher_key=teacher_key, like=labels, compile=compile,
+                                                      resume=resume)
+    if reference is not False:
+        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
+                                                       progress=progress, compute_if_missing=bool(reference),
+                                                       teacher=teacher, teacher_key=teacher_key, compile=compile,
+                                                       resume=resume)
+    return report
 
 
 def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, seed: int, compile: bool) -> dict:
