@@ -137,6 +137,8 @@ def test_evaluate_over_two_ranks_equals_one_process(tmp_path, fashion_root, monk
         assert list(f["evaluations"]) == ["000"]  # recorded once, by rank 0
     recorded = load_synthetic_set(path).evaluations[0]
     assert len(list((cache_root() / "baselines").glob("*.json"))) == 1  # rank 0 alone wrote the baseline cache
+    kept = cache_root() / "evaluations"  # each rank kept its runs there, and deleted them once recorded
+    assert kept.is_dir() and not list(kept.glob("*/*"))
 
     monkeypatch.setenv("DDTOOL_CACHE", str(tmp_path / "one-process-cache"))  # compute the baseline afresh
     sset = load_synthetic_set(path)
