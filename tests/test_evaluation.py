@@ -206,12 +206,15 @@ def test_a_sets_runs_are_kept_until_its_report_is_stored_and_a_baselines_until_c
     protocol = small("classic")
     sset = SyntheticSet(images=data.train_x[:20], labels=data.train_y[:20], classes=list(data.spec.classes),
                         preprocessing=data.preprocessing, dataset=data.spec.name, ipc=2, method="random")
-    report = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    assert _kept_runs() == []  # by default nothing stays once all ran
+    report = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False,
+                                     keep_runs=True)
     # the baseline is in its cache and needs no kept runs; the set's wait for the report's record
     assert report.random_subset is not None and _kept_runs() == ["run-0.json", "run-1.json"]
     trained = trainings["networks"]
     resumed = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False,
-                                      resume=True)
+                                      resume=True, keep_runs=True)
     assert trainings["networks"] == trained  # both read back: the set's kept runs, the cached baseline
     assert resumed.synthetic.runs == report.synthetic.runs
     report.release_kept_runs()

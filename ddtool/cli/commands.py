@@ -182,7 +182,8 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
     rows = []
     for arch in archs:
         report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
-                              reference=reference, progress=not quiet, compile=compile, resume=resume)
+                              reference=reference, progress=not quiet, compile=compile, resume=resume,
+                              keep_runs=True)
         if record and distributed.is_main():
             append_evaluation(path, report.to_record())
         # each rank kept the set's runs for a resume until now (rank 0 has recorded them)

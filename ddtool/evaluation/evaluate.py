@@ -409,21 +409,24 @@ def evaluate_set(
     progress: bool = True,
     compile: bool = False,
     resume: bool = False,
+    keep_runs: bool = False,
 ) -> EvaluationReport:
     """Evaluate a SyntheticSet under `protocol` on `arch`, with the matched baselines.
 
     `reference`: True computes the whole-dataset reference if it is not cached, None uses it
     only when cached (training on the whole split takes hours on a CPU), False skips it.
     `compile`: see train_fresh_network; the baselines computed here are compiled too.
-    `resume`: take the runs an interrupted evaluation finished (see evaluate_images); the
-    set's runs stay kept until the caller stores the report and calls release_kept_runs.
+    `resume`: take the runs an interrupted evaluation finished (see evaluate_images).
+    `keep_runs`: keep the set's runs past the baselines, until the caller has stored the report
+    and calls its release_kept_runs (what `ddtool evaluate` does); else they go once all ran.
 
     The set comes first, the baselines after: processes evaluating several sets at once then
     train their own sets while one of them computes the baseline they share."""
     runs = runs or protocol.runs
     if protocol.kd is not None:
         return _evaluate_set_kd(sset, data, protocol=protocol, arch=arch, seed=seed, runs=runs, baselines=baselines,
-                                reference=reference, progress=progress, compile=compile, resume=resume)
+                                reference=reference, progress=progress, compile=compile, resume=resume,
+                                keep_runs=keep_runs)
     device = data.test_x.device
     soft = protocol.soft_labels and sset.label_kind != "hard"
     targets = sset.soft_targets() if soft else sset.hard_labels()
@@ -431,10 +434,10 @@ def evaluate_set(
     checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
     synthetic = evaluate_images(sset.images.to(device), targets.to(device), data, protocol=protocol, lr=lr,
                                 arch=arch, seed=seed, runs=runs, desc=f"{sset.method} on {arch}", progress=progress,
-                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=True)
+                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=keep_runs)
     report = EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
                               synthetic=synthetic, seed=seed, device=str(device), compiled=compile,
-                              kept_runs=FinishedRuns(checkpoint, runs))
+                              kept_runs=FinishedRuns(checkpoint, runs) if keep_runs else None)
     if baselines:
         report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
                                                       runs=runs, progress=progress, compile=compile, resume=resume)
@@ -447,7 +450,7 @@ def evaluate_set(
 
 def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int,
                      baselines: bool, reference: bool | None, progress: bool, compile: bool,
-                     resume: bool) -> EvaluationReport:
+                     resume: bool, keep_runs: bool) -> EvaluationReport:
     """evaluate_set under a KD protocol: the set's stored soft labels, else its live teacher.
     The baselines learn from the same teacher (skipped, and said so, when the set has none)."""
     device = data.test_x.device
@@ -457,14 +460,14 @@ def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str,
     checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
     synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
                                 seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
-                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=True)
+                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=keep_runs)
     details: dict[str, Any] = {"teacher": labels.mode,
                                "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
     if isinstance(labels, kd.StoredSoftLabels):
         details["stored_epochs"] = labels.epochs
     report = EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
                               seed=seed, device=str(device), details=details, compiled=compile,
-                              kept_runs=FinishedRuns(checkpoint, runs))
+                              kept_runs=FinishedRuns(checkpoint, runs) if keep_runs else None)
     if teacher is None:
         details["baselines_skipped"] = "the set carries no teacher"
         return report
