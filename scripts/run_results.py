@@ -69,6 +69,7 @@ class Cell:
     protocol: str | None = None  # None: the method's own
     epochs: int | None = None  # None: the protocol's
     archs: tuple[str, ...] = ()  # () : the network the set was distilled for
+    baselines: bool = True  # also train the matched random-subset baseline
     notes: dict = field(default_factory=dict, compare=False)
 
     def distill_command(self) -> list[str]:
@@ -83,6 +84,8 @@ class Cell:
         command = ["ddtool", "evaluate", str(self.path), "--runs", str(RUNS), "--quiet", "--no-reference", "--resume"]
         if compile:
             command.append("--compile")
+        if not self.baselines:
+            command.append("--no-baselines")
         if self.protocol:
             command += ["--protocol", self.protocol]
         if self.epochs:
@@ -135,8 +138,9 @@ def ablation_table() -> list[Cell]:
 
 
 def cross_arch_table() -> list[Cell]:
+    # A random subset's matched baseline is another random subset: the random row trains none.
     return [Cell(key=f"{c.method}-xarch", label=c.method, method=c.method, ipc=10, path=c.path,
-                 protocol=c.protocol, epochs=c.epochs, archs=CROSS_ARCHS)
+                 protocol=c.protocol, epochs=c.epochs, archs=CROSS_ARCHS, baselines=c.method != "random")
             for c in main_table(ipcs=(10,)) if c.method in ("random", "mtt", "ftd", "datm", "cda")]
 
 
@@ -394,8 +398,12 @@ def render_cross_arch(cells: list[Cell]) -> str:
         cells_ = []
         for arch in CROSS_ARCHS:
             record = find_evaluation(c, sset, arch) if sset else None
-            where = "" if record is None or str(record.get("device", "cpu")).startswith("cpu") else " (GPU)"
-            cells_.append(pct(record["mean"], record["std"]) + where if record else "not run")
+            if record is None:
+                cells_.append("not run")
+                continue
+            where = "" if str(record.get("device", "cpu")).startswith("cpu") else " (GPU)"
+            base = record.get("baselines", {}).get("random_subset") if c.baselines else None
+            cells_.append(pct(record["mean"], record["std"]) + where + (f" [{100 * base['mean']:.2f}]" if base else ""))
         lines.append(f"| {c.label} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 

@@ -159,7 +159,8 @@ def test_merge_adds_only_the_copys_new_records_and_refuses_other_images(tmp_path
     assert archs == ["convnet:width=32", "vgg11", "alexnet"]
     cell = results.Cell(key="mtt-xarch", label="mtt", method="mtt", ipc=2, path=shipped,
                         archs=("convnet:width=32", "alexnet"))
-    assert "60.00 ± 0.00 (GPU)" in results.render_cross_arch([cell])
+    rendered = results.render_cross_arch([cell])
+    assert "| 60.00 ± 0.00 (GPU) [50.00] |" in rendered and "| 65.00 ± 0.00 [50.00] |" in rendered
     other = tmp_path / "other.h5"
     save_synthetic_set(other, make_set(channels=1, size=6, ipc=3))
     with pytest.raises(SystemExit, match="images differ"):
@@ -177,9 +178,14 @@ def test_run_evaluates_only_the_networks_asked_for(tmp_path, results, monkeypatc
     monkeypatch.setattr(results.subprocess, "run", lambda command, **kwargs: commands.append(command))
     results.run_cell(cell, lambda message: None, archs=["alexnet", "vgg11"])
     assert [command[command.index("--arch") + 1] for command in commands] == ["alexnet", "vgg11"]
+    # evaluations resume what an interrupted one finished; the matched baseline is trained
+    assert all("--resume" in command and "--no-baselines" not in command for command in commands)
     commands.clear()
     results.run_cell(cell, lambda message: None)
     assert len(commands) == len(results.CROSS_ARCHS)
+    # except for the random row, itself a random subset
+    random_row = next(c for c in results.cross_arch_table() if c.method == "random")
+    assert "--no-baselines" in random_row.evaluate_command("alexnet")
 
 
 def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(tmp_path, results, monkeypatch):
