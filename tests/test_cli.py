@@ -72,6 +72,7 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
     import time
 
     from ddtool.paths import cache_root
+    from ddtool.storage import load_synthetic_set
 
     made = tmp_path / "set.h5"
     ok(ddtool("distill", "--method", "random", "--ipc", 2, "--data-root", fashion_root, "-o", made, "--no-eval", "-q"))
@@ -95,11 +96,14 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
     stored = json.loads(first.read_text())
     first.write_text(json.dumps({**stored, "accuracy": 0.987}))
 
-    ok(ddtool("evaluate", copies["killed"], "--resume", *args))
+    said = ok(ddtool("evaluate", copies["killed"], "--resume", *args)).stdout
+    assert "taken from the interrupted evaluation" in said
     runs = {}
     for name, copy in copies.items():
         with h5py.File(copy, "r") as f:
             runs[name] = list(f["evaluations"]["000"]["runs"][()])
+    record = load_synthetic_set(copies["killed"]).evaluations[0]
+    assert record["resumed_runs"][0] == 0  # the record says which runs an earlier process trained
     assert runs["killed"][0] == pytest.approx(0.987)
     assert runs["killed"][1:] == runs["whole"][1:] and len(runs["whole"]) == 3
     assert not list(kept.glob("*/run-*.json"))

@@ -168,6 +168,8 @@ def test_an_interrupted_evaluation_resumes_from_the_runs_it_finished(data, monke
     resumed = evaluate(resume=True)
     assert trained == [evaluation.derive_seed(3, "run", 2)]  # only the third run is trained again
     assert resumed.runs == uninterrupted.runs and _kept_runs() == []
+    assert resumed.resumed == [0, 1] and resumed.to_dict()["resumed_runs"] == [0, 1]
+    assert uninterrupted.resumed == [] and "resumed_runs" not in uninterrupted.to_dict()
 
 
 def test_without_resume_an_evaluation_trains_every_run_again(data, trainings, monkeypatch):

@@ -197,6 +197,11 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
         cells = [str(r.synthetic), str(r.random_subset) if r.random_subset else "-",
                  str(r.whole_dataset) if r.whole_dataset else "not cached"]
         click.echo(f"{r.arch:<24} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+    for r in rows:
+        if r.synthetic.resumed:
+            click.echo(f"({r.arch}: run{'s' if len(r.synthetic.resumed) > 1 else ''} "
+                       f"{', '.join(map(str, r.synthetic.resumed))} of the set taken from the interrupted evaluation, "
+                       "as --resume asks)")
     click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} runs; lr {rows[0].lr:.4g}, "
                f"{rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
     if any(r.whole_dataset is None for r in rows) and reference is None:

@@ -50,6 +50,8 @@ class Accuracies:
     seconds: float = 0.0
     # Whether the networks ran through torch.compile; None for a cached result from before it was recorded.
     compiled: bool | None = None
+    # Runs read back from an interrupted evaluation (trained by an earlier process), by index.
+    resumed: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -62,7 +64,7 @@ class Accuracies:
 
     def to_dict(self) -> dict:
         return {"runs": list(self.runs), "mean": self.mean, "std": self.std, "seconds": self.seconds,
-                "compiled": self.compiled}
+                "compiled": self.compiled, **({"resumed_runs": list(self.resumed)} if self.resumed else {})}
 
     def __str__(self) -> str:
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
@@ -218,6 +220,7 @@ def evaluate_images(
     mine = distributed.indices_of_this_rank(runs)
     finished = FinishedRuns(checkpoint, runs) if checkpoint is not None else None
     accs: dict[int, float] = {}
+    resumed: list[int] = []
     seconds_before = 0.0
     # Rank 0's bar stands for all ranks: they share one terminal.
     with tqdm(total=len(mine) * protocol.epochs, desc=desc, unit="epoch", leave=False,
@@ -226,6 +229,7 @@ def evaluate_images(
             kept = finished.read(run) if finished is not None and resume else None
             if kept is not None:
                 accs[run], seconds = kept
+                resumed.append(run)
                 seconds_before += seconds
                 bar.update(protocol.epochs)
                 continue
@@ -237,11 +241,12 @@ def evaluate_images(
             if finished is not None:
                 finished.keep(run, accs[run], time.perf_counter() - run_start)
             bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
-    everyone = {run: acc for share in distributed.gather_objects(accs) for run, acc in share.items()}
+    shares = distributed.gather_objects((accs, resumed))
+    everyone = {run: acc for share, _ in shares for run, acc in share.items()}
     if finished is not None and not keep_runs:
         finished.discard()
     return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start + seconds_before,
-                      compiled=compile)
+                      compiled=compile, resumed=sorted(run for _, share in shares for run in share))
 
 
 class FinishedRuns:
@@ -300,7 +305,7 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
         if path is not None:
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
-                                           "compiled": result.compiled}, indent=1))
+                                           "compiled": result.compiled, "resumed": result.resumed}, indent=1))
     return result
 
 
@@ -323,7 +328,8 @@ def _read_cached(path: Path, key: dict) -> Accuracies | None:
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"))
+            return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"),
+                              stored.get("resumed", []))
     return None
 
 
