@@ -4,6 +4,8 @@ run checkpoints. One root for all of them: $DDTOOL_CACHE, else $XDG_CACHE_HOME/d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +19,12 @@ def user_cache_root() -> Path:
 def cache_root() -> Path:
     env = os.environ.get("DDTOOL_CACHE")
     return Path(env).expanduser() if env else user_cache_root()
+
+
+def key_digest(key: dict) -> str:
+    """A short name for a cache entry identified by `key` (JSON values). Entries store their
+    key too, and check it on reading: 16 hex digits name files, they do not prove a match."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_dir(*parts: str) -> Path:

@@ -38,7 +38,7 @@ from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
 from ddtool.evaluation.protocols import Protocol
 from ddtool.networks import create_network
-from ddtool.paths import cache_dir, cache_root
+from ddtool.paths import cache_dir, cache_root, key_digest
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage.atomic import atomic_path
 from ddtool.training import accuracy, train_epoch
@@ -257,7 +257,7 @@ class FinishedRuns:
     def __init__(self, key: dict, runs: int) -> None:
         self.key = key
         self.runs = runs
-        self.folder = cache_root() / "evaluations" / _digest(key)
+        self.folder = cache_root() / "evaluations" / key_digest(key)
 
     def _path(self, run: int) -> Path:
         return self.folder / f"run-{run}.json"
@@ -284,16 +284,12 @@ class FinishedRuns:
             self.folder.rmdir()
 
 
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
     """Baselines are expensive and depend only on `key`: compute once, keep in the cache.
 
     Processes that need the same baseline at once (parallel evaluations of one table) take
     turns on a lock file: the first computes, the others wait and read its result."""
-    digest = _digest(key)
+    digest = key_digest(key)
     # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
     # are spread over them (and on several machines each may have a cache of its own).
     path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None

@@ -9,7 +9,6 @@ elsewhere; adding a method touches one file plus its registry decorator.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import typing
 from abc import ABC, abstractmethod
@@ -21,6 +20,7 @@ import torch
 
 from ddtool.data import PreparedData
 from ddtool.errors import ConfigError
+from ddtool.paths import key_digest
 from ddtool.storage import SyntheticSet
 
 
@@ -115,10 +115,8 @@ def get_method_class(name: str) -> type[Method]:
 def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
     """Names the work folder of a run, so --resume finds it: the settings, and the method's
     revision, as the settings alone cannot tell a checkpoint made before a fix from one after."""
-    key = json.dumps({"method": method, "revision": get_method_class(method).revision,
-                      "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc, "seed": seed},
-                     sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return key_digest({"method": method, "revision": get_method_class(method).revision,
+                       "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc, "seed": seed})
 
 
 def list_methods() -> list[str]:

@@ -10,7 +10,6 @@ of it: a BatchNorm teacher whose running statistics the recover step matches.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from ddtool.errors import ConfigError
 from ddtool.evaluation.kd import sample_views
 from ddtool.evaluation.protocols import KDSettings
 from ddtool.networks import create_network
-from ddtool.paths import cache_dir
+from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage.atomic import atomic_path
 from ddtool.training import accuracy, train_epoch
@@ -92,7 +91,7 @@ def network_trained_on_real(data: PreparedData, recipe: RealTrainingRecipe, *, c
         check(net)
     net = net.to(device)
     key = _cache_key(data, recipe)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = key_digest(key)
     path = cache_dir(cache) / f"{digest}.pt"
     if path.exists():
         stored = torch.load(path, map_location=device)
