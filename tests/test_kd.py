@@ -167,6 +167,21 @@ def test_evaluate_set_under_kd_records_the_teacher_mode_and_the_matched_baseline
     assert again.random_subset.runs == reports["stored"].random_subset.runs
 
 
+def test_a_set_with_stored_labels_and_no_teacher_is_evaluated_without_baselines(data, teacher):
+    # Its soft labels are enough to train on, but a matched random subset would need the
+    # teacher to label other images: the record says the baselines were skipped, and why.
+    images = tiny_set(teacher_record=None, extras={}, data=data).images
+    stored_labels = record_soft_labels(teacher, images, epochs=1, settings=get_protocol("kd").kd,
+                                       allow_flip=data.spec.flip, generator=gen(9))
+    orphan = tiny_set(teacher_record=None, extras=stored_labels.to_extras(), data=data)
+    protocol = get_protocol("kd").with_overrides(epochs=1, runs=1, batch_size=8)
+    entry = evaluate_set(orphan, data, protocol=protocol, arch="convnetw32", reference=True,
+                         progress=False).to_record()
+    assert entry["teacher"] == "stored" and entry["teacher_arch"] is None and entry["stored_epochs"] == 1
+    assert entry["baselines_skipped"] == "the set carries no teacher" and entry["baselines"] == {}
+    assert len(entry["runs"]) == 1 and entry["labels"] == "soft"
+
+
 def test_fit_student_from_a_live_teacher_learns_its_labels(data, teacher):
     # The student starts as a copy of the teacher's architecture; a few epochs of KD at a
     # large lr must bring its KD loss down on fixed views.

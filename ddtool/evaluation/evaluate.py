@@ -425,65 +425,66 @@ def evaluate_set(
     The set comes first, the baselines after: processes evaluating several sets at once then
     train their own sets while one of them computes the baseline they share."""
     runs = runs or protocol.runs
-    if protocol.kd is not None:
-        return _evaluate_set_kd(sset, data, protocol=protocol, arch=arch, seed=seed, runs=runs, baselines=baselines,
-                                reference=reference, progress=progress, compile=compile, resume=resume,
-                                keep_runs=keep_runs)
     device = data.test_x.device
-    soft = protocol.soft_labels and sset.label_kind != "hard"
-    targets = sset.soft_targets() if soft else sset.hard_labels()
-    lr = sset.learned_lr if (protocol.use_learned_lr and sset.learned_lr is not None) else protocol.lr
+    learning = _SetLearning.of(sset, protocol, device)
     checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
-    synthetic = evaluate_images(sset.images.to(device), targets.to(device), data, protocol=protocol, lr=lr,
-                                arch=arch, seed=seed, runs=runs, desc=f"{sset.method} on {arch}", progress=progress,
-                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=keep_runs)
-    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(lr), labels="soft" if soft else "hard",
-                              synthetic=synthetic, seed=seed, device=str(device), compiled=compile,
-                              kept_runs=FinishedRuns(checkpoint, runs) if keep_runs else None)
+    synthetic = evaluate_images(sset.images.to(device), learning.targets, data, protocol=protocol, lr=learning.lr,
+                                arch=arch, seed=seed, runs=runs, progress=progress, compile=compile,
+                                desc=f"{sset.method} on {arch}" + (" (KD)" if protocol.kd is not None else ""),
+                                checkpoint=checkpoint, resume=resume, keep_runs=keep_runs)
+    report = EvaluationReport(protocol=protocol, arch=arch, lr=learning.lr, labels=learning.labels,
+                              synthetic=synthetic, seed=seed, device=str(device), details=learning.details,
+                              compiled=compile, kept_runs=FinishedRuns(checkpoint, runs) if keep_runs else None)
+    if "baselines_skipped" in learning.details:
+        return report
     if baselines:
         report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
-                                                      runs=runs, progress=progress, compile=compile, resume=resume)
+                                                      runs=runs, progress=progress, teacher=learning.teacher,
+                                                      teacher_key=learning.teacher_key, like=learning.label_source,
+                                                      compile=compile, resume=resume)
     if reference is not False:
         report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
                                                        progress=progress, compute_if_missing=bool(reference),
+                                                       teacher=learning.teacher, teacher_key=learning.teacher_key,
                                                        compile=compile, resume=resume)
     return report
 
 
-def _evaluate_set_kd(sset, data: PreparedData, *, protocol: Protocol, arch: str, seed: int, runs: int,
-                     baselines: bool, reference: bool | None, progress: bool, compile: bool,
-                     resume: bool, keep_runs: bool) -> EvaluationReport:
-    """evaluate_set under a KD protocol: the set's stored soft labels, else its live teacher.
-    The baselines learn from the same teacher (skipped, and said so, when the set has none)."""
-    device = data.test_x.device
-    labels = kd.set_label_source(sset, device)
-    teacher = kd.set_teacher(sset, device)
-    teacher_key = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
-    checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
-    synthetic = evaluate_images(sset.images.to(device), labels, data, protocol=protocol, lr=protocol.lr, arch=arch,
-                                seed=seed, runs=runs, desc=f"{sset.method} on {arch} (KD)", progress=progress,
-                                compile=compile, checkpoint=checkpoint, resume=resume, keep_runs=keep_runs)
-    details: dict[str, Any] = {"teacher": labels.mode,
-                               "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
-    if isinstance(labels, kd.StoredSoftLabels):
-        details["stored_epochs"] = labels.epochs
-    report = EvaluationReport(protocol=protocol, arch=arch, lr=float(protocol.lr), labels="soft", synthetic=synthetic,
-                              seed=seed, device=str(device), details=details, compiled=compile,
-                              kept_runs=FinishedRuns(checkpoint, runs) if keep_runs else None)
-    if teacher is None:
-        details["baselines_skipped"] = "the set carries no teacher"
-        return report
-    if baselines:
-        report.random_subset = random_subset_baseline(data, ipc=sset.ipc, protocol=protocol, arch=arch, seed=seed,
-                                                      runs=runs, progress=progress, teacher=teacher,
-                                                      teacher_key=teacher_key, like=labels, compile=compile,
-                                                      resume=resume)
-    if reference is not False:
-        report.whole_dataset = whole_dataset_reference(data, protocol=protocol, arch=arch, seed=seed,
-                                                       progress=progress, compute_if_missing=bool(reference),
-                                                       teacher=teacher, teacher_key=teacher_key, compile=compile,
-                                                       resume=resume)
-    return report
+@dataclass
+class _SetLearning:
+    """What fresh networks learn from a set under one protocol, and what its baselines must
+    learn from to match: the set's labels and lr; under a KD protocol the set's stored soft
+    labels (else its live teacher), the teacher the baselines learn from, and facts for the
+    record."""
+
+    targets: torch.Tensor | kd.LabelSource
+    lr: float
+    labels: str  # "hard" or "soft"
+    details: dict[str, Any] = field(default_factory=dict)
+    teacher: kd.LiveTeacher | None = None
+    teacher_key: str | None = None
+
+    @property
+    def label_source(self) -> kd.LabelSource | None:
+        return None if isinstance(self.targets, torch.Tensor) else self.targets
+
+    @classmethod
+    def of(cls, sset, protocol: Protocol, device: torch.device) -> _SetLearning:
+        if protocol.kd is None:
+            soft = protocol.soft_labels and sset.label_kind != "hard"
+            targets = sset.soft_targets() if soft else sset.hard_labels()
+            lr = sset.learned_lr if (protocol.use_learned_lr and sset.learned_lr is not None) else protocol.lr
+            return cls(targets.to(device), float(lr), "soft" if soft else "hard")
+        labels = kd.set_label_source(sset, device)
+        details: dict[str, Any] = {"teacher": labels.mode,
+                                   "teacher_arch": sset.teacher["arch"] if sset.teacher is not None else None}
+        if isinstance(labels, kd.StoredSoftLabels):
+            details["stored_epochs"] = labels.epochs
+        teacher = kd.set_teacher(sset, device)
+        if teacher is None:
+            details["baselines_skipped"] = "the set carries no teacher"
+            return cls(labels, float(protocol.lr), "soft", details)
+        return cls(labels, float(protocol.lr), "soft", details, teacher, kd.teacher_fingerprint(sset.teacher))
 
 
 def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, seed: int, compile: bool) -> dict:
