@@ -10,7 +10,8 @@ it on fresh networks, and write the tables (into README.md), the plots and synth
 
 Every cell is one HDF5 set with its evaluations inside: `run` skips a set that exists and an
 evaluation the set already records (same protocol, epochs, runs, architecture), and resumes an
-interrupted distillation from its checkpoint, so rerunning continues where it stopped. A set
+interrupted distillation from its checkpoint and an interrupted evaluation from the runs it
+finished (`plan` lists them), so rerunning continues where it stopped. A set
 made before its preset changed is not taken as done: `plan` marks it STALE and `run` skips it
 with the settings that moved, for the user to move it away and re-make it. `tables`
 reads only the files, so each number in the README comes from a set anyone can re-evaluate
@@ -169,6 +170,12 @@ def find_evaluation(cell: Cell, sset, arch: str | None):
                 and _same_arch(record.get("arch"), arch)):
             return record
     return None
+
+
+def kept_runs(sset) -> list[tuple[dict, list[int]]]:
+    from ddtool.evaluation import kept_runs_of_set
+
+    return kept_runs_of_set(sset) if sset is not None else []
 
 
 def _distilled_for(sset) -> str:
@@ -569,6 +576,10 @@ def main() -> None:
                 sset = load(c)
                 done = [a or "own" for a in c.archs or (None,) if sset and find_evaluation(c, sset, a)]
                 state = "missing" if sset is None else f"distilled; evaluated on {done or 'nothing yet'}"
+                kept = [f"{key['protocol']['name']} on {key['arch']}{' compiled' if key['compiled'] else ''}: "
+                        f"run(s) {', '.join(map(str, runs))}" for key, runs in kept_runs(sset)]
+                if kept:
+                    state += f"; interrupted, kept for `run` to resume: {'; '.join(kept)}"
                 drift = preset_drift(c, sset) if sset is not None else {}
                 if drift:
                     state += f"; STALE, the preset changed since: {describe_drift(drift)}"

@@ -214,10 +214,12 @@ def test_a_sets_runs_are_kept_until_its_report_is_stored_and_a_baselines_until_c
                                      keep_runs=True)
     # the baseline is in its cache and needs no kept runs; the set's wait for the report's record
     assert report.random_subset is not None and _kept_runs() == ["run-0.json", "run-1.json"]
+    [(key, runs)] = evaluation.kept_runs_of_set(sset)  # what `run_results.py plan` shows
+    assert runs == [0, 1] and key["arch"] == ARCH and key["protocol"]["name"] == "classic"
     trained = trainings["networks"]
     resumed = evaluation.evaluate_set(sset, data, protocol=protocol, arch=ARCH, progress=False, reference=False,
                                       resume=True, keep_runs=True)
     assert trainings["networks"] == trained  # both read back: the set's kept runs, the cached baseline
     assert resumed.synthetic.runs == report.synthetic.runs
     report.release_kept_runs()
-    assert _kept_runs() == []
+    assert _kept_runs() == [] and evaluation.kept_runs_of_set(sset) == []

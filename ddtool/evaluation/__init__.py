@@ -5,6 +5,7 @@ from ddtool.evaluation.evaluate import (
     EvaluationReport,
     evaluate_images,
     evaluate_set,
+    kept_runs_of_set,
     random_subset_baseline,
     train_fresh_network,
     whole_dataset_reference,
@@ -13,5 +14,5 @@ from ddtool.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
 
 __all__ = [
     "Accuracies", "EvaluationReport", "PROTOCOLS", "Protocol", "evaluate_images", "evaluate_set", "get_protocol",
-    "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
+    "kept_runs_of_set", "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
 ]

@@ -491,6 +491,12 @@ def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, see
     """The checkpoint key of a set's evaluation: everything its networks learn from (images,
     labels and how they read, the learned lr, stored views, the teacher) by content, not by
     file name, and how they are trained."""
+    return {"kind": "synthetic_set", "set": _set_content_digest(sset), "protocol": protocol.to_dict(), "arch": arch,
+            "seed": seed, "compiled": compile, **_data_key(data)}
+
+
+def _set_content_digest(sset) -> str:
+    """A set by what its networks learn from (see _set_checkpoint), not by its file."""
     content = hashlib.sha256()
     for tensor in (sset.images, sset.labels):
         content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -499,5 +505,18 @@ def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, see
         content.update(np.ascontiguousarray(sset.extras[name]).tobytes())
     teacher = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
     content.update(json.dumps([sset.label_kind, sset.label_temperature, sset.learned_lr, teacher]).encode())
-    return {"kind": "synthetic_set", "set": content.hexdigest()[:16], "protocol": protocol.to_dict(), "arch": arch,
-            "seed": seed, "compiled": compile, **_data_key(data)}
+    return content.hexdigest()[:16]
+
+
+def kept_runs_of_set(sset) -> list[tuple[dict, list[int]]]:
+    """The interrupted evaluations of this set (any protocol, network, seed) whose finished
+    runs wait in the cache for a resume: (checkpoint key, indices of the kept runs) each."""
+    digest = _set_content_digest(sset)
+    found: dict[str, tuple[dict, list[int]]] = {}
+    for path in sorted((cache_root() / "evaluations").glob("*/run-*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            stored = json.loads(path.read_text())
+            key = stored["key"]
+            if key.get("kind") == "synthetic_set" and key.get("set") == digest:
+                found.setdefault(path.parent.name, (key, []))[1].append(int(stored["run"]))
+    return [(key, sorted(runs)) for key, runs in found.values()]
