@@ -75,6 +75,24 @@ def test_an_evaluation_repeats_exactly_from_its_seed(data):
     assert twice[0] == twice[1]
 
 
+def test_a_run_can_be_replayed_from_its_parts(data):
+    # scripts/dead_units.py replays evaluation runs from fresh_network, fit_network and
+    # random_subset: they must train exactly what the baseline's run r trained.
+    from ddtool.seeding import derive_seed
+    from ddtool.training import accuracy
+
+    protocol = small("mtt")
+    baseline = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=5, progress=False)
+    for run in range(protocol.runs):
+        images, labels = evaluation.random_subset(data, ipc=1, protocol=protocol, seed=5, run=run)
+        net = evaluation.fresh_network(ARCH, data, derive_seed(5, "run", run))
+        evaluation.fit_network(net, images, labels, data, protocol=protocol, lr=protocol.lr,
+                               seed=derive_seed(5, "run", run))
+        assert accuracy(net, data.test_x, data.test_y) == baseline.runs[run]
+    draws = [evaluation.random_subset(data, ipc=1, protocol=protocol, seed=5, run=run)[0] for run in range(2)]
+    assert not (draws[0] == draws[1]).all()  # each run its own draw, replayed as such
+
+
 def test_compiled_networks_train_like_eager_ones(data, monkeypatch):
     import torch
 

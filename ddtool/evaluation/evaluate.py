@@ -142,36 +142,50 @@ def train_fresh_network(
     `compile`: run the network through torch.compile. The same training, fused into fewer
     kernels: 1.4-2.2x faster on a CPU (wider networks gain less) after a one-off compile (seconds with a warm
     inductor cache, about a minute cold); results differ from eager only by rounding."""
+    net = fresh_network(arch, data, seed, arch_options)
+    if compile:
+        net = _Compiled(net)
+    fit_network(net, images, targets, data, protocol=protocol, lr=lr, seed=seed, epochs=epochs,
+                batch_size=batch_size, on_epoch=on_epoch)
+    held_x, held_y = held_out if held_out is not None else (data.test_x, data.test_y)
+    return accuracy(net, held_x, held_y)
+
+
+def fresh_network(arch: str, data: PreparedData, seed: int, arch_options: dict | None = None) -> torch.nn.Module:
+    """The new network of the run with seed `seed`, on the data's device."""
     spec = data.spec
-    device = data.test_x.device
     with seeded(derive_seed(seed, "network")):
         net = create_network(arch, channels=spec.channels, num_classes=spec.num_classes,
                              image_size=spec.image_size, **(arch_options or {}))
-    net = net.to(device)
-    if compile:
-        net = _Compiled(net)
+    return net.to(data.test_x.device)
+
+
+def fit_network(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor | kd.LabelSource,
+                data: PreparedData, *, protocol: Protocol, lr: float, seed: int, epochs: int | None = None,
+                batch_size: int | None = None, on_epoch: Callable[[], None] | None = None) -> None:
+    """Train `net` on (images, targets) under `protocol`, every random draw from `seed`."""
+    spec = data.spec
+    device = data.test_x.device
     epochs = epochs or protocol.epochs
     images, targets = images.to(device), targets.to(device)
     if protocol.kd is not None:
         kd.fit_student(net, images, targets, protocol=protocol, lr=lr, epochs=epochs,
                        batch_size=batch_size or protocol.batch_size, seed_generator=lambda name: generator(seed, name),
                        allow_flip=spec.flip, on_epoch=on_epoch)
-    else:
-        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
-                                    weight_decay=protocol.weight_decay)
-        decay_epoch = int(round(protocol.lr_decay_at * epochs))
-        augment = DSA(DSAConfig(flip=spec.flip)) if protocol.augment else None
-        batches = generator(seed, "batches")
-        for epoch in range(epochs):
-            if epoch == decay_epoch:
-                for group in optimizer.param_groups:
-                    group["lr"] *= protocol.lr_decay
-            train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
-                        generator=batches, augment=augment)
-            if on_epoch is not None:
-                on_epoch()
-    held_x, held_y = held_out if held_out is not None else (data.test_x, data.test_y)
-    return accuracy(net, held_x, held_y)
+        return
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=protocol.momentum,
+                                weight_decay=protocol.weight_decay)
+    decay_epoch = int(round(protocol.lr_decay_at * epochs))
+    augment = DSA(DSAConfig(flip=spec.flip)) if protocol.augment else None
+    batches = generator(seed, "batches")
+    for epoch in range(epochs):
+        if epoch == decay_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] *= protocol.lr_decay
+        train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
+                    generator=batches, augment=augment)
+        if on_epoch is not None:
+            on_epoch()
 
 
 class _Compiled(torch.nn.Module):
@@ -360,17 +374,25 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
                    stored_epochs=like.epochs if isinstance(like, kd.StoredSoftLabels) else None)
 
     def subset(run: int) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
-        idx = sample_per_class(data.train_y, data.spec.num_classes, ipc, generator(seed, "random-subset", run))
-        if protocol.kd is None:
-            return data.train_x[idx], data.train_y[idx]
-        labels = kd.matched_labels(teacher, data.train_x[idx], like, settings=protocol.kd, allow_flip=data.spec.flip,
-                                   generator=generator(seed, "random-subset-relabel", run))
-        return data.train_x[idx], labels
+        return random_subset(data, ipc=ipc, protocol=protocol, seed=seed, run=run, teacher=teacher, like=like)
 
     return _cached(key, lambda: evaluate_images(
         data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
         runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile,
         checkpoint={**key, "compiled": compile}, resume=resume))
+
+
+def random_subset(data: PreparedData, *, ipc: int, protocol: Protocol, seed: int, run: int,
+                  teacher: kd.LiveTeacher | None = None,
+                  like: kd.LabelSource | None = None) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
+    """The random baseline's draw for `run`: images and what they are trained toward (see
+    random_subset_baseline)."""
+    idx = sample_per_class(data.train_y, data.spec.num_classes, ipc, generator(seed, "random-subset", run))
+    if protocol.kd is None:
+        return data.train_x[idx], data.train_y[idx]
+    labels = kd.matched_labels(teacher, data.train_x[idx], like or teacher, settings=protocol.kd,
+                               allow_flip=data.spec.flip, generator=generator(seed, "random-subset-relabel", run))
+    return data.train_x[idx], labels
 
 
 def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
@@ -426,7 +448,7 @@ def evaluate_set(
     train their own sets while one of them computes the baseline they share."""
     runs = runs or protocol.runs
     device = data.test_x.device
-    learning = _SetLearning.of(sset, protocol, device)
+    learning = SetLearning.of(sset, protocol, device)
     checkpoint = _set_checkpoint(sset, data, protocol, arch, seed, compile)
     synthetic = evaluate_images(sset.images.to(device), learning.targets, data, protocol=protocol, lr=learning.lr,
                                 arch=arch, seed=seed, runs=runs, progress=progress, compile=compile,
@@ -451,7 +473,7 @@ def evaluate_set(
 
 
 @dataclass
-class _SetLearning:
+class SetLearning:
     """What fresh networks learn from a set under one protocol, and what its baselines must
     learn from to match: the set's labels and lr; under a KD protocol the set's stored soft
     labels (else its live teacher), the teacher the baselines learn from, and facts for the
@@ -469,7 +491,7 @@ class _SetLearning:
         return None if isinstance(self.targets, torch.Tensor) else self.targets
 
     @classmethod
-    def of(cls, sset, protocol: Protocol, device: torch.device) -> _SetLearning:
+    def of(cls, sset, protocol: Protocol, device: torch.device) -> SetLearning:
         if protocol.kd is None:
             soft = protocol.soft_labels and sset.label_kind != "hard"
             targets = sset.soft_targets() if soft else sset.hard_labels()
