@@ -22,7 +22,7 @@ import torch
 
 from ddtool.data import prepare
 from ddtool.evaluation import get_protocol
-from ddtool.evaluation.evaluate import SetLearning, fit_network, fresh_network, random_subset
+from ddtool.evaluation import SetLearning, fit_network, fresh_network, random_subset
 from ddtool.methods.base import get_method_class
 from ddtool.seeding import derive_seed
 from ddtool.storage import load_synthetic_set

@@ -274,7 +274,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     baseline cache that `ddtool evaluate` reads."""
     from ddtool.data import prepare
     from ddtool.evaluation import get_protocol, kd
-    from ddtool.evaluation.evaluate import whole_dataset_reference
+    from ddtool.evaluation import whole_dataset_reference
     from ddtool.storage.atomic import atomic_path
 
     sset = load(cell)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_prepared
-from ddtool.evaluation import evaluate as evaluation
+from ddtool import evaluation
+from ddtool.evaluation import baselines, sets
+from ddtool.evaluation import evaluate as runs_module
+from ddtool.seeding import derive_seed
 from ddtool.evaluation import get_protocol
 from ddtool.storage import SyntheticSet
 
@@ -21,13 +24,13 @@ def data():
 def trainings(monkeypatch):
     """Counts the networks trained, to tell a computed baseline from a cached one."""
     count = {"networks": 0}
-    real = evaluation.train_fresh_network
+    real = runs_module.train_fresh_network
 
     def counting(*args, **kwargs):
         count["networks"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "train_fresh_network", counting)
+    monkeypatch.setattr(runs_module, "train_fresh_network", counting)
     return count
 
 
@@ -78,7 +81,6 @@ def test_an_evaluation_repeats_exactly_from_its_seed(data):
 def test_a_run_can_be_replayed_from_its_parts(data):
     # scripts/dead_units.py replays evaluation runs from fresh_network, fit_network and
     # random_subset: they must train exactly what the baseline's run r trained.
-    from ddtool.seeding import derive_seed
     from ddtool.training import accuracy
 
     protocol = small("mtt")
@@ -127,12 +129,12 @@ def test_a_baseline_computed_elsewhere_meanwhile_is_waited_for_not_recomputed():
         release.wait(timeout=30)
         return evaluation.Accuracies([0.5, 0.7])
 
-    first = threading.Thread(target=lambda: evaluation._cached(key, slow))
+    first = threading.Thread(target=lambda: baselines._cached(key, slow))
     first.start()
     assert started.wait(timeout=30)
     results = []
     second = threading.Thread(target=lambda: results.append(
-        evaluation._cached(key, lambda: calls.append("second") or evaluation.Accuracies([0.0]))))
+        baselines._cached(key, lambda: calls.append("second") or evaluation.Accuracies([0.0]))))
     second.start()
     second.join(timeout=0.5)
     assert second.is_alive() and not results  # waits on the first one's lock
@@ -163,7 +165,7 @@ def test_an_interrupted_evaluation_resumes_from_the_runs_it_finished(data, monke
             raise KeyboardInterrupt
         return (seed % 1000) / 1000
 
-    monkeypatch.setattr(evaluation, "train_fresh_network", train)
+    monkeypatch.setattr(runs_module, "train_fresh_network", train)
 
     def evaluate(seed=3, **kwargs):
         return evaluation.evaluate_images(images, labels, data, protocol=protocol, lr=0.01, arch=ARCH, seed=seed,
@@ -184,7 +186,7 @@ def test_an_interrupted_evaluation_resumes_from_the_runs_it_finished(data, monke
     assert len(trained) == 3 and set(other.runs).isdisjoint(uninterrupted.runs)
     trained.clear()
     resumed = evaluate(resume=True)
-    assert trained == [evaluation.derive_seed(3, "run", 2)]  # only the third run is trained again
+    assert trained == [derive_seed(3, "run", 2)]  # only the third run is trained again
     assert resumed.runs == uninterrupted.runs and _kept_runs() == []
     assert resumed.resumed == [0, 1] and resumed.to_dict()["resumed_runs"] == [0, 1]
     assert uninterrupted.resumed == [] and "resumed_runs" not in uninterrupted.to_dict()
@@ -208,7 +210,7 @@ def test_a_sets_checkpoint_key_follows_what_its_networks_learn_from(data):
     protocol = small("mtt")
 
     def key(s, **kw):
-        return evaluation._set_checkpoint(s, data, kw.get("protocol", protocol), kw.get("arch", ARCH),
+        return sets._set_checkpoint(s, data, kw.get("protocol", protocol), kw.get("arch", ARCH),
                                           kw.get("seed", 0), kw.get("compile", False))
 
     base = key(sset)

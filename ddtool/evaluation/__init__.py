@@ -1,18 +1,18 @@
-"""Evaluation: fresh networks trained on a set under a named protocol, beside baselines."""
+"""Evaluation: fresh networks trained on a set under a named protocol, beside baselines.
 
-from ddtool.evaluation.evaluate import (
-    Accuracies,
-    EvaluationReport,
-    evaluate_images,
-    evaluate_set,
-    kept_runs_of_set,
-    random_subset_baseline,
-    train_fresh_network,
-    whole_dataset_reference,
-)
+train (one network) -> evaluate (an evaluation's runs, kept for a resume) -> baselines
+(random subset, whole dataset; cached) -> sets (a set's evaluation and its report); kd: the
+knowledge-distillation student and its label sources; protocols: the named recipes.
+"""
+
+from ddtool.evaluation.baselines import random_subset, random_subset_baseline, whole_dataset_reference
+from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, evaluate_images
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
+from ddtool.evaluation.sets import EvaluationReport, SetLearning, evaluate_set, kept_runs_of_set
+from ddtool.evaluation.train import fit_network, fresh_network, train_fresh_network
 
 __all__ = [
-    "Accuracies", "EvaluationReport", "PROTOCOLS", "Protocol", "evaluate_images", "evaluate_set", "get_protocol",
-    "kept_runs_of_set", "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
+    "Accuracies", "EvaluationReport", "FinishedRuns", "PROTOCOLS", "Protocol", "SetLearning", "evaluate_images",
+    "evaluate_set", "fit_network", "fresh_network", "get_protocol", "kept_runs_of_set", "random_subset",
+    "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
 ]

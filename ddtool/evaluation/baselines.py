@@ -1,0 +1,138 @@
+"""The baselines that give a set's accuracy its meaning: real images drawn at random (as
+many per class as the set has) and the whole training split, each trained exactly like the
+set. They depend only on what their key names, so each is computed once and cached; only
+rank 0 writes the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddtool import distributed
+from ddtool.data import PreparedData, sample_per_class
+from ddtool.evaluation import kd
+from ddtool.evaluation.evaluate import Accuracies, data_key, evaluate_images
+from ddtool.evaluation.protocols import Protocol
+from ddtool.paths import cache_dir, key_digest
+from ddtool.seeding import generator
+from ddtool.storage.atomic import atomic_path
+
+
+def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
+    """Baselines are expensive and depend only on `key`: compute once, keep in the cache.
+
+    Processes that need the same baseline at once (parallel evaluations of one table) take
+    turns on a lock file: the first computes, the others wait and read its result."""
+    digest = key_digest(key)
+    # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
+    # are spread over them (and on several machines each may have a cache of its own).
+    path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None
+    with _exclusive(path.with_suffix(".lock") if path is not None and compute_if_missing else None):
+        cached = distributed.broadcast_object(_read_cached(path, key) if path is not None else None)
+        if cached is not None or not compute_if_missing:
+            return cached
+        result = compute()
+        if path is not None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
+                                           "compiled": result.compiled, "resumed": result.resumed}, indent=1))
+    return result
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path | None):
+    """Hold an exclusive advisory lock on `lock` (None: no lock) for the block's duration."""
+    if lock is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_cached(path: Path, key: dict) -> Accuracies | None:
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"),
+                              stored.get("resumed", []))
+    return None
+
+
+def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, arch: str = "convnet",
+                           seed: int = 0, runs: int | None = None, progress: bool = True,
+                           teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None,
+                           like: kd.LabelSource | None = None, compile: bool = False,
+                           resume: bool = False) -> Accuracies:
+    """Real images, `ipc` per class drawn at random (a new draw per run), hard labels, lr of
+    the protocol, trained exactly like the synthetic set.
+
+    Under a KD protocol the subset learns from `teacher` (the set's; `teacher_key` is its
+    kd.teacher_fingerprint), labelled the way `like` (the set's labels) is: live, or stored
+    for the same number of epochs of views."""
+    runs = runs or protocol.runs
+    key = {"kind": "random_subset", "ipc": ipc, "protocol": protocol.to_dict(), "arch": arch, "seed": seed,
+           "runs": runs, **data_key(data)}
+    if protocol.kd is not None:
+        if teacher is None or teacher_key is None:
+            raise ValueError("a KD protocol's random baseline needs the set's teacher and its fingerprint")
+        like = like or teacher
+        key.update(teacher=teacher_key, teacher_mode=like.mode,
+                   stored_epochs=like.epochs if isinstance(like, kd.StoredSoftLabels) else None)
+
+    def subset(run: int) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
+        return random_subset(data, ipc=ipc, protocol=protocol, seed=seed, run=run, teacher=teacher, like=like)
+
+    return _cached(key, lambda: evaluate_images(
+        data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
+        runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile,
+        checkpoint={**key, "compiled": compile}, resume=resume))
+
+
+def random_subset(data: PreparedData, *, ipc: int, protocol: Protocol, seed: int, run: int,
+                  teacher: kd.LiveTeacher | None = None,
+                  like: kd.LabelSource | None = None) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
+    """The random baseline's draw for `run`: images and what they are trained toward (see
+    random_subset_baseline)."""
+    idx = sample_per_class(data.train_y, data.spec.num_classes, ipc, generator(seed, "random-subset", run))
+    if protocol.kd is None:
+        return data.train_x[idx], data.train_y[idx]
+    labels = kd.matched_labels(teacher, data.train_x[idx], like or teacher, settings=protocol.kd,
+                               allow_flip=data.spec.flip, generator=generator(seed, "random-subset-relabel", run))
+    return data.train_x[idx], labels
+
+
+def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str = "convnet", seed: int = 0,
+                            runs: int = 1, progress: bool = True, compute_if_missing: bool = True,
+                            teacher: kd.LiveTeacher | None = None, teacher_key: str | None = None,
+                            compile: bool = False, resume: bool = False) -> Accuracies | None:
+    """The same architecture and optimiser trained on the whole training split for
+    protocol.reference_epochs epochs (lr decay at the same fraction). With
+    compute_if_missing=False, only a cached result is returned (None if there is none).
+    Under a KD protocol: the same recipe, `teacher` live on the whole split."""
+    reference = dataclasses.replace(protocol, epochs=protocol.reference_epochs,
+                                    batch_size=protocol.reference_batch_size)
+    # Keyed by what the training does, not by the protocol's name: protocols that differ only
+    # in how they train synthetic sets (mtt and datm: the batch size) share one reference.
+    recipe = {k: v for k, v in reference.to_dict().items() if k not in ("name", "runs")}
+    key = {"kind": "whole_dataset", "recipe": recipe, "arch": arch, "seed": seed, "runs": runs, **data_key(data)}
+    targets: torch.Tensor | kd.LabelSource = data.train_y
+    if protocol.kd is not None:
+        if teacher is None or teacher_key is None:
+            raise ValueError("a KD protocol's whole-dataset reference needs the teacher and its fingerprint")
+        key["teacher"], targets = teacher_key, teacher
+    return _cached(key, lambda: evaluate_images(
+        data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
+        desc="whole dataset", progress=progress, compile=compile, checkpoint={**key, "compiled": compile},
+        resume=resume), compute_if_missing=compute_if_missing)
