@@ -186,6 +186,10 @@ def test_run_evaluates_only_the_networks_asked_for(tmp_path, results, monkeypatc
     # except for the random row, itself a random subset
     random_row = next(c for c in results.cross_arch_table() if c.method == "random")
     assert "--no-baselines" in random_row.evaluate_command("alexnet")
+    # --processes 2: the same evaluation under torchrun, its runs spread over two processes
+    results.run_cell(cell, lambda message: None, archs=["vgg11"], processes=2)
+    assert commands[-1][:6] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "ddtool"]
+    assert commands[-1][6:] == cell.evaluate_command("vgg11")[1:]
 
 
 def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(tmp_path, results, monkeypatch):
