@@ -21,6 +21,7 @@ import argparse
 import torch
 
 from ddtool.data import prepare
+from ddtool.errors import DDToolError
 from ddtool.evaluation import get_protocol
 from ddtool.evaluation import SetLearning, fit_network, fresh_network, random_subset
 from ddtool.methods.base import get_method_class
@@ -40,8 +41,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: the one the evaluation uses")
     parser.add_argument("--random-subset", action="store_true", help="train the run's matched random draw instead")
     args = parser.parse_args()
-    torch.manual_seed(0)  # nothing below draws from the global generator; pinned all the same
+    try:
+        watch(args)
+    except DDToolError as error:  # a bad file, network or protocol name: its message, not a traceback
+        raise SystemExit(f"Error: {error}") from None
 
+
+def watch(args: argparse.Namespace) -> None:
     sset = load_synthetic_set(args.set)
     protocol = get_protocol(args.protocol or get_method_class(sset.method).default_protocol)
     data = prepare(sset.dataset, preprocessing=sset.preprocessing)
