@@ -243,3 +243,50 @@ def test_a_sets_runs_are_kept_until_its_report_is_stored_and_a_baselines_until_c
     assert resumed.synthetic.runs == report.synthetic.runs
     report.release_kept_runs()
     assert _kept_runs() == [] and evaluation.kept_runs_of_set(sset) == []
+
+
+def test_protocols_that_train_subsets_alike_share_one_random_baseline(data, trainings):
+    mtt, datm = small("mtt"), small("datm")
+    first = evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch=ARCH, progress=False)
+    assert trainings["networks"] == 2
+    # 10 images: batch 256 and 128 are both the whole subset in one step, so the runs are the same
+    assert evaluation.random_subset_baseline(data, ipc=1, protocol=datm, arch=ARCH, progress=False).runs == first.runs
+    assert trainings["networks"] == 2
+    # a batch smaller than the subset trains differently: another baseline
+    evaluation.random_subset_baseline(data, ipc=1, protocol=mtt.with_overrides(batch_size=4), arch=ARCH,
+                                      progress=False)
+    assert trainings["networks"] == 4
+
+
+def _keyed_by_protocol(key: dict, protocol) -> dict:
+    """A random baseline's key as caches written before keys named the recipe had it."""
+    return {k: v for k, v in key.items() if k != "recipe"} | {"protocol": protocol.to_dict()}
+
+
+def test_baselines_cached_under_the_protocols_name_are_still_found(data, trainings, monkeypatch):
+    import json
+
+    from ddtool.paths import cache_dir, key_digest
+
+    mtt, datm = small("mtt"), small("datm")
+    computed = evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch=ARCH, seed=9, progress=False)
+    [path] = [p for p in cache_dir("baselines").glob("*.json") if json.loads(p.read_text())["key"].get("seed") == 9]
+    entry = json.loads(path.read_text())
+    legacy = _keyed_by_protocol(entry["key"], mtt)
+    path.unlink()
+    (path.parent / f"{key_digest(legacy)}.json").write_text(json.dumps({**entry, "key": legacy}))
+    trained = trainings["networks"]
+    # a protocol that trains subsets as mtt does finds mtt's entry when the registry names mtt
+    monkeypatch.setattr(baselines, "PROTOCOLS", {"mtt": mtt})
+    found = evaluation.random_subset_baseline(data, ipc=1, protocol=datm, arch=ARCH, seed=9, progress=False)
+    assert found.runs == computed.runs and trainings["networks"] == trained
+    # an interrupted computation's kept runs are taken over too, and resumed from
+    for path in cache_dir("baselines").glob("*.json"):
+        if json.loads(path.read_text())["key"].get("seed") == 9:
+            path.unlink()
+    legacy_runs = runs_module.FinishedRuns({**legacy, "compiled": False}, 2)
+    legacy_runs.keep(1, 0.5, 3.0)
+    resumed = evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch=ARCH, seed=9, progress=False,
+                                                resume=True)
+    assert resumed.runs == [computed.runs[0], 0.5] and resumed.resumed == [1]
+    assert trainings["networks"] == trained + 1 and _kept_runs() == []

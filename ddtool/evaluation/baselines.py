@@ -18,8 +18,8 @@ import torch
 from ddtool import distributed
 from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
-from ddtool.evaluation.evaluate import Accuracies, data_key, evaluate_images
-from ddtool.evaluation.protocols import Protocol
+from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images
+from ddtool.evaluation.protocols import PROTOCOLS, Protocol
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import generator
 from ddtool.storage.atomic import atomic_path
@@ -82,14 +82,19 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
     kd.teacher_fingerprint), labelled the way `like` (the set's labels) is: live, or stored
     for the same number of epochs of views."""
     runs = runs or protocol.runs
-    key = {"kind": "random_subset", "ipc": ipc, "protocol": protocol.to_dict(), "arch": arch, "seed": seed,
-           "runs": runs, **data_key(data)}
+    subset_size = ipc * data.spec.num_classes
+    # Keyed by what the training does, not by the protocol's name (as the whole-dataset
+    # reference is): at IPC 10 the mtt and datm protocols (batch 256 and 128) both train the
+    # 100 images as one batch, and share one baseline.
+    key = {"kind": "random_subset", "ipc": ipc, "recipe": _subset_recipe(protocol, subset_size), "arch": arch,
+           "seed": seed, "runs": runs, **data_key(data)}
     if protocol.kd is not None:
         if teacher is None or teacher_key is None:
             raise ValueError("a KD protocol's random baseline needs the set's teacher and its fingerprint")
         like = like or teacher
         key.update(teacher=teacher_key, teacher_mode=like.mode,
                    stored_epochs=like.epochs if isinstance(like, kd.StoredSoftLabels) else None)
+    _adopt_entries_keyed_by_protocol(key, [protocol, *PROTOCOLS.values()], subset_size, compile)
 
     def subset(run: int) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
         return random_subset(data, ipc=ipc, protocol=protocol, seed=seed, run=run, teacher=teacher, like=like)
@@ -98,6 +103,40 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
         data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
         runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile,
         checkpoint={**key, "compiled": compile}, resume=resume))
+
+
+# Fields of a protocol a random subset's training does not read: it has hard labels (or the
+# teacher's), trains at protocol.lr, and is not the whole-dataset reference.
+_UNUSED_BY_SUBSETS = ("name", "runs", "use_learned_lr", "soft_labels", "reference_epochs", "reference_batch_size")
+
+
+def _subset_recipe(protocol: Protocol, subset_size: int) -> dict:
+    """What of `protocol` a random subset of `subset_size` images trains by."""
+    recipe = {k: v for k, v in protocol.to_dict().items() if k not in _UNUSED_BY_SUBSETS}
+    # A batch at least as large as the subset is the whole subset, one step an epoch, whatever its size.
+    recipe["batch_size"] = min(protocol.batch_size, subset_size)
+    return recipe
+
+
+def _adopt_entries_keyed_by_protocol(key: dict, protocols: list[Protocol], subset_size: int, compile: bool) -> None:
+    """Move what caches written before baselines were keyed by recipe hold for `key` (the
+    baseline's result, or the runs an interrupted computation of it kept) to `key`'s names.
+
+    Those entries named the protocol whole (`protocol`: its to_dict()), so one is looked for
+    under each protocol that trains subsets like `key`'s recipe. Every rank moves what its own
+    cache holds before _cached's broadcast, so no rank reads an entry while another moves it."""
+    baselines = cache_dir("baselines")
+    target = baselines / f"{key_digest(key)}.json"
+    kept = FinishedRuns({**key, "compiled": compile}, key["runs"])
+    for protocol in protocols:
+        if _subset_recipe(protocol, subset_size) != key["recipe"]:
+            continue
+        old = {k: v for k, v in key.items() if k != "recipe"} | {"protocol": protocol.to_dict()}
+        source = baselines / f"{key_digest(old)}.json"
+        if not target.exists() and source.exists() and json.loads(source.read_text()).get("key") == old:
+            with atomic_path(target) as tmp:
+                tmp.write_text(json.dumps({**json.loads(source.read_text()), "key": key}, indent=1))
+        kept.take_from(FinishedRuns({**old, "compiled": compile}, key["runs"]))
 
 
 def random_subset(data: PreparedData, *, ipc: int, protocol: Protocol, seed: int, run: int,

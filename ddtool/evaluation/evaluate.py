@@ -150,6 +150,16 @@ class FinishedRuns:
         with atomic_path(self._path(run)) as tmp:
             tmp.write_text(json.dumps({"key": self.key, "run": run, "accuracy": accuracy, "seconds": seconds}))
 
+    def take_from(self, other: "FinishedRuns") -> None:
+        """Move the runs `other` kept (those this one has not) under this one's key."""
+        for run in range(self.runs):
+            found = other.read(run)
+            if found is not None and self.read(run) is None:
+                self.keep(run, *found)
+            other._path(run).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            other.folder.rmdir()
+
     def discard(self) -> None:
         """Delete this rank's kept runs (each rank deletes what it wrote)."""
         for run in distributed.indices_of_this_rank(self.runs):
