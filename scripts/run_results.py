@@ -180,6 +180,16 @@ def kept_runs(sset) -> list[tuple[dict, list[int]]]:
     return kept_runs_of_set(sset) if sset is not None else []
 
 
+def describe_kept_baseline(key: dict, runs: list[int]) -> str:
+    """One interrupted baseline computation of `plan`'s listing."""
+    what = f"random subset IPC {key.get('ipc')}" if key.get("kind") == "random_subset" else "whole dataset"
+    # Baselines are keyed by their training recipe (no protocol name), older entries by the protocol.
+    recipe = key.get("recipe") or key.get("protocol") or {}
+    how = recipe.get("name") or f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}"
+    return (f"{what} on {key.get('arch')} ({how}){' compiled' if key.get('compiled') else ''}: "
+            f"run(s) {', '.join(map(str, runs))}")
+
+
 def _distilled_for(sset) -> str:
     return sset.config.get("student_arch") or sset.config.get("student") or "convnet"
 
@@ -594,6 +604,10 @@ def main() -> None:
                 if drift:
                     state += f"; STALE, the preset changed since: {describe_drift(drift)}"
                 print(f"  {c.key:<14} {c.path.relative_to(ROOT)}: {state}")
+        from ddtool.evaluation import kept_runs_of_baselines
+
+        for key, runs in kept_runs_of_baselines():
+            print(f"baseline interrupted, kept for `run` to resume: {describe_kept_baseline(key, runs)}")
     elif args.action == "run":
         for name in args.table:
             for c in selected(TABLES[name]()):

@@ -286,7 +286,9 @@ def test_baselines_cached_under_the_protocols_name_are_still_found(data, trainin
             path.unlink()
     legacy_runs = runs_module.FinishedRuns({**legacy, "compiled": False}, 2)
     legacy_runs.keep(1, 0.5, 3.0)
+    [(key, runs)] = evaluation.kept_runs_of_baselines()  # what `run_results.py plan` lists
+    assert runs == [1] and key["protocol"]["name"] == "mtt" and key["ipc"] == 1
     resumed = evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch=ARCH, seed=9, progress=False,
                                                 resume=True)
     assert resumed.runs == [computed.runs[0], 0.5] and resumed.resumed == [1]
-    assert trainings["networks"] == trained + 1 and _kept_runs() == []
+    assert trainings["networks"] == trained + 1 and _kept_runs() == [] and evaluation.kept_runs_of_baselines() == []

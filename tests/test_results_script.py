@@ -215,3 +215,12 @@ def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(t
     monkeypatch.setattr(results, "ROOT", tmp_path)
     results.run_cell(cell, messages.append)
     assert commands == [] and "SKIPPED" in messages[-1] and "max_start_epoch" in messages[-1]
+
+
+def test_plan_names_an_interrupted_baseline_by_its_recipe_or_protocol(results):
+    recipe = {"kind": "random_subset", "ipc": 10, "arch": "alexnet", "compiled": True,
+              "recipe": {"epochs": 1000, "batch_size": 100}}
+    assert results.describe_kept_baseline(recipe, [0, 2]) == \
+        "random subset IPC 10 on alexnet (1000 epochs, batch 100) compiled: run(s) 0, 2"
+    named = {"kind": "whole_dataset", "arch": "vgg11", "compiled": False, "protocol": {"name": "kd"}}
+    assert results.describe_kept_baseline(named, [1]) == "whole dataset on vgg11 (kd): run(s) 1"

@@ -18,7 +18,7 @@ import torch
 from ddtool import distributed
 from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
-from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images
+from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import generator
@@ -175,3 +175,9 @@ def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str
         data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
         desc="whole dataset", progress=progress, compile=compile, checkpoint={**key, "compiled": compile},
         resume=resume), compute_if_missing=compute_if_missing)
+
+
+def kept_runs_of_baselines() -> list[tuple[dict, list[int]]]:
+    """The interrupted baseline computations whose finished runs wait in the cache for a
+    resume: (checkpoint key, indices of the kept runs) each."""
+    return kept_runs_where(lambda key: key.get("kind") in ("random_subset", "whole_dataset"))

@@ -123,6 +123,18 @@ def evaluate_images(
                       compiled=compile, resumed=sorted(run for _, share in shares for run in share))
 
 
+def kept_runs_where(match: Callable[[dict], bool]) -> list[tuple[dict, list[int]]]:
+    """The interrupted evaluations whose checkpoint key satisfies `match` and whose finished
+    runs wait in the cache for a resume: (checkpoint key, indices of the kept runs) each."""
+    found: dict[str, tuple[dict, list[int]]] = {}
+    for path in sorted((cache_root() / "evaluations").glob("*/run-*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            stored = json.loads(path.read_text())
+            if match(stored["key"]):
+                found.setdefault(path.parent.name, (stored["key"], []))[1].append(int(stored["run"]))
+    return [(key, sorted(runs)) for key, runs in found.values()]
+
+
 class FinishedRuns:
     """The runs of one evaluation finished so far: one small file per run (written by the
     rank that trained it, so ranks never share a file) under

@@ -3,7 +3,6 @@ matched baselines, gathered in the report that is recorded in the set's file."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,9 +15,8 @@ import torch
 from ddtool.data import PreparedData
 from ddtool.evaluation import kd
 from ddtool.evaluation.baselines import random_subset_baseline, whole_dataset_reference
-from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images
+from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
 from ddtool.evaluation.protocols import Protocol
-from ddtool.paths import cache_root
 
 
 @dataclass
@@ -182,11 +180,4 @@ def kept_runs_of_set(sset) -> list[tuple[dict, list[int]]]:
     """The interrupted evaluations of this set (any protocol, network, seed) whose finished
     runs wait in the cache for a resume: (checkpoint key, indices of the kept runs) each."""
     digest = _set_content_digest(sset)
-    found: dict[str, tuple[dict, list[int]]] = {}
-    for path in sorted((cache_root() / "evaluations").glob("*/run-*.json")):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            stored = json.loads(path.read_text())
-            key = stored["key"]
-            if key.get("kind") == "synthetic_set" and key.get("set") == digest:
-                found.setdefault(path.parent.name, (key, []))[1].append(int(stored["run"]))
-    return [(key, sorted(runs)) for key, runs in found.values()]
+    return kept_runs_where(lambda key: key.get("kind") == "synthetic_set" and key.get("set") == digest)
