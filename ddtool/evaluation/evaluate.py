@@ -165,7 +165,10 @@ class FinishedRuns:
     def take_from(self, other: "FinishedRuns") -> None:
         """Move the runs `other` kept (those this one has not) under this one's key."""
         for run in range(self.runs):
-            found = other.read(run)
+            try:
+                found = other.read(run)
+            except FileNotFoundError:  # another rank sharing this cache moved it first
+                found = None
             if found is not None and self.read(run) is None:
                 self.keep(run, *found)
             other._path(run).unlink(missing_ok=True)
