@@ -14,6 +14,6 @@ from ddtool.evaluation.train import fit_network, fresh_network, train_fresh_netw
 
 __all__ = [
     "Accuracies", "EvaluationReport", "FinishedRuns", "PROTOCOLS", "Protocol", "SetLearning", "evaluate_images",
-    "evaluate_set", "fit_network", "fresh_network", "get_protocol", "kept_runs_of_baselines", "kept_runs_of_set", "random_subset",
-    "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
+    "evaluate_set", "fit_network", "fresh_network", "get_protocol", "kept_runs_of_baselines", "kept_runs_of_set",
+    "random_subset", "random_subset_baseline", "train_fresh_network", "whole_dataset_reference",
 ]
