@@ -133,9 +133,10 @@ def _adopt_entries_keyed_by_protocol(key: dict, protocols: list[Protocol], subse
             continue
         old = {k: v for k, v in key.items() if k != "recipe"} | {"protocol": protocol.to_dict()}
         source = baselines / f"{key_digest(old)}.json"
-        if not target.exists() and source.exists() and json.loads(source.read_text()).get("key") == old:
+        stored = json.loads(source.read_text()) if not target.exists() and source.exists() else {}
+        if stored.get("key") == old:
             with atomic_path(target) as tmp:
-                tmp.write_text(json.dumps({**json.loads(source.read_text()), "key": key}, indent=1))
+                tmp.write_text(json.dumps({**stored, "key": key}, indent=1))
         kept.take_from(FinishedRuns({**old, "compiled": compile}, key["runs"]))
 
 
