@@ -292,3 +292,42 @@ def test_baselines_cached_under_the_protocols_name_are_still_found(data, trainin
                                                 resume=True)
     assert resumed.runs == [computed.runs[0], 0.5] and resumed.resumed == [1]
     assert trainings["networks"] == trained + 1 and _kept_runs() == [] and evaluation.kept_runs_of_baselines() == []
+
+
+def test_baselines_recorded_in_set_files_refill_an_empty_cache(data, trainings, tmp_path):
+    import shutil
+
+    from ddtool.paths import cache_dir
+    from ddtool.storage import append_evaluation, load_synthetic_set, save_synthetic_set
+
+    mtt = small("mtt")
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, SyntheticSet(images=data.train_x[:10], labels=data.train_y[:10],
+                                          classes=list(data.spec.classes), preprocessing=data.preprocessing,
+                                          dataset=data.spec.name, ipc=1, method="mtt", learned_lr=0.01))
+    report = evaluation.evaluate_set(load_synthetic_set(path), data, protocol=mtt, arch=ARCH, seed=5, progress=False,
+                                     reference=False)
+    append_evaluation(path, report.to_record())
+    shutil.rmtree(cache_dir("baselines"))  # a new machine: the cache is empty, the file has the record
+    recorded = evaluation.recorded_random_baselines(load_synthetic_set(path), data)
+    assert [key["arch"] for _, key, _ in recorded] == [ARCH]
+    assert len(evaluation.adopt_recorded_baselines(recorded)) == 1
+    assert evaluation.adopt_recorded_baselines(recorded) == []  # cached now: nothing to put back
+    trained = trainings["networks"]
+    # the set's own protocol, and datm (which trains 10-image subsets alike), read it untrained
+    for protocol in (mtt, small("datm")):
+        found = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=5, progress=False)
+        assert found.runs == report.random_subset.runs and found.seconds == report.random_subset.seconds
+    assert trainings["networks"] == trained
+    # what the record does not cover is trained: another network
+    evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch="convnet:width=8", seed=5, progress=False)
+    assert trainings["networks"] == trained + 2
+
+
+def test_the_newest_record_of_a_baseline_is_the_one_put_back(data):
+    key = {"kind": "random_subset", "test": "newest"}
+    entry = {"key": key, "runs": [0.5], "seconds": 1.0, "compiled": False, "resumed": []}
+    older, newer = ("2026-01-01T00:00:00", key, entry), ("2026-02-01T00:00:00", key, {**entry, "runs": [0.6]})
+    assert len(evaluation.adopt_recorded_baselines([older, newer])) == 1
+    assert baselines._read_cached(baselines.cache_dir("baselines") / f"{baselines.key_digest(key)}.json",
+                                  key).runs == [0.6]

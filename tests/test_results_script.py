@@ -224,3 +224,32 @@ def test_plan_names_an_interrupted_baseline_by_its_recipe_or_protocol(results):
         "random subset IPC 10 on alexnet (1000 epochs, batch 100) compiled: run(s) 0, 2"
     named = {"kind": "whole_dataset", "arch": "vgg11", "compiled": False, "protocol": {"name": "kd"}}
     assert results.describe_kept_baseline(named, [1]) == "whole dataset on vgg11 (kd): run(s) 1"
+
+
+def test_run_puts_back_the_baselines_the_sets_record(tmp_path, results, fashion_root, monkeypatch):
+    import shutil
+
+    from ddtool.data import prepare
+    from ddtool.evaluation import evaluate_set, get_protocol, random_subset_baseline
+    from ddtool.evaluation import evaluate as evaluation
+    from ddtool.paths import cache_dir
+    from ddtool.storage import SyntheticSet
+
+    monkeypatch.setenv("DDTOOL_DATA", str(fashion_root))
+    data = prepare("fashion-mnist", fashion_root)
+    protocol = get_protocol("mtt").with_overrides(epochs=1, runs=2)
+    sset = SyntheticSet(images=data.train_x[:10], labels=data.train_y[:10], classes=list(data.spec.classes),
+                        preprocessing=data.preprocessing, dataset="fashion-mnist", ipc=1, method="mtt")
+    save_synthetic_set(tmp_path / "mtt.h5", sset)
+    report = evaluate_set(sset, data, protocol=protocol, arch="convnet:width=4", progress=False, reference=False)
+    append_evaluation(tmp_path / "mtt.h5", report.to_record())
+    shutil.rmtree(cache_dir("baselines"))
+    cells = [results.Cell(key="mtt-ipc1", label="mtt", method="mtt", ipc=1, path=tmp_path / "mtt.h5"),
+             results.Cell(key="absent", label="x", method="mtt", ipc=1, path=tmp_path / "absent.h5")]
+    said = []
+    assert results.adopt_recorded_baselines(cells, said.append) == 1
+    assert said == ["1 random baseline(s) recorded in the sets' files put back in the cache"]
+    assert results.adopt_recorded_baselines(cells, said.append) == 0 and len(said) == 1
+    monkeypatch.setattr(evaluation, "train_fresh_network", lambda *a, **k: pytest.fail("the baseline was retrained"))
+    found = random_subset_baseline(data, ipc=1, protocol=protocol, arch="convnet:width=4", progress=False)
+    assert found.runs == report.random_subset.runs

@@ -47,16 +47,21 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
 
 
 @contextlib.contextmanager
-def _exclusive(lock: Path | None):
-    """Hold an exclusive advisory lock on `lock` (None: no lock) for the block's duration."""
+def _exclusive(lock: Path | None, wait: bool = True):
+    """Hold an exclusive advisory lock on `lock` (None: no lock) for the block's duration; the
+    block gets whether it holds it (False only with wait=False, when another process does)."""
     if lock is None:
-        yield
+        yield True
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -83,11 +88,7 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
     for the same number of epochs of views."""
     runs = runs or protocol.runs
     subset_size = ipc * data.spec.num_classes
-    # Keyed by what the training does, not by the protocol's name (as the whole-dataset
-    # reference is): at IPC 10 the mtt and datm protocols (batch 256 and 128) both train the
-    # 100 images as one batch, and share one baseline.
-    key = {"kind": "random_subset", "ipc": ipc, "recipe": _subset_recipe(protocol, subset_size), "arch": arch,
-           "seed": seed, "runs": runs, **data_key(data)}
+    key = _random_subset_key(data, ipc=ipc, protocol=protocol.to_dict(), arch=arch, seed=seed, runs=runs)
     if protocol.kd is not None:
         if teacher is None or teacher_key is None:
             raise ValueError("a KD protocol's random baseline needs the set's teacher and its fingerprint")
@@ -110,11 +111,21 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
 _UNUSED_BY_SUBSETS = ("name", "runs", "use_learned_lr", "soft_labels", "reference_epochs", "reference_batch_size")
 
 
-def _subset_recipe(protocol: Protocol, subset_size: int) -> dict:
-    """What of `protocol` a random subset of `subset_size` images trains by."""
-    recipe = {k: v for k, v in protocol.to_dict().items() if k not in _UNUSED_BY_SUBSETS}
+def _random_subset_key(data: PreparedData, *, ipc: int, protocol: dict, arch: str, seed: int, runs: int) -> dict:
+    """The cache key of a random baseline without KD (`protocol`: a Protocol's to_dict())."""
+    # Keyed by what the training does, not by the protocol's name (as the whole-dataset
+    # reference is): at IPC 10 the mtt and datm protocols (batch 256 and 128) both train the
+    # 100 images as one batch, and share one baseline.
+    recipe = _subset_recipe(protocol, ipc * data.spec.num_classes)
+    return {"kind": "random_subset", "ipc": ipc, "recipe": recipe, "arch": arch, "seed": seed, "runs": runs,
+            **data_key(data)}
+
+
+def _subset_recipe(protocol: dict, subset_size: int) -> dict:
+    """What of `protocol` (a Protocol's to_dict()) a random subset of `subset_size` images trains by."""
+    recipe = {k: v for k, v in protocol.items() if k not in _UNUSED_BY_SUBSETS}
     # A batch at least as large as the subset is the whole subset, one step an epoch, whatever its size.
-    recipe["batch_size"] = min(protocol.batch_size, subset_size)
+    recipe["batch_size"] = min(protocol["batch_size"], subset_size)
     return recipe
 
 
@@ -129,7 +140,7 @@ def _adopt_entries_keyed_by_protocol(key: dict, protocols: list[Protocol], subse
     target = baselines / f"{key_digest(key)}.json"
     kept = FinishedRuns({**key, "compiled": compile}, key["runs"])
     for protocol in protocols:
-        if _subset_recipe(protocol, subset_size) != key["recipe"]:
+        if _subset_recipe(protocol.to_dict(), subset_size) != key["recipe"]:
             continue
         old = {k: v for k, v in key.items() if k != "recipe"} | {"protocol": protocol.to_dict()}
         source = baselines / f"{key_digest(old)}.json"
@@ -176,6 +187,42 @@ def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str
         data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
         desc="whole dataset", progress=progress, compile=compile, checkpoint={**key, "compiled": compile},
         resume=resume), compute_if_missing=compute_if_missing)
+
+
+def recorded_random_baselines(sset, data: PreparedData) -> list[tuple[str, dict, dict]]:
+    """The random baselines recorded in `sset`'s evaluations, as cache entries under the keys
+    random_subset_baseline looks up for data prepared like `data`: (when recorded, key, entry)
+    each. KD baselines are left out: their key names the teacher, which the record does not.
+
+    A record holds a baseline's every run, so a cache that lost it (a new machine, a cleared
+    cache) can have it back from the sets' files instead of retraining it for hours."""
+    found = []
+    for record in sset.evaluations:
+        recorded = record.get("baselines", {}).get("random_subset")
+        if recorded is None or "kd" in record["protocol"]:
+            continue
+        key = _random_subset_key(data, ipc=sset.ipc, protocol=record["protocol"], arch=record["arch"],
+                                 seed=record["seed"], runs=len(recorded["runs"]))
+        found.append((record.get("timestamp", ""), key,
+                      {"key": key, "runs": recorded["runs"], "seconds": recorded.get("seconds", 0.0),
+                       "compiled": recorded.get("compiled"), "resumed": recorded.get("resumed_runs", [])}))
+    return found
+
+
+def adopt_recorded_baselines(recorded: list[tuple[str, dict, dict]]) -> list[dict]:
+    """Cache the entries of recorded_random_baselines whose key the cache holds nothing
+    under, the most recently recorded first where records share a key; the keys cached. A key
+    another process is computing right now is left to it."""
+    adopted = []
+    for _, key, entry in sorted(recorded, key=lambda found: found[0], reverse=True):
+        path = cache_dir("baselines") / f"{key_digest(key)}.json"
+        with _exclusive(path.with_suffix(".lock"), wait=False) as held:
+            if not held or path.exists():
+                continue
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(entry, indent=1))
+        adopted.append(key)
+    return adopted
 
 
 def kept_runs_of_baselines() -> list[tuple[dict, list[int]]]:
