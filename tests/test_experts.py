@@ -40,6 +40,12 @@ def tiny_config(**overrides) -> ExpertConfig:
     return ExpertConfig(**{**values, **overrides})
 
 
+def reference_config() -> ExpertConfig:
+    """GSAM with momentum and a per-epoch cosine lr: a resume must restore the optimiser's
+    state and keep the lr schedule acting on the restored optimiser."""
+    return tiny_config(optimizer="gsam", momentum=0.9, lr_decay="cosine")
+
+
 def store_contents(path: Path) -> dict:
     """Everything a store says, for equality between runs: manifest and every trajectory."""
     with ExpertStore.open(path) as store:
@@ -65,9 +71,9 @@ def data():
 
 @pytest.fixture(scope="module")
 def reference_store(tmp_path_factory, data):
-    """One uninterrupted run: 3 experts x 3 epochs, GSAM with momentum (optimiser state matters)."""
+    """One uninterrupted run of reference_config: 3 experts x 3 epochs."""
     path = tmp_path_factory.mktemp("reference") / "store.h5"
-    run_buffer(tiny_config(optimizer="gsam", momentum=0.9), path, data, progress=False)
+    run_buffer(reference_config(), path, data, progress=False)
     return path
 
 
@@ -225,7 +231,7 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_between_experts(tmp_path, data, reference_store, monkeypatch):
-    config, path = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    config, path = reference_config(), tmp_path / "store.h5"
     real = runner_module.train_expert
 
     def dies_at_expert_2(config, index, *args, **kwargs):
@@ -244,7 +250,7 @@ def test_resume_after_a_kill_between_experts(tmp_path, data, reference_store, mo
 
 
 def test_resume_mid_expert_continues_from_its_last_epoch(tmp_path, data, reference_store, monkeypatch):
-    config, path = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    config, path = reference_config(), tmp_path / "store.h5"
     real, calls = train_module.train_epoch, []
 
     def counting(*args, **kwargs):
@@ -266,7 +272,7 @@ def test_resume_mid_expert_continues_from_its_last_epoch(tmp_path, data, referen
 
 
 def test_two_shards_merged_equal_one_run(tmp_path, data, reference_store):
-    config, store = tiny_config(optimizer="gsam", momentum=0.9), tmp_path / "store.h5"
+    config, store = reference_config(), tmp_path / "store.h5"
     results = [run_buffer(config, store, data, shard=Shard(i, 2), progress=False) for i in (1, 0)]
     assert [r.path.name for r in results] == ["store.shard-1-of-2.h5", "store.shard-0-of-2.h5"]
     assert ExpertStore.open(results[0].path).expert_indices == (1,)
@@ -288,7 +294,7 @@ def test_merge_refuses_shards_of_different_configurations(tmp_path, data):
 
 
 def test_store_reads_single_epochs(reference_store, data):
-    trajectory = train_expert(tiny_config(optimizer="gsam", momentum=0.9), 1, data)
+    trajectory = train_expert(reference_config(), 1, data)
     with ExpertStore.open(reference_store) as store:
         assert (store.num_experts, store.epochs, store.layout.total) == (3, 3, trajectory.params.shape[1])
         assert torch.equal(store.params(1, 2), trajectory.params[2])

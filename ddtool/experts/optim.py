@@ -52,6 +52,9 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.base.load_state_dict(state_dict)
+        # Loading gives the base a new list of groups: share it again, or an lr schedule
+        # would act on the old list and the base would step at the checkpoint's lr.
+        self.param_groups = self.base.param_groups
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
