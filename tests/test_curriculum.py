@@ -164,6 +164,10 @@ def test_method_names_match_their_crop_schedules():
         build_config(cda, None, {"crop_schedule": "exponential"})
     with pytest.raises(ConfigError, match="milestone"):
         build_config(cda, None, {"milestone": 0.0})
+    # a step at the last iteration never comes: the run would never see a local crop
+    with pytest.raises(ConfigError, match="milestone below 1"):
+        build_config(cda, None, {"crop_schedule": "step"})
+    assert build_config(cda, None, {"crop_schedule": "step", "milestone": 0.5}).milestone == 0.5
 
 
 @pytest.fixture(scope="module")

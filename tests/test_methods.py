@@ -67,6 +67,11 @@ def test_unknown_method_and_setting_are_config_errors():
         build_config(get_method_class("mtt"), None, {"ee": 2})
     with pytest.raises(ConfigError, match="expert_train_epochs"):
         tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
+    # caught at the boundary, not deep in the loop (an empty minibatch, NaN soft labels)
+    for bad, match in (({"batch_syn": -1}, "batch_syn"), ({"eval_every": -1}, "eval_every"),
+                       ({"soft_label_temperature": 0.0}, "soft_label_temperature"), ({"lr_label": 0.0}, "lr_label")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_mtt(**bad)
 
 
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():
@@ -147,6 +152,12 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, mo
     resumed = trajectory.MTT(config).distill(context(tmp_path / "b", data, resume=True))
     assert torch.equal(resumed.images, uninterrupted.images)
     assert resumed.learned_lr == uninterrupted.learned_lr
+
+    def logged(folder):
+        return [json.loads(line) for line in (folder / "run" / "log.jsonl").read_text().splitlines()]
+    # one record per iteration, as uninterrupted: iteration 5's first try is not counted twice
+    assert [r["iteration"] for r in logged(tmp_path / "b")] == list(range(1, config.iterations + 1))
+    assert [r["loss"] for r in logged(tmp_path / "b")] == [r["loss"] for r in logged(tmp_path / "a")]
     # the time the killed process spent on iterations 1-4 is counted in the resumed set's time
     assert uninterrupted.config["seconds_before_resume"] == 0.0
     assert checkpointed > 0 and resumed.config["seconds_before_resume"] == round(checkpointed, 1)
@@ -241,3 +252,27 @@ def test_a_method_revision_gives_its_runs_new_work_folders(monkeypatch):
     monkeypatch.setattr(get_method_class("datm"), "revision", get_method_class("datm").revision + 1)
     after = folders()
     assert after["datm"] != before["datm"] and after["mtt"] == before["mtt"]
+
+
+def test_expert_side_settings_reach_the_expert_store(tmp_path, data):
+    from ddtool.experts import ExpertConfig
+    from ddtool.methods.base import parse_overrides
+    from ddtool.methods.experts import expert_config_for
+
+    ctx = context(tmp_path, data)
+    cls = get_method_class("mtt")
+    plain = expert_config_for(build_config(cls, None, {}), ctx)
+    settings = ("expert_optimizer=gsam", "expert_gsam_alpha=1.0", "expert_rho=0.05", "expert_adaptive=false",
+                "expert_lr_decay=cosine", "expert_ast_loss_scaling=true", "expert_ast_input_grad_penalty=2")
+    chosen = expert_config_for(build_config(cls, None, parse_overrides(cls.config_class, settings)), ctx)
+    assert (chosen.optimizer, chosen.gsam_alpha, chosen.rho, chosen.adaptive, chosen.lr_decay) == \
+        ("gsam", 1.0, 0.05, False, "cosine")
+    assert chosen.ast_loss_scaling is True and chosen.ast_input_grad_penalty == 2.0
+    assert chosen.fingerprint() != plain.fingerprint()
+    # the defaults are the expert buffer's own: stores trained before these settings existed are still found
+    defaults = {f.name: getattr(plain, f.name) for f in dataclasses.fields(ExpertConfig)
+                if f.name not in ("lr_decay", "rho", "gsam_alpha", "adaptive", "ast_loss_scaling",
+                                  "ast_input_grad_penalty")}
+    assert ExpertConfig(**defaults).fingerprint() == plain.fingerprint()
+    with pytest.raises(ConfigError, match="lr decay"):
+        expert_config_for(build_config(cls, None, {"expert_lr_decay": "linear"}), ctx)

@@ -105,6 +105,11 @@ class CurriculumConfig:
             raise ConfigError("Need 0 < crop_scale_end <= crop_scale_start <= 1.")
         if not 0 < self.milestone <= 1:
             raise ConfigError(f"milestone must be in (0, 1] (got {self.milestone}).")
+        if self.crop_schedule == "step" and self.milestone == 1:
+            # the step falls at milestone * iterations: at 1 it never comes, and the whole run
+            # would recover on whole images only
+            raise ConfigError("crop_schedule=step drops the crop bound at milestone * iterations: set a milestone "
+                              "below 1 (e.g. --set milestone=0.5).")
         if not 0 <= self.roll_fraction <= 0.5:
             raise ConfigError(f"roll_fraction must be in [0, 0.5] (got {self.roll_fraction}).")
         if self.batching not in BATCHINGS:

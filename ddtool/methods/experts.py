@@ -28,6 +28,12 @@ def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
         momentum=config.expert_momentum,
         weight_decay=config.expert_weight_decay,
         optimizer=config.expert_optimizer,
+        lr_decay=config.expert_lr_decay,
+        rho=config.expert_rho,
+        gsam_alpha=config.expert_gsam_alpha,
+        adaptive=config.expert_adaptive,
+        ast_loss_scaling=config.expert_ast_loss_scaling,
+        ast_input_grad_penalty=config.expert_ast_input_grad_penalty,
         seed=config.expert_seed,
     )
 

@@ -69,6 +69,14 @@ class TrajectoryConfig:
     expert_weight_decay: float = 0.0
     expert_batch_size: int = 256
     expert_optimizer: str = "sgd"  # sgd | sam | gsam (FTD's flat experts)
+    expert_lr_decay: str = "none"  # none | step | cosine
+    expert_rho: float = 0.01  # SAM/GSAM neighbourhood radius
+    expert_gsam_alpha: float = 0.3  # GSAM's surrogate-gap weight (FTD's published code: 1)
+    expert_adaptive: bool = True  # the adaptive (ASAM) perturbation, as the published FTD code
+    # AST's expert side (methods.md §6): the early epochs' loss scaled 0.50 ... 0.95, and the
+    # input-gradient penalty's weight (AST: 2; 0 = off).
+    expert_ast_loss_scaling: bool = False
+    expert_ast_input_grad_penalty: float = 0.0
     expert_seed: int = 0  # experts are shared by runs of any seed; this picks the buffer
     # Matching (methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
     syn_steps: int = 20
@@ -138,8 +146,13 @@ class TrajectoryConfig:
                 f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
                 f"(expert_train_epochs={self.expert_train_epochs})."
             )
-        if min(self.lr_img, self.lr_lr, self.lr_init) <= 0:
-            raise ConfigError("lr_img, lr_lr and lr_init must be positive.")
+        if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
+            raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
+        if not self.soft_label_temperature > 0:
+            raise ConfigError(f"soft_label_temperature must be positive, got {self.soft_label_temperature}.")
+        if self.batch_syn < 0 or self.eval_every < 0:
+            raise ConfigError("batch_syn and eval_every must be >= 0 (0: the whole set at every inner step / "
+                              "only the final set).")
         if not 0 < self.min_lr_factor < 1 < self.max_lr_growth:
             raise ConfigError("Need 0 < min_lr_factor < 1 < max_lr_growth.")
 
@@ -402,8 +415,10 @@ class TrajectoryMatching(Method):
         dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
         last_good = self._snapshot(state, images, lr, label_logits, optimizers)
         log_path = ctx.work_dir / "log.jsonl"
-        if not ctx.resume and distributed.is_main() and log_path.exists():
-            log_path.unlink()
+        if distributed.is_main() and log_path.exists():
+            # A fresh run starts a new log; a resumed one runs again the iterations after its
+            # checkpoint, so their records from the interrupted process go.
+            self._keep_log_until(log_path, state.iteration)
         my_segments = distributed.indices_of_this_rank(c.segments_per_iteration)
         bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
         it = state.iteration
@@ -668,6 +683,14 @@ class TrajectoryMatching(Method):
     def _log(path: Path, record: dict) -> None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def _keep_log_until(path: Path, iteration: int) -> None:
+        """Keep only the log's records of iterations up to `iteration` (0: none)."""
+        lines = [line for line in path.read_text().splitlines()
+                 if line.strip() and json.loads(line)["iteration"] <= iteration]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
 
     @staticmethod
     def _save_checkpoint(path: Path, state: MatchingState) -> None:
