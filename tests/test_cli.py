@@ -49,7 +49,7 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
         assert len(record["runs"][()]) == 2
 
     info = ok(ddtool("info", out)).stdout
-    assert "random, IPC 2" in info and "classic on convnet" in info
+    assert "random, IPC 2" in info and "classic (epochs 2, runs 2) on convnet" in info
 
     ok(ddtool("show", out, "-o", tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
@@ -141,7 +141,7 @@ def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, f
         assert f["images"].shape == (20, 1, 28, 28)
         assert f.attrs["method"] == "cda"
     info = ok(ddtool("info", out)).stdout
-    assert "evaluation   kd on " in info and "over 1 runs, random subset" in info  # recorded with its baseline
+    assert "evaluation   kd (epochs 2, runs 1) on " in info and "over 1 runs, random subset" in info  # with its baseline
 
 
 def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
@@ -166,3 +166,157 @@ def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
 def test_datasets_lists_the_debian_fashion_mnist():
     out = ok(ddtool("datasets")).stdout
     assert "fashion-mnist" in out and "/usr/share/datasets/fashion-mnist" in out
+
+
+def _fashion_set(path, images=None, **fields):
+    """A small set of the tiny Fashion-MNIST's shape (1x28x28, its ten classes), saved at `path`."""
+    import torch
+
+    from ddtool.data import Preprocessing, get_spec
+    from ddtool.storage import SyntheticSet, save_synthetic_set
+
+    spec = get_spec("fashion-mnist")
+    g = torch.Generator().manual_seed(len(str(path)))
+    images = torch.randn(20, 1, 28, 28, generator=g) if images is None else images
+    sset = SyntheticSet(**{"images": images, "labels": torch.arange(10).repeat_interleave(2),
+                           "classes": list(spec.classes), "preprocessing": Preprocessing(spec.mean, spec.std),
+                           "dataset": spec.name, "ipc": 2, "method": "random", **fields})
+    save_synthetic_set(path, sset)
+    return sset
+
+
+def test_seeds_beyond_what_files_store_are_refused_before_any_work(tmp_path, fashion_root):
+    out = tmp_path / "s.h5"
+    for command in ("distill", "evaluate", "buffer"):
+        args = [out] if command == "evaluate" else []
+        user_error(ddtool(command, *args, "--seed", 2**63, "--data-root", fashion_root), "'--seed'", "0<=x<=")
+    user_error(ddtool("distill", "--seed", -1, "--data-root", fashion_root), "'--seed'")
+    assert not out.exists()
+    # the largest allowed seed is stored as it was given
+    ok(ddtool("distill", "--method", "random", "--ipc", 1, "--seed", 2**63 - 1, "--no-eval", "-o", out,
+              "--data-root", fashion_root, "-q"))
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["seed"]) == 2**63 - 1
+
+
+def test_an_output_that_cannot_be_written_is_one_paragraph(tmp_path):
+    np.savez(tmp_path / "set.npz", images=np.zeros((10, 1, 28, 28), np.float32), labels=np.arange(10))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "-o", blocker / "set.h5"),
+               "Could not write", str(blocker / "set.h5"))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_evaluate_refuses_a_set_that_does_not_fit_its_dataset(tmp_path, fashion_root):
+    import torch
+
+    path = tmp_path / "cifar-sized.h5"
+    _fashion_set(path, images=torch.zeros(20, 1, 32, 32), method="imported:npz")  # 32x32 called Fashion-MNIST
+    before = path.read_bytes()
+    user_error(ddtool("evaluate", path, "--protocol", "classic", "--runs", 1, "--epochs", 1, "--no-baselines",
+                      "--data-root", fashion_root, "-q"), "1x32x32", "1x28x28", "fashion-mnist")
+    assert path.read_bytes() == before  # nothing trained, nothing recorded
+
+
+def test_evaluate_refuses_to_record_into_a_file_whose_set_was_replaced(tmp_path, fashion_root):
+    import time
+
+    from ddtool.paths import cache_root
+    from ddtool.storage import load_synthetic_set
+
+    path = tmp_path / "set.h5"
+    _fashion_set(path)
+    args = ("--protocol", "classic", "--runs", 3, "--epochs", 15, "--no-baselines", "--data-root", fashion_root, "-q")
+    process = subprocess.Popen([sys.executable, "-m", "ddtool", "evaluate", str(path), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kept = cache_root() / "evaluations"
+    deadline = time.monotonic() + 300
+    while not list(kept.glob("*/run-0.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the evaluation ended before its file could be replaced"
+    replacement = _fashion_set(tmp_path / "other.h5")  # another set saved over the file meanwhile
+    (tmp_path / "other.h5").replace(path)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "changed while it was being evaluated" in " ".join(stderr.split())
+    replaced = load_synthetic_set(path)
+    assert replaced.evaluations == [] and replaced.content_digest() == replacement.content_digest()
+    assert list(kept.glob("*/run-*.json"))  # the runs wait for a resume on the restored file
+
+
+def _save_like_mtt(folder, it, images, labels, lr=None):
+    """What MTT/DATM's distill.py writes: torch.save of the (grad-requiring) tensors' .cpu()."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(images.clone().requires_grad_(True).cpu(), folder / f"images_{it}.pt")
+    torch.save(labels.clone(), folder / f"labels_{it}.pt")
+    if lr is not None:
+        torch.save(torch.tensor(lr).requires_grad_(True).detach().cpu(), folder / f"lr_{it}.pt")
+
+
+def test_an_imported_mtt_set_is_evaluated_under_the_mtt_protocol(tmp_path, fashion_root):
+    import torch
+
+    from ddtool.storage import load_synthetic_set
+
+    run = tmp_path / "logged_files" / "FashionMNIST" / "run"
+    images, labels = torch.randn(20, 1, 28, 28), torch.arange(10).repeat_interleave(2)
+    _save_like_mtt(run, "best", images + 1, labels)  # selected on test accuracy: not the default
+    _save_like_mtt(run, "5000", images, labels)  # plain MTT saves no lr
+    ok(ddtool("import", run, "--format", "mtt", "-o", tmp_path / "mtt.h5"))
+    ok(ddtool("import", run, "--format", "mtt", "--checkpoint", "best", "-o", tmp_path / "best.h5"))
+    final, best = load_synthetic_set(tmp_path / "mtt.h5"), load_synthetic_set(tmp_path / "best.h5")
+    assert torch.equal(final.images, images) and final.config["iteration"] == "5000"
+    assert torch.equal(best.images, images + 1) and best.config["iteration"] == "best"
+
+    said = ok(ddtool("evaluate", tmp_path / "mtt.h5", "--runs", 1, "--epochs", 1, "--no-baselines",
+                     "--data-root", fashion_root, "-q")).stdout
+    assert "'mtt' protocol" in said
+    [record] = load_synthetic_set(tmp_path / "mtt.h5").evaluations
+    assert record["protocol"]["name"] == "mtt" and record["protocol"]["augment"] is True
+    assert record["lr"] == 0.01  # no lr saved: the protocol's
+
+
+def test_the_default_protocol_follows_the_sets_method(tmp_path):
+    import torch
+
+    from ddtool.cli.commands import default_protocol
+
+    def protocol_of(method, **fields):
+        return default_protocol(_fashion_set(tmp_path / f"{len(list(tmp_path.iterdir()))}.h5", method=method,
+                                             **fields))
+
+    assert protocol_of("mtt") == "mtt" and protocol_of("datm") == "datm" and protocol_of("random") == "classic"
+    assert protocol_of("cda") == "kd"
+    # imported: the mtt format holds MTT/TESLA/FTD sets (hard labels) and DATM's (soft logits)
+    assert protocol_of("imported:mtt") == "mtt"
+    assert protocol_of("imported:mtt", labels=torch.randn(20, 10), label_kind="logits") == "datm"
+    assert protocol_of("imported:npz", config={"original": {"method": "ftd"}}) == "mtt"  # a ddtool export
+    assert protocol_of("imported:dc") == "classic" and protocol_of("imported:npz") == "classic"
+    assert protocol_of("imported:npz", learned_lr=0.02) == "mtt"  # only the MTT family learns an lr
+
+
+def _write_image_folder(root, size=8):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("test", 1)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+
+
+def test_the_default_output_of_an_image_folder_is_named_by_the_folder(tmp_path):
+    from pathlib import Path
+
+    from ddtool.cli.commands import _default_output
+
+    assert _default_output("folder:/data/my pets", "mtt", 10, 0) == Path("synthetic_sets/my_pets_mtt_ipc10_seed0.h5")
+    assert _default_output("fashion-mnist", "mtt", 10, 0) == Path("synthetic_sets/fashion-mnist_mtt_ipc10_seed0.h5")
+    _write_image_folder(tmp_path / "pets")
+    said = ok(ddtool("distill", "--method", "random", "--ipc", 1, "--dataset", f"folder:{tmp_path / 'pets'}",
+                     "--dry-run", cwd=tmp_path)).stdout
+    assert "save to synthetic_sets/pets_random_ipc1_seed0.h5" in said

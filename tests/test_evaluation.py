@@ -331,3 +331,81 @@ def test_the_newest_record_of_a_baseline_is_the_one_put_back(data):
     assert len(evaluation.adopt_recorded_baselines([older, newer])) == 1
     assert baselines._read_cached(baselines.cache_dir("baselines") / f"{baselines.key_digest(key)}.json",
                                   key).runs == [0.6]
+
+
+def test_a_baselines_kept_runs_outlive_a_kill_before_its_cache_write(data, trainings, monkeypatch):
+    protocol = small("classic")
+    real_atomic_path = baselines.atomic_path
+    at_cache_write = []
+
+    def killed_at_cache_write(path):
+        at_cache_write.append(_kept_runs())
+        raise KeyboardInterrupt  # the process dies between the last run and the cache entry
+
+    monkeypatch.setattr(baselines, "atomic_path", killed_at_cache_write)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False)
+    assert trainings["networks"] == 2 and at_cache_write == [["run-0.json", "run-1.json"]]
+    assert _kept_runs() == ["run-0.json", "run-1.json"]  # both runs wait for a resume
+
+    def watched(path):
+        at_cache_write.append(_kept_runs())
+        return real_atomic_path(path)
+
+    monkeypatch.setattr(baselines, "atomic_path", watched)
+    resumed = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False,
+                                                resume=True)
+    assert trainings["networks"] == 2 and resumed.resumed == [0, 1]  # nothing trained again
+    assert at_cache_write[-1] == ["run-0.json", "run-1.json"] and _kept_runs() == []  # kept until cached
+    # the whole-dataset reference keeps its run the same way
+    monkeypatch.setattr(baselines, "atomic_path", killed_at_cache_write)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.whole_dataset_reference(data, protocol=protocol, arch=ARCH, progress=False)
+    assert _kept_runs() == ["run-0.json"]
+    monkeypatch.setattr(baselines, "atomic_path", watched)
+    evaluation.whole_dataset_reference(data, protocol=protocol, arch=ARCH, progress=False, resume=True)
+    assert trainings["networks"] == 3 and _kept_runs() == []
+
+
+def test_a_set_is_refused_by_a_dataset_it_does_not_fit(data, trainings):
+    import torch
+
+    from ddtool.errors import ConfigError
+
+    def a_set(images, classes=None):
+        labels = torch.arange(10).repeat_interleave(2)
+        return SyntheticSet(images=images, labels=labels, classes=classes or list(data.spec.classes),
+                            preprocessing=data.preprocessing, dataset=data.spec.name, ipc=2, method="imported:npz")
+
+    protocol = small("classic")
+    fitting = a_set(data.train_x[:20])
+    sets.check_set_fits_data(fitting, data)  # the dataset's own shape and classes
+    larger = a_set(torch.zeros(20, 1, 12, 12))  # e.g. 32x32 images imported as 28x28 Fashion-MNIST
+    with pytest.raises(ConfigError, match=r"images are 1x12x12 .* dataset's are 1x8x8"):
+        evaluation.evaluate_set(larger, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    renamed = a_set(data.train_x[:20], classes=[f"class {i}" for i in range(10)])
+    with pytest.raises(ConfigError, match="class names differ.*'class 0' in the set, 'T-shirt/top'"):
+        evaluation.evaluate_set(renamed, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    fewer = SyntheticSet(images=data.train_x[:6], labels=torch.arange(3).repeat_interleave(2),
+                         classes=["a", "b", "c"], preprocessing=data.preprocessing, dataset=data.spec.name, ipc=2,
+                         method="imported:npz")
+    with pytest.raises(ConfigError, match="3 classes where the dataset has 10"):
+        evaluation.evaluate_set(fewer, data, protocol=protocol, arch=ARCH, progress=False, reference=False)
+    assert trainings["networks"] == 0  # refused before any training
+
+
+def test_an_overridden_protocol_keeps_its_name_and_shows_its_changes():
+    from ddtool.cli.commands import protocol_label
+
+    mtt = get_protocol("mtt")
+    changed = mtt.with_overrides(epochs=5, runs=1)
+    assert changed.name == "mtt"  # the name labels; records and keys hold every field
+    assert protocol_label(changed.to_dict()) == "mtt (epochs 5, runs 1)"
+    assert protocol_label(mtt.to_dict()) == "mtt"
+    assert protocol_label(get_protocol("kd").with_overrides(lr=0.5).to_dict()) == "kd (lr 0.5)"
+    from ddtool.evaluation.protocols import KDSettings
+
+    cooler = get_protocol("kd").with_overrides(kd=KDSettings(temperature=4.0))
+    assert protocol_label(cooler.to_dict()) == "kd (kd.temperature 4)"
+    old = {k: v for k, v in mtt.to_dict().items() if k != "reference_epochs"}  # recorded before the field
+    assert protocol_label(old) == "mtt" and protocol_label({"name": "elsewhere", "epochs": 3}) == "elsewhere"

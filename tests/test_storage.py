@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -399,7 +401,8 @@ def test_import_mtt_folder_with_soft_labels(tmp_path):
     _save_like_mtt(run / "Normal", "best", ref.images, ref.labels, 0.02)
     _save_like_mtt(run / "Normal", "500", torch.zeros_like(ref.images), ref.labels, 0.03)
     torch.save(torch.full_like(ref.images, 9.0), run / "images_zca_500.pt")  # un-whitened copy: ignored
-    sset = import_set(run, "mtt", dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES)
+    sset = import_set(run, "mtt", dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES,
+                      iteration="best")
     assert torch.equal(sset.images, ref.images) and torch.equal(sset.labels, ref.labels)
     assert not sset.images.requires_grad and not sset.labels.requires_grad
     assert sset.label_kind == "logits" and sset.learned_lr == pytest.approx(0.02) and sset.ipc == 2
@@ -470,11 +473,11 @@ class NotATensor:  # pickled into a .pt file: weights_only loading must refuse i
 )
 def test_import_rejects_bad_input(tmp_path, write, fmt, message):
     ref = make_set()
-    path = tmp_path / ("input.npz" if fmt == "npz" else "images_best.pt")
+    path = tmp_path / ("input.npz" if fmt == "npz" else "images_100.pt")
     if write is not None:
         write(path, ref)
     if fmt == "mtt":
-        torch.save(ref.labels, tmp_path / "labels_best.pt")
+        torch.save(ref.labels, tmp_path / "labels_100.pt")
     with pytest.raises(FormatError, match=re.escape(message)) as info:
         import_set(path if fmt != "mtt" else tmp_path, fmt, dataset="fashion-mnist",
                    preprocessing=ref.preprocessing, classes=CLASSES)
@@ -524,3 +527,177 @@ def test_grid_png(tmp_path):
     gray = save_grid_png(make_set(channels=1), tmp_path / "gray.png")
     with Image.open(gray) as image:
         assert image.mode == "L" and image.size == (2 * (size + pad) + pad, 3 * (size + pad) + pad)
+
+
+# ---------------------------------------------------------------------- appends that race, files that change
+def test_appends_from_two_writers_at_once_both_land(tmp_path, monkeypatch):
+    import shutil
+    import threading
+
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set())
+    # Both appends copy the file before either renames its copy back, unless the lock keeps the
+    # second out until the first is done (then the first waits here in vain, and goes on).
+    both_copying = threading.Barrier(2, timeout=2)
+    real_copy = shutil.copyfile
+
+    def copy_together(source, target):
+        copied = real_copy(source, target)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_copying.wait()
+        return copied
+
+    monkeypatch.setattr(h5file.shutil, "copyfile", copy_together)
+    # each writer its own temporary file, as two processes have (atomic_path names it by pid)
+    monkeypatch.setattr(os, "getpid", threading.get_ident)
+    failures = []
+
+    def append(arch):
+        try:
+            append_evaluation(path, {"protocol": {}, "arch": arch, "runs": [0.5]})
+        except Exception as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    writers = [threading.Thread(target=append, args=(arch,)) for arch in ("convnet", "resnet18")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=60)
+    assert not failures
+    assert sorted(e["arch"] for e in load_synthetic_set(path).evaluations) == ["convnet", "resnet18"]
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]  # the lock file went with the append
+
+
+def test_an_append_into_a_file_whose_set_changed_is_refused(tmp_path):
+    path = tmp_path / "set.h5"
+    evaluated = make_set()
+    save_synthetic_set(path, evaluated)
+    digest = evaluated.content_digest()
+    assert load_synthetic_set(path).content_digest() == digest  # the file's set is the one in memory
+    # provenance and records are not what was measured; images, labels and the lr are
+    assert make_set(method="random", seed=3).content_digest() == digest
+    assert make_set(learned_lr=0.1).content_digest() != digest
+    record = {"protocol": {}, "arch": "convnet", "runs": [0.5]}
+    assert append_evaluation(path, record, expected_content=digest) == 0
+
+    replaced = make_set(images=torch.zeros(6, 3, 6, 6))  # another set saved over it meanwhile
+    save_synthetic_set(path, replaced)
+    before = path.read_bytes()
+    with pytest.raises(DDToolError, match="changed while it was being evaluated") as info:
+        append_evaluation(path, record, expected_content=digest)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_shared_by_two_waiters(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    from ddtool.storage import atomic
+
+    lock = tmp_path / "set.h5.lock"
+    holder = open(lock, "a")  # the first holder, which will remove the file as it leaves
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    opened = threading.Event()
+    real_open = atomic._open_lock
+
+    def open_and_tell(path):
+        handle = real_open(path)
+        opened.set()
+        return handle
+
+    monkeypatch.setattr(atomic, "_open_lock", open_and_tell)
+    entered, leave_new = [], threading.Event()
+
+    def waiter():  # opened the old file, waits on it
+        with atomic.exclusive_lock(lock, remove=True):
+            entered.append("waiter")
+
+    def newcomer():  # arrives after the removal: locks the path's new file
+        with atomic.exclusive_lock(lock, remove=True):
+            entered.append("newcomer")
+            leave_new.wait(timeout=30)
+
+    first = threading.Thread(target=waiter)
+    first.start()
+    assert opened.wait(timeout=30)
+    lock.unlink()  # what exclusive_lock(remove=True) does before it lets go
+    second = threading.Thread(target=newcomer)
+    second.start()
+    while "newcomer" not in entered and second.is_alive():
+        second.join(timeout=0.01)
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    first.join(timeout=0.5)
+    assert entered == ["newcomer"] and first.is_alive()  # the waiter retried on the new file: it waits
+    leave_new.set()
+    for thread in (first, second):
+        thread.join(timeout=30)
+    assert entered == ["newcomer", "waiter"] and not lock.exists()
+
+
+# ---------------------------------------------------------------------- folders that cannot be written
+def test_a_refused_write_is_a_ddtool_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from ddtool.storage import atomic
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DDToolError, match=re.escape(str(blocker / "set.h5"))):
+        save_synthetic_set(blocker / "set.h5", make_set())  # its "folder" is a file
+
+    def refuse(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)
+    with pytest.raises(DDToolError, match="Permission denied") as info:
+        save_synthetic_set(tmp_path / "set.h5", make_set())
+    assert str(tmp_path / "set.h5") in str(info.value) and list(tmp_path.iterdir()) == [blocker]
+    monkeypatch.undo()
+
+    # torch.save reports a refused file as a RuntimeError: the folder is checked before
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)
+    with pytest.raises(DDToolError, match="Could not write"):
+        export_set(make_set(), tmp_path / "set.pt", "torch")
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_a_ddtool_error(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    save_synthetic_set(folder / "set.h5", make_set())
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(DDToolError, match="Could not write"):
+            save_synthetic_set(folder / "other.h5", make_set())
+        with pytest.raises(DDToolError, match="Could not write"):
+            append_evaluation(folder / "set.h5", {"protocol": {}, "arch": "convnet", "runs": [0.5]})
+    finally:
+        folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------------- import: which iteration
+def test_import_mtt_folder_takes_the_final_iteration_not_the_test_selected_best(tmp_path):
+    ref = make_set()
+    run = tmp_path / "logged_files" / "CIFAR10" / "run"
+    # as MTT writes them: every 1000 iterations, and images_best.pt when *test* accuracy improved
+    _save_like_mtt(run, "1000", torch.ones_like(ref.images), ref.labels, 0.01)
+    _save_like_mtt(run, "best", torch.full_like(ref.images, 2.0), ref.labels, 0.02)
+    _save_like_mtt(run, "5000", ref.images, ref.labels, 0.05)
+    kwargs = dict(dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES)
+    final = import_set(run, "mtt", **kwargs)
+    assert torch.equal(final.images, ref.images) and final.learned_lr == pytest.approx(0.05)
+    assert final.config["iteration"] == "5000"
+    assert import_set(run, "mtt", iteration="final", **kwargs).config["iteration"] == "5000"
+    best = import_set(run, "mtt", iteration="best", **kwargs)
+    assert best.config["iteration"] == "best" and best.images.max() == 2.0
+    assert import_set(run, "mtt", iteration=1000, **kwargs).learned_lr == pytest.approx(0.01)
+
+    only_best = tmp_path / "only-best"
+    _save_like_mtt(only_best, "best", ref.images, ref.labels, 0.02)
+    with pytest.raises(FormatError, match="--checkpoint best") as info:
+        import_set(only_best, "mtt", **kwargs)
+    assert "test" in str(info.value)
+    assert import_set(only_best, "mtt", iteration="best", **kwargs).config["iteration"] == "best"

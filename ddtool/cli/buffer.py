@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ddtool import distributed
-from ddtool.cli.main import cli, say
+from ddtool.cli.main import SEED_RANGE, cli, say
 from ddtool.data import prepare
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
@@ -50,7 +50,8 @@ def _default(name: str) -> Any:
 @click.option("--ast-loss-scaling", is_flag=True, help="AST: scale the loss 0.50, 0.55 ... 0.95 over the first 10 epochs.")
 @click.option("--ast-input-grad-penalty", type=float, default=_default("ast_input_grad_penalty"), show_default=True,
               help="AST: weight of (||d sum(logits)/dx|| - 1)^2; 0 = off (AST uses 2).")
-@click.option("--seed", type=int, default=_default("seed"), show_default=True, help="Expert i is fixed by (seed, i).")
+@click.option("--seed", type=SEED_RANGE, default=_default("seed"), show_default=True,
+              help="Expert i is fixed by (seed, i).")
 @click.option("--eval-every", type=int, default=_default("eval_every"), show_default=True,
               help="Also measure test accuracy every N epochs (0: only at the end).")
 @click.option("--train-subset", type=int, help="Train on a seeded subset of this many images (quick runs).")

@@ -7,6 +7,7 @@ the library (typed configs validated once), so the CLI and the Python API behave
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from ddtool import distributed
 from ddtool.cli import buffer  # noqa: F401  (registers `ddtool buffer`)
-from ddtool.cli.main import cli, say
+from ddtool.cli.main import SEED_RANGE, cli, say
 from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, search_paths
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
@@ -44,7 +45,7 @@ from ddtool.storage import (
 _data_root = click.option("--data-root", type=click.Path(file_okay=False), default=None,
                           help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
 _device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-_seed = click.option("--seed", type=int, default=0, show_default=True,
+_seed = click.option("--seed", type=SEED_RANGE, default=0, show_default=True,
                      help="Every random choice derives from it: a CPU run repeats bit for bit.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
@@ -68,7 +69,15 @@ def datasets(data_root: str | None) -> None:
 
 # ---- distill --------------------------------------------------------------------------------
 def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
-    return Path("synthetic_sets") / f"{dataset}_{method}_ipc{ipc}_seed{seed}.h5"
+    return Path("synthetic_sets") / f"{_file_safe_name(dataset)}_{method}_ipc{ipc}_seed{seed}.h5"
+
+
+def _file_safe_name(dataset: str) -> str:
+    """A dataset's name fit for a file name: an ImageFolder's "folder:/abs/path/pets" is
+    "pets" (the whole name would make folders under one named "folder:")."""
+    if dataset.startswith("folder:"):
+        dataset = Path(dataset[len("folder:"):]).name or "folder"
+    return re.sub(r"[^\w.+-]", "_", dataset).lstrip(".") or "dataset"
 
 
 @cli.command()
@@ -174,6 +183,8 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
                          reference: bool | None, epochs: int | None = None, record: bool = True,
                          compile: bool = False, resume: bool = False) -> None:
     sset = _load_set_on_every_rank(path)
+    # what was evaluated, to refuse recording into the file if another set replaces it meanwhile
+    evaluated_content = sset.content_digest()
     archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
@@ -185,7 +196,7 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
                               reference=reference, progress=not quiet, compile=compile, resume=resume,
                               keep_runs=True)
         if record and distributed.is_main():
-            append_evaluation(path, report.to_record())
+            append_evaluation(path, report.to_record(), expected_content=evaluated_content)
         # each rank kept the set's runs for a resume until now (rank 0 has recorded them)
         distributed.barrier()
         report.release_kept_runs()
@@ -211,6 +222,27 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
         click.echo(f"Recorded in {path}.")
 
 
+def default_protocol(sset) -> str:
+    """The protocol a set is judged under unless told otherwise: the one its method's own sets
+    are (the published evaluation), also for a set made elsewhere whose method is known."""
+    method = sset.method
+    if method.startswith("imported:"):
+        fmt = method.partition(":")[2]
+        original = sset.config.get("original")  # an npz/torch export of a ddtool set names its method
+        if isinstance(original, dict) and isinstance(original.get("method"), str):
+            method = original["method"]
+        elif fmt == "mtt":
+            # MTT, TESLA and FTD save hard labels in this format; DATM alone saves soft logits.
+            method = "datm" if sset.is_soft else "mtt"
+        else:
+            method = fmt
+    try:
+        return get_method_class(method).default_protocol
+    except ConfigError:  # a method ddtool does not know (DC, DSA, another tool's)
+        # only the MTT family learns an lr, and its sets are judged under the mtt protocol
+        return "mtt" if sset.learned_lr is not None else "classic"
+
+
 def _load_set_on_every_rank(path: Path):
     """The set at `path` as rank 0 reads it, on every rank (under torchrun the other ranks
     need not see rank 0's file system, and cannot read a file rank 0 is still writing)."""
@@ -220,7 +252,8 @@ def _load_set_on_every_rank(path: Path):
 @cli.command()
 @click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
-              help="Evaluation protocol [default: the method's own; mtt for sets with a learned lr].")
+              help="Evaluation protocol [default: the method's own, imported MTT/TESLA/FTD/DATM sets "
+                   "included (mtt; datm for soft labels); for other sets mtt with a learned lr, else classic].")
 @click.option("--arch", "archs", multiple=True,
               help="Architecture(s) to train, e.g. convnet, resnet18, convnet:width=64 (repeat for "
                    "cross-architecture transfer) [default: the network the set was distilled for].")
@@ -253,12 +286,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
     prints and records."""
     path = Path(set_path)
     sset = _load_set_on_every_rank(path)
-    if protocol is None:
-        try:
-            protocol = get_method_class(sset.method).default_protocol
-        except ConfigError:  # imported or foreign method name
-            protocol = "mtt" if sset.learned_lr is not None else "classic"
-    _evaluate_and_record(path, protocol, list(archs) or None, runs, seed, data_root,
+    _evaluate_and_record(path, protocol or default_protocol(sset), list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
                          record=not no_record, compile=compile_networks, resume=resume)
@@ -291,8 +319,38 @@ def info(set_path) -> None:
         base = e.get("baselines", {})
         extra = "".join(f", {name.replace('_', ' ')} {100 * b['mean']:.2f} ± {100 * b['std']:.2f}"
                         for name, b in base.items())
-        click.echo(f"  evaluation   {e['protocol']['name']} on {e['arch']}: {100 * e['mean']:.2f} ± "
+        click.echo(f"  evaluation   {protocol_label(e['protocol'])} on {e['arch']}: {100 * e['mean']:.2f} ± "
                    f"{100 * e['std']:.2f} over {len(e['runs'])} runs{extra} ({e.get('timestamp', '')})")
+
+
+def protocol_label(recorded: dict) -> str:
+    """A recorded protocol (Protocol.to_dict()) by its name and what it changed from the named
+    protocol, e.g. "mtt (epochs 5, runs 1)": an overridden protocol keeps the name, and its
+    numbers must not pass for the named protocol's."""
+    name = str(recorded.get("name", "?"))
+    named = PROTOCOLS.get(name)
+    if named is None:
+        return name
+    changes = [f"{field} {_setting(value)}" for field, value in _changed(named.to_dict(), recorded)]
+    return f"{name} ({', '.join(changes)})" if changes else name
+
+
+def _changed(named: dict, recorded: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(field, recorded value) where `recorded` differs from `named`; fields a record made
+    before they existed lacks are not changes."""
+    changes = []
+    for field, value in recorded.items():
+        if field == "name" or field not in named or named[field] == value:
+            continue
+        if isinstance(value, dict) and isinstance(named[field], dict):
+            changes += _changed(named[field], value, f"{prefix}{field}.")
+        else:
+            changes.append((prefix + field, value))
+    return changes
+
+
+def _setting(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @cli.command()
@@ -327,9 +385,15 @@ def export_command(set_path, fmt, output) -> None:
 @click.option("--zca/--no-zca", default=False, help="The images are in ZCA-whitened space.")
 @click.option("--ipc", type=click.IntRange(min=1), default=None, help="Images per class [default: inferred].")
 @click.option("--experiment", type=int, default=0, show_default=True, help="dc: which experiment of the file.")
+@click.option("--checkpoint", default="final", show_default=True, metavar="final|best|ITERATION",
+              help="mtt, given a folder: which saved iteration to import. final: the highest-numbered "
+                   "images_<it>.pt, the last the run saved. best: images_best.pt, which MTT/DATM save whenever "
+                   "the TEST accuracy improves, so it is selected on the test split and its score is optimistic; "
+                   "import it only to compare with numbers published that way. (Files given one by one are "
+                   "imported as named.)")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The .h5 file to write.")
 @_data_root
-def import_command(sources, fmt, dataset, zca, ipc, experiment, output, data_root) -> None:
+def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, output, data_root) -> None:
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
     The input space (mean/std and, with --zca, the ZCA fitted on the training split) is
@@ -345,7 +409,8 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, output, data_roo
         preprocessing = Preprocessing(spec.mean, spec.std)
     classes = list(spec.classes) if spec.classes else None
     sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
-                      dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment)
+                      dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment,
+                      iteration=checkpoint)
     save_synthetic_set(output, sset)
     click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"
                f"{', learned lr %.4g' % sset.learned_lr if sset.learned_lr is not None else ''}) into {output}")

@@ -14,6 +14,11 @@ from ddtool import __version__, distributed
 from ddtool.errors import DDToolError
 
 
+# Every --seed option's range. Seeds are stored as int64 (HDF5 attributes, torch generators): a
+# larger one would pass every check and fail when the result is saved, after the hours the run took.
+SEED_RANGE = click.IntRange(0, 2**63 - 1)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:

@@ -6,9 +6,7 @@ rank 0 writes the cache.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 from pathlib import Path
 from typing import Callable
@@ -22,20 +20,27 @@ from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evalu
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import generator
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import atomic_path, exclusive_lock
 
 
-def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True) -> Accuracies | None:
+def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True,
+            kept: FinishedRuns | None = None) -> Accuracies | None:
     """Baselines are expensive and depend only on `key`: compute once, keep in the cache.
 
     Processes that need the same baseline at once (parallel evaluations of one table) take
-    turns on a lock file: the first computes, the others wait and read its result."""
+    turns on a lock file: the first computes, the others wait and read its result.
+
+    kept: the runs `compute` keeps (evaluate_images with keep_runs=True), discarded only once
+    the result is in the cache: a kill between the last run and the cache write must not
+    lose an hours-long baseline's runs."""
     digest = key_digest(key)
     # Rank 0's cache decides for every rank: they must agree on whether to compute, as the runs
     # are spread over them (and on several machines each may have a cache of its own).
     path = cache_dir("baselines") / f"{digest}.json" if distributed.is_main() else None
-    with _exclusive(path.with_suffix(".lock") if path is not None and compute_if_missing else None):
+    with exclusive_lock(path.with_suffix(".lock") if path is not None and compute_if_missing else None):
         cached = distributed.broadcast_object(_read_cached(path, key) if path is not None else None)
+        if cached is not None and kept is not None:
+            kept.discard()  # what a kill between an earlier cache write and its discard left
         if cached is not None or not compute_if_missing:
             return cached
         result = compute()
@@ -43,27 +48,11 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
                                            "compiled": result.compiled, "resumed": result.resumed}, indent=1))
+    if kept is not None:
+        # every rank kept its own runs until rank 0 has cached the result
+        distributed.barrier()
+        kept.discard()
     return result
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path | None, wait: bool = True):
-    """Hold an exclusive advisory lock on `lock` (None: no lock) for the block's duration; the
-    block gets whether it holds it (False only with wait=False, when another process does)."""
-    if lock is None:
-        yield True
-        return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_cached(path: Path, key: dict) -> Accuracies | None:
@@ -100,10 +89,11 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
     def subset(run: int) -> tuple[torch.Tensor, torch.Tensor | kd.LabelSource]:
         return random_subset(data, ipc=ipc, protocol=protocol, seed=seed, run=run, teacher=teacher, like=like)
 
+    checkpoint = {**key, "compiled": compile}
     return _cached(key, lambda: evaluate_images(
         data.train_x[:0], data.train_y[:0], data, protocol=protocol, lr=protocol.lr, arch=arch, seed=seed,
         runs=runs, desc=f"random subset IPC {ipc}", progress=progress, images_for_run=subset, compile=compile,
-        checkpoint={**key, "compiled": compile}, resume=resume))
+        checkpoint=checkpoint, resume=resume, keep_runs=True), kept=FinishedRuns(checkpoint, runs))
 
 
 # Fields of a protocol a random subset's training does not read: it has hard labels (or the
@@ -183,10 +173,11 @@ def whole_dataset_reference(data: PreparedData, *, protocol: Protocol, arch: str
         if teacher is None or teacher_key is None:
             raise ValueError("a KD protocol's whole-dataset reference needs the teacher and its fingerprint")
         key["teacher"], targets = teacher_key, teacher
+    checkpoint = {**key, "compiled": compile}
     return _cached(key, lambda: evaluate_images(
         data.train_x, targets, data, protocol=reference, lr=protocol.lr, arch=arch, seed=seed, runs=runs,
-        desc="whole dataset", progress=progress, compile=compile, checkpoint={**key, "compiled": compile},
-        resume=resume), compute_if_missing=compute_if_missing)
+        desc="whole dataset", progress=progress, compile=compile, checkpoint=checkpoint, resume=resume,
+        keep_runs=True), compute_if_missing=compute_if_missing, kept=FinishedRuns(checkpoint, runs))
 
 
 def recorded_random_baselines(sset, data: PreparedData) -> list[tuple[str, dict, dict]]:
@@ -216,7 +207,7 @@ def adopt_recorded_baselines(recorded: list[tuple[str, dict, dict]]) -> list[dic
     adopted = []
     for _, key, entry in sorted(recorded, key=lambda found: found[0], reverse=True):
         path = cache_dir("baselines") / f"{key_digest(key)}.json"
-        with _exclusive(path.with_suffix(".lock"), wait=False) as held:
+        with exclusive_lock(path.with_suffix(".lock"), wait=False) as held:
             if not held or path.exists():
                 continue
             with atomic_path(path) as tmp:

@@ -23,7 +23,6 @@ defined by what the replay needs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -36,6 +35,7 @@ from torch import nn
 from ddtool.errors import ConfigError
 from ddtool.evaluation.protocols import KDSettings, Protocol
 from ddtool.networks import create_network
+from ddtool.storage.synthetic_set import teacher_digest
 from ddtool.training import train_epoch
 
 # Names of the SyntheticSet.extras arrays that hold stored soft labels (docs/synthetic-set-format.md).
@@ -293,11 +293,7 @@ def teacher_network(record: dict, *, channels: int, num_classes: int, image_size
 
 def teacher_fingerprint(record: dict) -> str:
     """A short hash of a teacher record's architecture and weights (keys cached baselines)."""
-    digest = hashlib.sha256(repr((record["arch"], sorted(record["options"].items()))).encode())
-    for name, tensor in record["state"].items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return teacher_digest(record)
 
 
 def set_teacher(sset, device: torch.device | str) -> LiveTeacher | None:

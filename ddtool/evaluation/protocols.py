@@ -74,7 +74,9 @@ class Protocol:
             raise ConfigError(f"Protocol {self.name!r}: lr_decay_at must be in (0, 1].")
 
     def with_overrides(self, **overrides) -> "Protocol":
-        """A copy with some fields changed (None means keep); the name records the change."""
+        """A copy with some fields changed (None means keep). The name stays the named protocol's
+        (it labels, it keys nothing): cache keys and records hold every field (to_dict), and
+        `ddtool info` shows a recorded protocol's differences from its name, "mtt (epochs 5)"."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if not changes:
             return self

@@ -3,16 +3,14 @@ matched baselines, gathered in the report that is recorded in the set's file."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import torch
 
 from ddtool.data import PreparedData
+from ddtool.errors import ConfigError
 from ddtool.evaluation import kd
 from ddtool.evaluation.baselines import random_subset_baseline, whole_dataset_reference
 from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
@@ -92,6 +90,7 @@ def evaluate_set(
 
     The set comes first, the baselines after: processes evaluating several sets at once then
     train their own sets while one of them computes the baseline they share."""
+    check_set_fits_data(sset, data)
     runs = runs or protocol.runs
     device = data.test_x.device
     learning = SetLearning.of(sset, protocol, device)
@@ -116,6 +115,34 @@ def evaluate_set(
                                                        teacher=learning.teacher, teacher_key=learning.teacher_key,
                                                        compile=compile, resume=resume)
     return report
+
+
+def check_set_fits_data(sset, data: PreparedData) -> None:
+    """ConfigError unless the set's images and classes are those of the dataset it is to be
+    evaluated on. Networks adapt to any input size, so a set of another dataset (an import
+    given the wrong --dataset) would otherwise train and score, meaninglessly."""
+    found = tuple(int(s) for s in data.test_x.shape[1:])
+    problems = []
+    if tuple(sset.image_shape) != found:
+        problems.append(f"its images are {_shape(sset.image_shape)} where the dataset's are {_shape(found)}")
+    if sset.num_classes != data.spec.num_classes:
+        problems.append(f"it has {sset.num_classes} classes where the dataset has {data.spec.num_classes}")
+    elif data.spec.classes and list(sset.classes) != list(data.spec.classes):
+        differ = [i for i, (a, b) in enumerate(zip(sset.classes, data.spec.classes)) if a != b]
+        problems.append(f"its class names differ from the dataset's (class {differ[0]}: "
+                        f"{sset.classes[differ[0]]!r} in the set, {data.spec.classes[differ[0]]!r} in the dataset)")
+    if problems:
+        raise ConfigError(
+            f"The set ({sset.method}, IPC {sset.ipc}, made from {sset.dataset}) does not fit the dataset "
+            f"{data.spec.name} it would be evaluated on: {'; '.join(problems)}. A set can only be evaluated "
+            "on the dataset it was distilled from; if it was imported with the wrong --dataset, import it "
+            "again with the right one."
+        )
+
+
+def _shape(chw) -> str:
+    c, h, w = chw
+    return f"{c}x{h}x{w} (channels x height x width)"
 
 
 @dataclass
@@ -165,15 +192,7 @@ def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, see
 
 def _set_content_digest(sset) -> str:
     """A set by what its networks learn from (see _set_checkpoint), not by its file."""
-    content = hashlib.sha256()
-    for tensor in (sset.images, sset.labels):
-        content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for name in sorted(sset.extras):
-        content.update(name.encode())
-        content.update(np.ascontiguousarray(sset.extras[name]).tobytes())
-    teacher = kd.teacher_fingerprint(sset.teacher) if sset.teacher is not None else None
-    content.update(json.dumps([sset.label_kind, sset.label_temperature, sset.learned_lr, teacher]).encode())
-    return content.hexdigest()[:16]
+    return sset.content_digest()[:16]
 
 
 def kept_runs_of_set(sset) -> list[tuple[dict, list[int]]]:

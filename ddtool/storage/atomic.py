@@ -1,9 +1,11 @@
-"""Write-then-rename, so that no reader ever sees a half-written file."""
+"""Write-then-rename, so that no reader ever sees a half-written file; and the advisory lock
+that makes a read-modify-write of a shared file one step."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -16,11 +18,12 @@ from ddtool.errors import DDToolError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is left as it was. A full disk
-    becomes a DDToolError naming the file.
+    On any exception the temporary file is removed and `path` is left as it was. A full disk,
+    and a folder that cannot be written (read-only, not ours, not a folder), become a
+    DDToolError naming the file.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _prepare_folder(final)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     with _cleanup_on_failure(tmp, final):
         yield tmp
@@ -41,7 +44,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             f"{final} already exists and is not an empty folder. Choose another output folder, "
             "or remove it first."
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _prepare_folder(final)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     _remove(tmp)  # a leftover of a killed earlier run with the same pid
     tmp.mkdir()
@@ -51,8 +54,85 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def exclusive_lock(lock: str | os.PathLike | None, *, wait: bool = True, remove: bool = False) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (flock) on the file `lock` for the block's duration
+    (None: no lock); the block gets whether it holds it (False only with wait=False, when
+    another process does). Separate opens exclude each other, in one process too.
+
+    remove: delete the lock file when done, for locks beside a user's files (a set's
+    `<file>.lock` should not outlive the append it guards). It is deleted while held, and a
+    process that waited on the deleted file retries on the path's new one, so two processes
+    never both hold "the" lock."""
+    if lock is None:
+        yield True
+        return
+    lock = Path(lock)
+    while True:
+        handle = _open_lock(lock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = os.fstat(handle.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                current = os.stat(lock)
+                if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                    break
+        except BlockingIOError:
+            handle.close()
+            yield False
+            return
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # the holder before us removed this file: lock the path's new one
+    try:
+        yield True
+    finally:
+        if remove:
+            lock.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _open_lock(lock: Path):
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock, "a")
+    except OSError as exc:
+        if exc.errno in (*_NOT_WRITABLE, errno.EEXIST):
+            raise _not_writable(lock, exc) from None
+        raise
+
+
+# What writing into a folder we may not write to (or that is not a folder) fails with.
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)
+
+
+def _prepare_folder(final: Path) -> None:
+    """Create `final`'s folder, and check it can be written before any work goes into the
+    file: some writers (torch.save) report a refused file as a RuntimeError, not an OSError."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (*_NOT_WRITABLE, errno.EEXIST):  # EEXIST: a file where the folder should be
+            raise _not_writable(final, exc) from None
+        raise
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        raise _not_writable(final, PermissionError(errno.EACCES, "Permission denied"))
+
+
+def _not_writable(final: Path, exc: OSError) -> DDToolError:
+    reason = exc.strerror or str(exc)
+    return DDToolError(
+        f"Could not write {final}: {reason}. Its folder {final.parent} must be a folder this user may "
+        f"write to, on a file system that is not read-only, and {final.name} must not be a folder. "
+        "Nothing was written; choose another output path, or fix the permissions, and run the command again."
+    )
+
+
+@contextlib.contextmanager
 def _cleanup_on_failure(tmp: Path, final: Path) -> Iterator[None]:
-    """Remove `tmp` if the body fails; turn a full disk into a DDToolError naming `final`."""
+    """Remove `tmp` if the body fails; turn a full disk or a refused write into a DDToolError
+    naming `final`."""
     try:
         yield
     except OSError as exc:
@@ -62,6 +142,8 @@ def _cleanup_on_failure(tmp: Path, final: Path) -> Iterator[None]:
                 f"The disk is full: could not write {final}. Nothing was written; "
                 "free some space and run the command again (--resume continues from the last checkpoint)."
             ) from exc
+        if exc.errno in _NOT_WRITABLE:
+            raise _not_writable(final, exc) from exc
         raise
     except BaseException:
         _remove(tmp)

@@ -164,8 +164,9 @@ def import_set(
     source: one file, or for "mtt" a folder or the explicit files.
       mtt: torch.save'd tensors as MTT/DATM/FTD write them: images_<it>.pt (N, C, H, W) in
         network space, labels_<it>.pt (hard ids (N,), or DATM's soft logits (N, K)), optional
-        lr_<it>.pt (a scalar tensor or float). In a folder, `iteration` picks <it> (default
-        "best" when present, else the highest number); a DATM/FTD folder's "Normal" subfolder
+        lr_<it>.pt (a scalar tensor or float). In a folder, `iteration` picks <it>: "final" (the
+        default, None) the highest number, "best" images_best.pt (which MTT/DATM save when the
+        *test* accuracy improves: chosen on the test split), or a number; a DATM/FTD folder's "Normal" subfolder
         is used when the folder itself has no images. images_zca_*.pt (un-whitened copies
         for viewing) are ignored. Explicit files are recognised by the same names.
       dc: a Dataset Condensation result dict {'data': [[images, labels], ...],
@@ -324,8 +325,18 @@ def _mtt_files_in_folder(folder: Path, iteration: int | str | None) -> tuple[dic
         if (folder / "Normal").is_dir():  # DATM/FTD keep the plain (non-EMA) set in Normal/
             return _mtt_files_in_folder(folder / "Normal", iteration)
         raise FormatError(f"{folder} holds no images_<it>.pt file: it is not an MTT/DATM output folder.")
-    if iteration is None:
-        chosen = "best" if "best" in with_images else max(with_images, key=_iteration_order)
+    if iteration is None or iteration == "final":
+        # Not "best": MTT/DATM write images_best.pt when the *test* accuracy improves, so taking it
+        # would select the set on the test split its evaluation then reports.
+        numbered = [it for it in with_images if it.isdigit()]
+        if not numbered:
+            raise FormatError(
+                f"{folder} holds no numbered images_<iteration>.pt, only "
+                f"{', '.join(f'images_{it}.pt' for it in sorted(with_images))}. images_best.pt is the set "
+                "MTT/DATM kept for its best *test* accuracy (chosen on the test split, so its score is "
+                "optimistic); import it only knowingly, with --checkpoint best (iteration=\"best\")."
+            )
+        chosen = max(numbered, key=int)
     else:
         chosen = str(iteration)
         if chosen not in with_images:

@@ -21,8 +21,8 @@ import torch
 
 import ddtool
 from ddtool.data.preprocess import Preprocessing
-from ddtool.errors import ConfigError, FormatError
-from ddtool.storage.atomic import atomic_path
+from ddtool.errors import ConfigError, DDToolError, FormatError
+from ddtool.storage.atomic import atomic_path, exclusive_lock
 from ddtool.storage.synthetic_set import (
     RESERVED_RECORD_KEYS,
     SyntheticSet,
@@ -66,23 +66,36 @@ def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
                           "been edited by hand or written by a faulty tool; re-create it.") from None
 
 
-def append_evaluation(path: str | os.PathLike, record: dict) -> int:
+def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content: str | None = None) -> int:
     """Add one evaluation record to the file at `path` atomically; return its index.
 
     The file is copied to a temporary name, the record added there, and the copy renamed over
-    the original, so a crash leaves either the old or the new file. Concurrent appends to
-    the same file are not merged (the last rename wins): run evaluations of one file in turn.
+    the original, so a crash leaves either the old or the new file. The copy is made under an
+    exclusive lock on `<file>.lock`, so appends to one file from several processes (parallel
+    `ddtool evaluate --arch` runs of one set) take turns and all land.
+
+    expected_content: the SyntheticSet.content_digest() of the set that was evaluated. If the
+    file holds another set by now (replaced while an hours-long evaluation ran), nothing is
+    written and a DDToolError says so: the record would describe images it was not measured on.
     """
     plain = normalize_evaluation(record)
     path = Path(path)
     with _open_checked(path) as f:  # refuse to touch a file that is not a valid set
         _guard_read(path, lambda: _require_members(f, path))
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            group = f.require_group("evaluations")
-            index = _next_record_index(group)
-            _write_record(group.create_group(_record_name(index), track_order=True), plain)
+    with exclusive_lock(path.with_name(path.name + ".lock"), remove=True):
+        if expected_content is not None and load_synthetic_set(path).content_digest() != expected_content:
+            raise DDToolError(
+                f"{path} changed while it was being evaluated: it no longer holds the set that was "
+                "evaluated (its images, labels or learned lr differ), so the results were not recorded "
+                "in it. Evaluate the file's new set (`ddtool evaluate` again), or restore the old file "
+                "and run the same evaluation with --resume, which takes the runs it finished."
+            )
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "r+") as f:
+                group = f.require_group("evaluations")
+                index = _next_record_index(group)
+                _write_record(group.create_group(_record_name(index), track_order=True), plain)
     return index
 
 

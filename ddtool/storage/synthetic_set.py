@@ -8,6 +8,7 @@ back from disk compares equal to the set that was written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -115,6 +116,21 @@ class SyntheticSet:
         if self.label_kind == "probs":
             return self.labels
         return torch.nn.functional.one_hot(self.labels, self.num_classes).to(torch.float32)
+
+    def content_digest(self) -> str:
+        """A hash of what the set's networks learn from (images, labels and how they read, the
+        learned lr, stored views, the teacher), not of its provenance or evaluations: it keys an
+        evaluation's kept runs, and append_evaluation compares it to refuse recording into a file
+        whose set was replaced while the evaluation ran."""
+        content = hashlib.sha256()
+        for tensor in (self.images, self.labels):
+            content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for name in sorted(self.extras):
+            content.update(name.encode())
+            content.update(np.ascontiguousarray(self.extras[name]).tobytes())
+        teacher = teacher_digest(self.teacher) if self.teacher is not None else None
+        content.update(json.dumps([self.label_kind, self.label_temperature, self.learned_lr, teacher]).encode())
+        return content.hexdigest()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -321,6 +337,15 @@ def _extra_array(name: str, value: Any) -> np.ndarray:
     if array.dtype.kind not in "biufc":
         raise ConfigError(f"extras[{name!r}] must be a numeric array, not dtype {array.dtype}.")
     return array
+
+
+def teacher_digest(record: dict) -> str:
+    """A short hash of a teacher record's architecture and weights."""
+    digest = hashlib.sha256(repr((record["arch"], sorted(record["options"].items()))).encode())
+    for name, tensor in record["state"].items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _normalize_teacher(teacher: Any) -> dict:
