@@ -409,3 +409,22 @@ def test_an_overridden_protocol_keeps_its_name_and_shows_its_changes():
     assert protocol_label(cooler.to_dict()) == "kd (kd.temperature 4)"
     old = {k: v for k, v in mtt.to_dict().items() if k != "reference_epochs"}  # recorded before the field
     assert protocol_label(old) == "mtt" and protocol_label({"name": "elsewhere", "epochs": 3}) == "elsewhere"
+
+
+def test_data_with_other_images_under_the_same_name_is_other_data(data, trainings):
+    import dataclasses
+
+    protocol = small("classic")
+    first = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False)
+    trained = trainings["networks"]
+    # same dataset name, preprocessing, sizes and split; one test image differs (files replaced on disk)
+    changed_test = data.test_x.clone()
+    changed_test[0] += 1.0
+    other = dataclasses.replace(data, test_x=changed_test)
+    assert runs_module.data_key(other) != runs_module.data_key(data)
+    evaluation.random_subset_baseline(other, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False)
+    assert trainings["networks"] == trained + 2
+    # the same tensors again (a fresh copy, as a new process prepares them): the cached result
+    same = dataclasses.replace(data, train_x=data.train_x.clone())
+    again = evaluation.random_subset_baseline(same, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False)
+    assert again.runs == first.runs and trainings["networks"] == trained + 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,20 @@ class PreparedData:
     val_indices: torch.Tensor  # into the raw training set: the images that form val_x
     source: Path | None = None  # the folder the data was read from
     fingerprint: str = ""  # of the files read (RawDataset.fingerprint); "" for data made in memory
+    _content: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def content_digest(self) -> str:
+        """A hash of the training and test tensors (images in network space, labels), computed
+        once: what cached results are keyed by, so images replaced on disk (same names, same
+        counts) or a ZCA fitted otherwise are other data. The file fingerprint would not do:
+        it changes with a file's path or time, as on every new machine, while the data does not."""
+        if self._content is None:
+            content = hashlib.sha256()
+            for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
+                for chunk in tensor.detach().split(_CHUNK):  # bounds the copy off a GPU
+                    content.update(chunk.cpu().contiguous().numpy().tobytes())
+            self._content = content.hexdigest()[:16]
+        return self._content
 
 
 def class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:

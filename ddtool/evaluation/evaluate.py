@@ -190,4 +190,5 @@ def data_key(data: PreparedData) -> dict:
         "preprocessing": data.preprocessing.describe(),
         "train_images": int(data.train_x.shape[0]),
         "train_split": hashlib.sha256(data.train_indices.cpu().numpy().tobytes()).hexdigest()[:16],
+        "content": data.content_digest(),
     }
