@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETS = ROOT / "synthetic_sets"
 PLOTS = ROOT / "docs" / "results"
 REFERENCES = SETS / "whole_dataset.json"  # the whole-dataset references, per protocol and network
+# Finished runs of evaluations cut off by a session's end, carried to the next machine (see carry_kept_runs)
+KEPT_RUNS = SETS / "kept_runs"
 DATASET = "fashion-mnist"
 RUNS = 5
 # Settings that change how a run is watched or resumed, not the set it makes.
@@ -289,6 +292,48 @@ def adopt_recorded_baselines(cells: list[Cell], log) -> int:
     if adopted:
         log(f"{len(adopted)} random baseline(s) recorded in the sets' files put back in the cache")
     return len(adopted)
+
+
+def carry_kept_runs(folder: Path = KEPT_RUNS) -> int:
+    """Mirror the cache's kept runs (the finished runs of interrupted evaluations, sets' and
+    baselines') into `folder`, beside the sets: a session that ends mid-cell, on a machine
+    whose cache the next session will not have, commits them there, and the next `run` puts
+    them back (restore_kept_runs) and resumes. Each file is self-describing (its evaluation's
+    key, the run's index, accuracy and seconds). The number of runs carried."""
+    from ddtool.paths import cache_root
+    from ddtool.storage.atomic import atomic_directory, exclusive_lock
+
+    # two `run`s at once (one cell each, one per core) each mirror at their end: one at a time
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock"), remove=True):
+        kept = sorted((cache_root() / "evaluations").glob("*/run-*.json"))
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+        with atomic_directory(staging) as tmp:
+            for path in kept:
+                (tmp / path.parent.name).mkdir(exist_ok=True)
+                shutil.copy2(path, tmp / path.parent.name / path.name)
+        shutil.rmtree(folder, ignore_errors=True)
+        if kept:
+            staging.rename(folder)
+        else:
+            shutil.rmtree(staging)
+    return len(kept)
+
+
+def restore_kept_runs(log, folder: Path = KEPT_RUNS) -> int:
+    """Put the runs carry_kept_runs carried back into the cache where it lacks them; the number put back."""
+    from ddtool.paths import cache_root
+
+    restored = 0
+    for path in sorted(folder.glob("*/run-*.json")):
+        target = cache_root() / "evaluations" / path.parent.name / path.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            restored += 1
+    if restored:
+        log(f"{restored} kept run(s) of interrupted evaluations put back in the cache from "
+            f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}")
+    return restored
 
 
 def _read_on(cell: Cell, sset) -> str:
@@ -578,7 +623,10 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("plan", "run", "tables", "merge"))
+    parser.add_argument("action", choices=("plan", "run", "tables", "merge", "carry"),
+                        help="carry: copy the finished runs of interrupted evaluations from the cache into "
+                             f"{KEPT_RUNS.relative_to(ROOT)}, to commit before a machine goes away; `run` puts "
+                             "them back and resumes (and mirrors the cache there again at its end)")
     parser.add_argument("copies", nargs="*", type=Path,
                         help="merge: evaluated copies of shipped sets (same file name), e.g. from gpu_check.py")
     parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["main", "ablation", "cross-arch"])
@@ -631,13 +679,19 @@ def main() -> None:
 
         for key, runs in kept_runs_of_baselines():
             print(f"baseline interrupted, kept for `run` to resume: {describe_kept_baseline(key, runs)}")
+    elif args.action == "carry":
+        print(f"{carry_kept_runs()} kept run(s) carried into {KEPT_RUNS.relative_to(ROOT)}")
+        return
     elif args.action == "run":
-        adopt_recorded_baselines([c for name in TABLES for c in TABLES[name]()], lambda m: print(m, flush=True))
+        say = lambda m: print(m, flush=True)  # noqa: E731
+        restore_kept_runs(say)
+        adopt_recorded_baselines([c for name in TABLES for c in TABLES[name]()], say)
         for name in args.table:
             for c in selected(TABLES[name]()):
-                run_cell(c, lambda m: print(m, flush=True), args.compile, args.arch, args.processes)
+                run_cell(c, say, args.compile, args.arch, args.processes)
                 if args.reference and name == "main":
-                    run_reference(c, lambda m: print(m, flush=True), compile=args.compile)
+                    run_reference(c, say, compile=args.compile)
+        carry_kept_runs()  # what finished is no longer kept: the carried copies go too
     if args.action == "plan":
         return
     for name in TABLES:

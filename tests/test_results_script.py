@@ -253,3 +253,27 @@ def test_run_puts_back_the_baselines_the_sets_record(tmp_path, results, fashion_
     monkeypatch.setattr(evaluation, "train_fresh_network", lambda *a, **k: pytest.fail("the baseline was retrained"))
     found = random_subset_baseline(data, ipc=1, protocol=protocol, arch="convnet:width=4", progress=False)
     assert found.runs == report.random_subset.runs
+
+
+def test_kept_runs_are_carried_beside_the_sets_and_put_back_on_a_new_machine(tmp_path, results, monkeypatch):
+    from ddtool.evaluation import FinishedRuns
+    from ddtool.evaluation import evaluate as evaluation
+
+    key = {"kind": "synthetic_set", "set": "abc", "arch": "alexnet"}
+    runs = FinishedRuns(key, 5)
+    runs.keep(0, 0.75, 1600.0)
+    runs.keep(2, 0.76, 1650.0)
+    carried = tmp_path / "repo" / "kept_runs"
+    assert results.carry_kept_runs(carried) == 2
+    assert sorted(p.name for p in carried.glob("*/run-*.json")) == ["run-0.json", "run-2.json"]
+    monkeypatch.setenv("DDTOOL_CACHE", str(tmp_path / "new-machine-cache"))  # the next session's empty cache
+    assert FinishedRuns(key, 5).read(0) is None
+    said = []
+    assert results.restore_kept_runs(said.append, carried) == 2 and "2 kept run(s)" in said[0]
+    assert [FinishedRuns(key, 5).read(r) for r in range(3)] == [(0.75, 1600.0), None, (0.76, 1650.0)]
+    assert evaluation.kept_runs_where(lambda k: k.get("set") == "abc") == [(key, [0, 2])]
+    assert results.restore_kept_runs(said.append, carried) == 0  # already there
+    # once the evaluation is recorded its runs are discarded, and the next mirror carries nothing
+    FinishedRuns(key, 5).discard()
+    assert results.carry_kept_runs(carried) == 0 and not carried.exists()
+    assert sorted(p.name for p in carried.parent.iterdir()) == []  # no staging folder or lock left
