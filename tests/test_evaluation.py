@@ -428,3 +428,8 @@ def test_data_with_other_images_under_the_same_name_is_other_data(data, training
     same = dataclasses.replace(data, train_x=data.train_x.clone())
     again = evaluation.random_subset_baseline(same, ipc=1, protocol=protocol, arch=ARCH, seed=11, progress=False)
     assert again.runs == first.runs and trainings["networks"] == trained + 2
+
+
+def test_one_run_shows_no_spread():
+    assert str(evaluation.Accuracies([0.5, 0.7])) == "60.00 ± 10.00"
+    assert str(evaluation.Accuracies([0.8123])) == "81.23 (1 run)"  # the whole-dataset reference's usual case

@@ -58,6 +58,8 @@ class Accuracies:
                 "compiled": self.compiled, **({"resumed_runs": list(self.resumed)} if self.resumed else {})}
 
     def __str__(self) -> str:
+        if len(self.runs) == 1:  # no spread to show: "± 0.00" would claim one
+            return f"{100 * self.mean:.2f} (1 run)"
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
 
 
