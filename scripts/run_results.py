@@ -376,7 +376,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     references[key] = {"protocol": protocol.name, "arch": arch, "epochs": protocol.reference_epochs,
                        "batch_size": protocol.reference_batch_size, "teacher": teacher_key,
                        "runs": result.runs, "mean": result.mean, "std": result.std, "seconds": result.seconds,
-                       "compiled": result.compiled}
+                       "compiled": result.compiled, "hardware": result.hardware}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(references, indent=1, sort_keys=True))
 

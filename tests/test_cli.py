@@ -71,6 +71,9 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
     import shutil
     import time
 
+    import torch
+
+    from ddtool.device import describe_hardware
     from ddtool.paths import cache_root
     from ddtool.storage import load_synthetic_set
 
@@ -94,7 +97,8 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
     [first] = kept.glob("*/run-0.json")
     # mark the kept run, to tell a run read back from one trained again
     stored = json.loads(first.read_text())
-    first.write_text(json.dumps({**stored, "accuracy": 0.987}))
+    assert stored["hardware"] == describe_hardware(torch.device("cpu"))
+    first.write_text(json.dumps({**stored, "accuracy": 0.987, "hardware": "another machine (AVX512)"}))
 
     said = ok(ddtool("evaluate", copies["killed"], "--resume", *args)).stdout
     assert "taken from the interrupted evaluation" in said
@@ -104,6 +108,8 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
             runs[name] = list(f["evaluations"]["000"]["runs"][()])
     record = load_synthetic_set(copies["killed"]).evaluations[0]
     assert record["resumed_runs"][0] == 0  # the record says which runs an earlier process trained
+    # ... and on what: a resumed evaluation's runs may come from two machines
+    assert record["hardware"] == {"another machine (AVX512)": [0], describe_hardware(torch.device("cpu")): [1, 2]}
     assert runs["killed"][0] == pytest.approx(0.987)
     assert runs["killed"][1:] == runs["whole"][1:] and len(runs["whole"]) == 3
     assert not list(kept.glob("*/run-*.json"))

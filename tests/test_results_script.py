@@ -258,6 +258,7 @@ def test_run_puts_back_the_baselines_the_sets_record(tmp_path, results, fashion_
 def test_kept_runs_are_carried_beside_the_sets_and_put_back_on_a_new_machine(tmp_path, results, monkeypatch):
     from ddtool.evaluation import FinishedRuns
     from ddtool.evaluation import evaluate as evaluation
+    from ddtool.evaluation.evaluate import KeptRun
 
     key = {"kind": "synthetic_set", "set": "abc", "arch": "alexnet"}
     runs = FinishedRuns(key, 5)
@@ -270,7 +271,7 @@ def test_kept_runs_are_carried_beside_the_sets_and_put_back_on_a_new_machine(tmp
     assert FinishedRuns(key, 5).read(0) is None
     said = []
     assert results.restore_kept_runs(said.append, carried) == 2 and "2 kept run(s)" in said[0]
-    assert [FinishedRuns(key, 5).read(r) for r in range(3)] == [(0.75, 1600.0), None, (0.76, 1650.0)]
+    assert [FinishedRuns(key, 5).read(r) for r in range(3)] == [KeptRun(0.75, 1600.0), None, KeptRun(0.76, 1650.0)]
     assert evaluation.kept_runs_where(lambda k: k.get("set") == "abc") == [(key, [0, 2])]
     assert results.restore_kept_runs(said.append, carried) == 0  # already there
     # once the evaluation is recorded its runs are discarded, and the next mirror carries nothing

@@ -47,7 +47,8 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
         if path is not None:
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
-                                           "compiled": result.compiled, "resumed": result.resumed}, indent=1))
+                                           "compiled": result.compiled, "resumed": result.resumed,
+                                           "hardware": result.hardware}, indent=1))
     if kept is not None:
         # every rank kept its own runs until rank 0 has cached the result
         distributed.barrier()
@@ -60,7 +61,7 @@ def _read_cached(path: Path, key: dict) -> Accuracies | None:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"),
-                              stored.get("resumed", []))
+                              stored.get("resumed", []), stored.get("hardware", {}))
     return None
 
 
@@ -196,7 +197,8 @@ def recorded_random_baselines(sset, data: PreparedData) -> list[tuple[str, dict,
                                  seed=record["seed"], runs=len(recorded["runs"]))
         found.append((record.get("timestamp", ""), key,
                       {"key": key, "runs": recorded["runs"], "seconds": recorded.get("seconds", 0.0),
-                       "compiled": recorded.get("compiled"), "resumed": recorded.get("resumed_runs", [])}))
+                       "compiled": recorded.get("compiled"), "resumed": recorded.get("resumed_runs", []),
+                       "hardware": recorded.get("hardware", {})}))
     return found
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ddtool import distributed
 from ddtool.data import PreparedData
+from ddtool.device import describe_hardware
 from ddtool.evaluation import kd
 from ddtool.evaluation.protocols import Protocol
 from ddtool.evaluation.train import train_fresh_network
@@ -43,6 +44,9 @@ class Accuracies:
     compiled: bool | None = None
     # Runs read back from an interrupted evaluation (trained by an earlier process), by index.
     resumed: list[int] = field(default_factory=list)
+    # What trained each run (device.describe_hardware -> run indices): a resumed evaluation's
+    # runs may come from another machine. Empty for results from before it was recorded.
+    hardware: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -55,7 +59,8 @@ class Accuracies:
 
     def to_dict(self) -> dict:
         return {"runs": list(self.runs), "mean": self.mean, "std": self.std, "seconds": self.seconds,
-                "compiled": self.compiled, **({"resumed_runs": list(self.resumed)} if self.resumed else {})}
+                "compiled": self.compiled, **({"resumed_runs": list(self.resumed)} if self.resumed else {}),
+                **({"hardware": {name: list(runs) for name, runs in self.hardware.items()}} if self.hardware else {})}
 
     def __str__(self) -> str:
         if len(self.runs) == 1:  # no spread to show: "± 0.00" would claim one
@@ -97,6 +102,8 @@ def evaluate_images(
     finished = FinishedRuns(checkpoint, runs) if checkpoint is not None else None
     accs: dict[int, float] = {}
     resumed: list[int] = []
+    trained_on: dict[int, str | None] = {}
+    here = describe_hardware(data.test_x.device)
     seconds_before = 0.0
     # Rank 0's bar stands for all ranks: they share one terminal.
     with tqdm(total=len(mine) * protocol.epochs, desc=desc, unit="epoch", leave=False,
@@ -104,9 +111,9 @@ def evaluate_images(
         for run in mine:
             kept = finished.read(run) if finished is not None and resume else None
             if kept is not None:
-                accs[run], seconds = kept
+                accs[run], trained_on[run] = kept.accuracy, kept.hardware
                 resumed.append(run)
-                seconds_before += seconds
+                seconds_before += kept.seconds
                 bar.update(protocol.epochs)
                 continue
             run_start = time.perf_counter()
@@ -114,15 +121,30 @@ def evaluate_images(
             accs[run] = train_fresh_network(x, y, data, protocol=protocol, lr=lr, arch=arch,
                                             seed=derive_seed(seed, "run", run), on_epoch=lambda: bar.update(1),
                                             compile=compile)
+            trained_on[run] = here
             if finished is not None:
-                finished.keep(run, accs[run], time.perf_counter() - run_start)
+                finished.keep(run, accs[run], time.perf_counter() - run_start, here)
             bar.set_postfix(last=f"{100 * accs[run]:.2f}%")
-    shares = distributed.gather_objects((accs, resumed))
-    everyone = {run: acc for share, _ in shares for run, acc in share.items()}
+    shares = distributed.gather_objects((accs, resumed, trained_on))
+    everyone = {run: acc for share, _, _ in shares for run, acc in share.items()}
+    hardware: dict[str, list[int]] = {}
+    for run, name in sorted((run, name) for _, _, share in shares for run, name in share.items()
+                            if name is not None):
+        hardware.setdefault(name, []).append(run)
     if finished is not None and not keep_runs:
         finished.discard()
     return Accuracies([everyone[run] for run in range(runs)], seconds=time.perf_counter() - start + seconds_before,
-                      compiled=compile, resumed=sorted(run for _, share in shares for run in share))
+                      compiled=compile, resumed=sorted(run for _, share, _ in shares for run in share),
+                      hardware=hardware)
+
+
+@dataclass(frozen=True)
+class KeptRun:
+    """A finished run of an interrupted evaluation, as kept for a resume."""
+
+    accuracy: float
+    seconds: float
+    hardware: str | None = None  # device.describe_hardware; None if kept before runs named it
 
 
 def kept_runs_where(match: Callable[[dict], bool]) -> list[tuple[dict, list[int]]]:
@@ -150,19 +172,20 @@ class FinishedRuns:
     def _path(self, run: int) -> Path:
         return self.folder / f"run-{run}.json"
 
-    def read(self, run: int) -> tuple[float, float] | None:
-        """(accuracy, seconds) of a kept run, or None."""
+    def read(self, run: int) -> KeptRun | None:
+        """The kept run `run`, or None."""
         path = self._path(run)
         if not path.exists():
             return None
         stored = json.loads(path.read_text())
         if stored.get("key") != self.key:  # a digest collision, however unlikely, is not a match
             return None
-        return float(stored["accuracy"]), float(stored["seconds"])
+        return KeptRun(float(stored["accuracy"]), float(stored["seconds"]), stored.get("hardware"))
 
-    def keep(self, run: int, accuracy: float, seconds: float) -> None:
+    def keep(self, run: int, accuracy: float, seconds: float, hardware: str | None = None) -> None:
         with atomic_path(self._path(run)) as tmp:
-            tmp.write_text(json.dumps({"key": self.key, "run": run, "accuracy": accuracy, "seconds": seconds}))
+            tmp.write_text(json.dumps({"key": self.key, "run": run, "accuracy": accuracy, "seconds": seconds,
+                                       "hardware": hardware}))
 
     def take_from(self, other: "FinishedRuns") -> None:
         """Move the runs `other` kept (those this one has not) under this one's key."""
@@ -172,7 +195,7 @@ class FinishedRuns:
             except FileNotFoundError:  # another rank sharing this cache moved it first
                 found = None
             if found is not None and self.read(run) is None:
-                self.keep(run, *found)
+                self.keep(run, found.accuracy, found.seconds, found.hardware)
             other._path(run).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             other.folder.rmdir()
