@@ -82,6 +82,25 @@ def test_correct_only_init_and_averaged_logits_by_hand():
     assert torch.equal(logits, expected)
 
 
+def test_experts_score_images_in_batches_of_every_class():
+    from ddtool.methods.initialisation import class_mixed_logits, class_pools
+
+    data = tiny_prepared(size=2, per_class=6)
+    table = {tuple(v.tolist()): int(y) for v, y in zip(data.train_x.flatten(1), data.train_y)}
+    batches = []
+
+    def forward(params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        batches.append(sorted({table[tuple(v.tolist())] for v in images.flatten(1)}))
+        return images.flatten(1) * params[0]  # each image's own pixels: shows where each result went
+
+    pools = class_pools(data, 5, torch.Generator().manual_seed(0))
+    logits = class_mixed_logits(StubStore([torch.full((2, 1), 2.0)]), 0, forward, data, pools, batch_size=20)
+    # a batch of one class would let batch statistics (BatchNorm) normalise the class by itself
+    assert batches == [list(range(10))] * 3  # 50 images in batches of 20, 20 and 10
+    for pool, scores in zip(pools, logits):  # every pool's logits are its own images', in its order
+        assert torch.equal(scores, data.train_x[pool].flatten(1) * 2.0)
+
+
 def test_correct_only_init_averages_over_the_correct_experts_only():
     data = tiny_prepared(size=2, per_class=3)
     x = data.train_x.flatten(1)

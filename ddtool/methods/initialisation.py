@@ -30,11 +30,26 @@ def class_pools(data: PreparedData, pool_per_class: int, generator: torch.Genera
 
 
 @torch.no_grad()
-def expert_logits(experts: ExpertStore, expert: int, forward: Forward, images: torch.Tensor,
-                  batch_size: int = 1024) -> torch.Tensor:
-    """Logits of `expert`'s final parameters on `images`."""
-    params = experts.params(expert, experts.epochs).to(images.device)
-    return torch.cat([forward(params, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+def class_mixed_logits(experts: ExpertStore, expert: int, forward: Forward, data: PreparedData,
+                       pools: list[torch.Tensor], batch_size: int = 1024) -> list[torch.Tensor]:
+    """Logits of `expert`'s final parameters on each class's pool of training images (indices),
+    one tensor per pool, scored in batches that take the classes in turn.
+
+    Experts keep parameters only, so a network with batch statistics (BatchNorm) normalises
+    by the batch it is given: a batch of one class would be normalised by that class alone,
+    and its logits would say little about the class. Per-image normalisation (the default
+    instance norm) gives the same logits in any batch."""
+    sizes = [pool.numel() for pool in pools]
+    everyone = torch.cat(pools)
+    owner = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    position = torch.cat([torch.arange(n) for n in sizes])
+    order = torch.argsort(position * len(pools) + owner).to(everyone.device)  # image j of each class, then j + 1
+    params = experts.params(expert, experts.epochs).to(data.train_x.device)
+    scored = torch.cat([forward(params, data.train_x[everyone[order[i:i + batch_size]]])
+                        for i in range(0, order.numel(), batch_size)])
+    logits = torch.empty_like(scored)
+    logits[order] = scored
+    return list(logits.split(sizes))
 
 
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
@@ -72,14 +87,14 @@ def representative_indices(data: PreparedData, experts: ExpertStore, forward: Fo
                            pool_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """AST's representative initialisation: per class, the images nearest the k-means centres
     (k = ipc) of expert 0's logits; class-major, distinct images."""
-    chosen = []
-    for c, pool in enumerate(class_pools(data, max(pool_per_class, ipc), generator)):
+    pools = class_pools(data, max(pool_per_class, ipc), generator)
+    for c, pool in enumerate(pools):
         if pool.numel() < ipc:
             raise DDToolError(f"Class {data.spec.classes[c]!r} has {pool.numel()} training images; IPC {ipc} "
                               "is too many.")
-        logits = expert_logits(experts, experts.expert_indices[0], forward, data.train_x[pool])
-        chosen.append(pool[nearest_to_centres(logits, ipc, generator).to(pool.device)])
-    return torch.cat(chosen)
+    logits = class_mixed_logits(experts, experts.expert_indices[0], forward, data, pools)
+    return torch.cat([pool[nearest_to_centres(scores, ipc, generator).to(pool.device)]
+                      for pool, scores in zip(pools, logits)])
 
 
 def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward, ipc: int, *,
@@ -90,9 +105,10 @@ def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward
     that image correctly. `representative`: AST's choice among those images instead of a
     random one (the images nearest the k-means centres of expert 0's logits)."""
     indices, labels = [], []
-    for c, pool in enumerate(class_pools(data, pool_per_class, generator)):
-        images = data.train_x[pool]
-        logits = torch.stack([expert_logits(experts, e, forward, images) for e in experts.expert_indices])
+    pools = class_pools(data, pool_per_class, generator)
+    by_expert = [class_mixed_logits(experts, e, forward, data, pools) for e in experts.expert_indices]
+    for c, pool in enumerate(pools):
+        logits = torch.stack([per_class[c] for per_class in by_expert])  # (experts, pool, classes)
         correct = logits.argmax(dim=2) == c  # (experts, pool)
         eligible = correct[0].nonzero().squeeze(1)
         if eligible.numel() < ipc:
