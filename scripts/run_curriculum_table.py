@@ -42,16 +42,10 @@ PRESET = "fashion-cpu"
 
 
 def hardware() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} cores visible, "
-            f"shared), torch {torch.__version__}, Python {platform.python_version()}")
+    from ddtool.device import describe_hardware
+
+    return (f"{describe_hardware(torch.device('cpu'))}, {torch.get_num_threads()} torch threads "
+            f"({os.cpu_count()} cores visible, shared), torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def protocol_for(epochs: int, runs: int):
