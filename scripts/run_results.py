@@ -298,23 +298,19 @@ def carry_kept_runs(folder: Path = KEPT_RUNS) -> int:
     baselines') into `folder`, beside the sets: a session that ends mid-cell, on a machine
     whose cache the next session will not have, commits them there, and the next `run` puts
     them back (restore_kept_runs) and resumes. Each file is self-describing (its evaluation's
-    key, the run's index, accuracy and seconds). The number of runs carried."""
+    key, the run's index, accuracy, seconds and hardware). The number of runs carried."""
     from ddtool.paths import cache_root
     from ddtool.storage.atomic import atomic_directory, exclusive_lock
 
     # two `run`s at once (one cell each, one per core) each mirror at their end: one at a time
     with exclusive_lock(folder.with_name(f".{folder.name}.lock"), remove=True):
         kept = sorted((cache_root() / "evaluations").glob("*/run-*.json"))
-        staging = folder.with_name(f".{folder.name}.{os.getpid()}")
-        with atomic_directory(staging) as tmp:
-            for path in kept:
-                (tmp / path.parent.name).mkdir(exist_ok=True)
-                shutil.copy2(path, tmp / path.parent.name / path.name)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # the cache holds every run it held
         if kept:
-            staging.rename(folder)
-        else:
-            shutil.rmtree(staging)
+            with atomic_directory(folder) as tmp:
+                for path in kept:
+                    (tmp / path.parent.name).mkdir(exist_ok=True)
+                    shutil.copy2(path, tmp / path.parent.name / path.name)
     return len(kept)
 
 

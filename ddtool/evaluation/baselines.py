@@ -46,14 +46,18 @@ def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing:
         result = compute()
         if path is not None:
             with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps({"key": key, "runs": result.runs, "seconds": result.seconds,
-                                           "compiled": result.compiled, "resumed": result.resumed,
-                                           "hardware": result.hardware}, indent=1))
+                tmp.write_text(json.dumps(_entry(key, result), indent=1))
     if kept is not None:
         # every rank kept its own runs until rank 0 has cached the result
         distributed.barrier()
         kept.discard()
     return result
+
+
+def _entry(key: dict, result: Accuracies) -> dict:
+    """A cache file's content: the key it answers and the result (_read_cached reads it back)."""
+    return {"key": key, "runs": result.runs, "seconds": result.seconds, "compiled": result.compiled,
+            "resumed": result.resumed, "hardware": result.hardware}
 
 
 def _read_cached(path: Path, key: dict) -> Accuracies | None:
@@ -195,10 +199,9 @@ def recorded_random_baselines(sset, data: PreparedData) -> list[tuple[str, dict,
             continue
         key = _random_subset_key(data, ipc=sset.ipc, protocol=record["protocol"], arch=record["arch"],
                                  seed=record["seed"], runs=len(recorded["runs"]))
-        found.append((record.get("timestamp", ""), key,
-                      {"key": key, "runs": recorded["runs"], "seconds": recorded.get("seconds", 0.0),
-                       "compiled": recorded.get("compiled"), "resumed": recorded.get("resumed_runs", []),
-                       "hardware": recorded.get("hardware", {})}))
+        result = Accuracies(recorded["runs"], recorded.get("seconds", 0.0), recorded.get("compiled"),
+                            recorded.get("resumed_runs", []), recorded.get("hardware", {}))
+        found.append((record.get("timestamp", ""), key, _entry(key, result)))
     return found
 
 

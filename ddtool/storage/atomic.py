@@ -94,11 +94,11 @@ def exclusive_lock(lock: str | os.PathLike | None, *, wait: bool = True, remove:
 
 
 def _open_lock(lock: Path):
+    _prepare_folder(lock)
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
         return open(lock, "a")
     except OSError as exc:
-        if exc.errno in (*_NOT_WRITABLE, errno.EEXIST):
+        if exc.errno in _NOT_WRITABLE:
             raise _not_writable(lock, exc) from None
         raise
 
