@@ -353,6 +353,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     from ddtool.evaluation import get_protocol, kd
     from ddtool.evaluation import whole_dataset_reference
     from ddtool.storage.atomic import atomic_path
+    from ddtool.storage.synthetic_set import teacher_digest
 
     sset = load(cell)
     if sset is None or (key := reference_key(cell, sset)) in read_references(path):
@@ -362,7 +363,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     data = prepare(sset.dataset, None, preprocessing=sset.preprocessing)
     teacher = teacher_key = None
     if protocol.kd is not None:  # the reference learns from the set's teacher on the whole split
-        teacher, teacher_key = kd.set_teacher(sset, data.test_x.device), kd.teacher_fingerprint(sset.teacher)
+        teacher, teacher_key = kd.set_teacher(sset, data.test_x.device), teacher_digest(sset.teacher)
     log(f"[{cell.key}] whole-dataset reference: {key}, {protocol.reference_epochs} epochs on "
         f"{data.train_x.shape[0]} images")
     result = whole_dataset_reference(data, protocol=protocol, arch=arch, progress=False, teacher=teacher,

@@ -183,6 +183,48 @@ def test_injected_nan_triggers_rollback_and_a_finite_result(tmp_path, data, monk
     assert torch.isfinite(sset.images).all()
 
 
+def _poison_iterations(monkeypatch, iterations):
+    """Make the backend's image gradient NaN on the given (1-based) backend calls."""
+    real_backend = trajectory.get_backend("exact")
+    calls = {"n": 0}
+
+    def poisoned(unroll, syn):
+        calls["n"] += 1
+        result = real_backend(unroll, syn)
+        if calls["n"] in iterations:
+            result.grad_images = torch.full_like(result.grad_images, float("nan"))
+        return result
+
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: poisoned)
+
+
+def test_each_rollback_to_one_checkpoint_halves_the_rates_again(tmp_path, data, monkeypatch):
+    _poison_iterations(monkeypatch, {3, 4})  # both roll back to the checkpoint of iteration 2
+    rates = []
+    real_rollback = trajectory.MTT._rollback
+
+    def recording(self, *args):
+        state, *_, optimizers = real_rollback(self, *args)
+        rates.append((state.lr_scale, {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}))
+        return (state, *_, optimizers)
+
+    monkeypatch.setattr(trajectory.MTT, "_rollback", recording)
+    config = tiny_mtt()
+    sset = trajectory.MTT(config).distill(context(tmp_path, data))
+    assert [scale for scale, _ in rates] == [0.5, 0.25]
+    for scale, groups in rates:
+        assert groups == pytest.approx({"images": config.lr_img * scale, "lr": config.lr_lr * scale})
+    assert torch.isfinite(sset.images).all()
+
+
+def test_a_rollback_keeps_the_best_set_validated_after_its_checkpoint(tmp_path, data, monkeypatch):
+    # validation at iteration 3, checkpoints at 2, 4, 6; iteration 4 diverges and returns to 2,
+    # so no later validation happens: the set validated at 3 is the one saved
+    _poison_iterations(monkeypatch, {4})
+    sset = trajectory.MTT(tiny_mtt(eval_every=3, iterations=5, eval_epochs=2)).distill(context(tmp_path, data))
+    assert sset.config["selected_iteration"] == 3
+
+
 def test_repeated_divergence_stops_with_a_clear_error(tmp_path, data, monkeypatch):
     real_backend = trajectory.get_backend("exact")
 

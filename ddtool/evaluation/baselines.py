@@ -78,7 +78,7 @@ def random_subset_baseline(data: PreparedData, *, ipc: int, protocol: Protocol, 
     the protocol, trained exactly like the synthetic set.
 
     Under a KD protocol the subset learns from `teacher` (the set's; `teacher_key` is its
-    kd.teacher_fingerprint), labelled the way `like` (the set's labels) is: live, or stored
+    storage.synthetic_set.teacher_digest), labelled the way `like` (the set's labels) is: live, or stored
     for the same number of epochs of views."""
     runs = runs or protocol.runs
     subset_size = ipc * data.spec.num_classes

@@ -35,7 +35,6 @@ from torch import nn
 from ddtool.errors import ConfigError
 from ddtool.evaluation.protocols import KDSettings, Protocol
 from ddtool.networks import create_network
-from ddtool.storage.synthetic_set import teacher_digest
 from ddtool.training import train_epoch
 
 # Names of the SyntheticSet.extras arrays that hold stored soft labels (docs/synthetic-set-format.md).
@@ -289,11 +288,6 @@ def teacher_network(record: dict, *, channels: int, num_classes: int, image_size
                          **record["options"])
     net.load_state_dict(record["state"])
     return net.to(device).eval().requires_grad_(False)
-
-
-def teacher_fingerprint(record: dict) -> str:
-    """A short hash of a teacher record's architecture and weights (keys cached baselines)."""
-    return teacher_digest(record)
 
 
 def set_teacher(sset, device: torch.device | str) -> LiveTeacher | None:

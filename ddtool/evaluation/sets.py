@@ -15,6 +15,7 @@ from ddtool.evaluation import kd
 from ddtool.evaluation.baselines import random_subset_baseline, whole_dataset_reference
 from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
 from ddtool.evaluation.protocols import Protocol
+from ddtool.storage.synthetic_set import teacher_digest
 
 
 @dataclass
@@ -179,7 +180,7 @@ class SetLearning:
         if teacher is None:
             details["baselines_skipped"] = "the set carries no teacher"
             return cls(labels, float(protocol.lr), "soft", details)
-        return cls(labels, float(protocol.lr), "soft", details, teacher, kd.teacher_fingerprint(sset.teacher))
+        return cls(labels, float(protocol.lr), "soft", details, teacher, teacher_digest(sset.teacher))
 
 
 def _set_checkpoint(sset, data: PreparedData, protocol: Protocol, arch: str, seed: int, compile: bool) -> dict:

@@ -444,7 +444,7 @@ class TrajectoryMatching(Method):
                 diverged = self._diverged_after_step(images, lr, label_logits)
             if diverged:
                 elapsed = state.elapsed + time.perf_counter() - started
-                state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, it, diverged)
+                state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, state, it, diverged)
                 it += 1
                 state.iteration, state.elapsed = it, elapsed
                 bar.update(1)
@@ -597,9 +597,13 @@ class TrajectoryMatching(Method):
         snap.optimizer_states = copy.deepcopy({k: o.state_dict() for k, o in optimizers.items()})
         return snap
 
-    def _rollback(self, ctx: DistillContext, last_good: MatchingState, it: int, why: str):
-        """Return to the last good state with halved outer learning rates; give up after a few."""
+    def _rollback(self, ctx: DistillContext, last_good: MatchingState, current: MatchingState, it: int, why: str):
+        """Return to the last good state with halved outer learning rates; give up after a few.
+
+        The best validated set so far survives: it may have been scored after the checkpoint
+        rolled back to, and it was a finite, validated set."""
         state = last_good.clone()
+        state.best_val, state.best = current.best_val, copy.deepcopy(current.best)
         state.rollbacks = last_good.rollbacks + 1
         last_good.rollbacks = state.rollbacks
         state.lr_scale = last_good.lr_scale * 0.5
@@ -613,11 +617,14 @@ class TrajectoryMatching(Method):
         images = state.images.requires_grad_(True)
         lr = state.lr.requires_grad_(True)
         label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
-        optimizers = self._optimizers(images, lr, label_logits, 1.0)
+        optimizers = self._optimizers(images, lr, label_logits, state.lr_scale)
         for name, opt in optimizers.items():
+            # the saved state brings its momentum and the rates of its time, which may already be
+            # halved once or more: the rates come from the scale, which counts every rollback
+            scaled_rates = [group["lr"] for group in opt.param_groups]
             opt.load_state_dict(state.optimizer_states[name])
-            for group in opt.param_groups:
-                group["lr"] *= 0.5
+            for group, rate in zip(opt.param_groups, scaled_rates):
+                group["lr"] = rate
         state.images, state.lr, state.label_logits = images, lr, label_logits
         return state, images, lr, label_logits, optimizers
 
