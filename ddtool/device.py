@@ -18,11 +18,16 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N.") from exc
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ConfigError(f"Device {name!r} is not one ddtool runs on: use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"Device {name!r} was asked for, but PyTorch sees no CUDA GPU on this machine. "
             "Use --device cpu (or auto)."
         )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"Device {name!r} was asked for, but this machine has {torch.cuda.device_count()} "
+                          f"CUDA GPU(s), numbered from 0.")
     return device
 
 

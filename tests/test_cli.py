@@ -285,6 +285,23 @@ def test_an_imported_mtt_set_is_evaluated_under_the_mtt_protocol(tmp_path, fashi
     assert record["lr"] == 0.01  # no lr saved: the protocol's
 
 
+def test_import_zca_is_fitted_on_every_training_image_as_mtt_fits_it(tmp_path, fashion_root):
+    import torch
+
+    import ddtool.data as data
+    from ddtool.storage import load_synthetic_set
+
+    images, labels = torch.randn(20, 1, 28, 28), torch.arange(10).repeat_interleave(2)
+    _save_like_mtt(tmp_path / "run", "5000", images, labels)
+    ok(ddtool("import", tmp_path / "run", "--format", "mtt", "--zca", "--data-root", fashion_root,
+              "-o", tmp_path / "zca.h5"))
+    zca = load_synthetic_set(tmp_path / "zca.h5").preprocessing.zca
+    raw = data.load_raw("fashion-mnist", fashion_root)  # 12 a class; ddtool's own runs hold 1 a class out
+    spec = raw.spec
+    normalised = (raw.train_images.double() / 255 - spec.mean[0]) / spec.std[0]
+    assert torch.allclose(zca.mean.double(), normalised.reshape(120, -1).mean(dim=0), atol=1e-5)
+
+
 def test_the_default_protocol_follows_the_sets_method(tmp_path):
     import torch
 

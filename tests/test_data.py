@@ -257,6 +257,44 @@ def test_image_folder(tmp_path):
         data.load_raw(f"folder:{root}")
 
 
+def test_image_folder_of_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
+    root = tmp_path / "scans"
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
+    for split, name in (("train", "a"), ("test", "b")):
+        path = root / split / "x" / f"{name}.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(ramp).save(path)  # uint16: mode I;16
+    assert Image.open(root / "train" / "x" / "a.png").mode in formats._WIDE_INT_MODES  # 16 bits in the file
+    raw = data.load_raw(f"folder:{root}")
+    assert raw.spec.channels == 1
+    expected = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    assert np.array_equal(raw.train_images[0, 0].numpy(), expected)
+
+    floats = tmp_path / "f.tiff"
+    Image.fromarray(ramp.astype(np.float32) / 65535, "F").save(floats)
+    with pytest.raises(FormatError, match="floating-point"):
+        formats.read_images([floats], 8, "test")
+
+
+def test_image_folder_without_test_images_is_refused(tmp_path):
+    root = tmp_path / "pets"
+    write_image(root / "train" / "cat" / "a.png", (8, 8), seed=1)
+    write_image(root / "test" / "b.png", (8, 8), seed=2)  # not in a class folder
+    with pytest.raises(FormatError, match="holds no images in class folders"):
+        data.load_raw(f"folder:{root}")
+
+
+@pytest.mark.parametrize("offset", [11, 36])  # IHDR's length (Pillow: ValueError), IDAT's (SyntaxError)
+def test_corrupt_png_chunk_is_a_format_error(tmp_path, offset):
+    path = tmp_path / "a.png"
+    write_image(path, (8, 8), seed=1)
+    raw = bytearray(path.read_bytes())
+    raw[offset] = 0
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="a.png"):
+        formats.read_images([path], 8, "test")
+
+
 def test_missing_image_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="train.*test \\(or val\\)"):
         data.load_raw(f"folder:{tmp_path / 'nothing'}")
@@ -353,6 +391,16 @@ def test_preprocessing_round_trip():
     assert torch.allclose(whitened.invert(whitened.apply(pixels)), pixels, atol=1e-4)
     restored = Preprocessing.from_arrays(whitened.to_arrays())
     assert torch.equal(restored.apply(pixels), whitened.apply(pixels))
+
+
+def test_preprocessing_record_with_a_partial_zca_is_a_format_error():
+    pixels = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    whitened = Preprocessing((0.5,), (0.2,), ZCA.fit(pixels, eps=0.1, chunk_size=10))
+    arrays = whitened.to_arrays()
+    with pytest.raises(FormatError, match="lacks 'zca_mean'"):
+        Preprocessing.from_arrays({k: v for k, v in arrays.items() if k != "zca_mean"})
+    with pytest.raises(FormatError, match="inconsistent ZCA"):
+        Preprocessing.from_arrays({**arrays, "zca_inverse": arrays["zca_inverse"][:2]})
 
 
 def write_image_folder(root: Path, num_classes: int = 3, train_per_class: int = 12, size: int = 8) -> None:

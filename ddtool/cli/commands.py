@@ -396,13 +396,15 @@ def export_command(set_path, fmt, output) -> None:
 def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, output, data_root) -> None:
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
-    The input space (mean/std and, with --zca, the ZCA fitted on the training split) is
-    rebuilt from the dataset, so the dataset's files must be found.
+    The input space (mean/std and, with --zca, the ZCA fitted on every training image, as
+    MTT and DATM fit it) is rebuilt from the dataset, so the dataset's files must be found.
     """
     spec = get_spec(dataset)
     preprocessing = None
     if zca:
-        preprocessing = prepare(spec.name, data_root, zca=True).preprocessing
+        # ddtool's own runs fit the ZCA without their validation images; the published code
+        # fits it on the whole training split, and that is the space the imported images are in
+        preprocessing = prepare(spec.name, data_root, zca=True, val_per_class=0).preprocessing
     else:
         from ddtool.data import Preprocessing
 

@@ -85,7 +85,7 @@ def read_pickle_dict(path: Path, keys: Sequence[bytes]) -> dict[bytes, Any]:
     try:
         with path.open("rb") as f:
             record = _ArraysOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError, MemoryError) as exc:
         raise FormatError(f"{path} is not a readable CIFAR pickle ({exc}); download it again.") from exc
     missing = [key.decode() for key in keys if not isinstance(record, dict) or key not in record]
     if missing:
@@ -113,7 +113,13 @@ def read_mat(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 # Modes whose pixels carry no colour; anything else is read as RGB.
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# 16-bit greyscale (PNG, TIFF) opens as one of these; Pillow's conversion to RGB clips their
+# values at 255 instead of rescaling, which would turn most of an image white.
+_WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+# What a corrupt file makes Pillow raise besides OSError: broken PNG chunks raise SyntaxError,
+# a damaged size header DecompressionBombError.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -121,7 +127,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except _UNREADABLE as exc:
         raise FormatError(f"{path} is not a readable image ({exc}).") from exc
 
 
@@ -138,11 +144,24 @@ def read_images(paths: Sequence[Path], size: int, desc: str) -> tuple[np.ndarray
         try:
             with Image.open(path) as image:
                 all_gray &= image.mode in _GRAY_MODES
-                pixels = _square(image.convert("RGB"), size)
-        except (UnidentifiedImageError, OSError) as exc:
+                pixels = _square(_as_rgb(image, path), size)
+        except _UNREADABLE as exc:
             raise FormatError(f"{path} is not a readable image ({exc}).") from exc
         out[i] = np.asarray(pixels).transpose(2, 0, 1)
     return out, all_gray
+
+
+def _as_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit greyscale is scaled by 255/65535 (full scale to full
+    scale); floating-point images have no agreed range and are refused."""
+    if image.mode in _WIDE_INT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        eight_bit = np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit, "L").convert("RGB")
+    if image.mode == "F":
+        raise FormatError(f"{path} holds floating-point pixels, whose range is unknown; save the images "
+                          f"as 8- or 16-bit PNG.")
+    return image.convert("RGB")
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:

@@ -290,6 +290,9 @@ def _read_image_folder(root: Path, cache_dir: Path) -> Decoded:
     if unknown:
         raise FormatError(f"{test_dir} has class folders that train/ lacks: {', '.join(unknown)}.")
     test = [(p, label) for label, name in enumerate(classes) for p in _images_under(test_dir / name)]
+    if not test:  # every evaluation would score 0 images and report 0%
+        raise FormatError(f"{test_dir} holds no images in class folders; put them in "
+                          f"{test_dir}/<class>/ under the class names of train/.")
 
     width, height = image_size(train[0][0])
     return _decode_cached(root, cache_dir, train, test, min(width, height), tuple(classes), allow_gray=True)

@@ -110,12 +110,23 @@ class Preprocessing:
             raise FormatError("Preprocessing record has inconsistent mean/std.")
         zca = None
         if "zca_matrix" in arrays:
-            zca = ZCA(
-                mean=torch.as_tensor(np.asarray(arrays["zca_mean"]), dtype=torch.float32),
-                matrix=torch.as_tensor(np.asarray(arrays["zca_matrix"]), dtype=torch.float32),
-                inverse=torch.as_tensor(np.asarray(arrays["zca_inverse"]), dtype=torch.float32),
-                eps=float(np.asarray(arrays["zca_eps"])),
-            )
+            try:
+                zca = ZCA(
+                    mean=torch.as_tensor(np.asarray(arrays["zca_mean"]), dtype=torch.float32),
+                    matrix=torch.as_tensor(np.asarray(arrays["zca_matrix"]), dtype=torch.float32),
+                    inverse=torch.as_tensor(np.asarray(arrays["zca_inverse"]), dtype=torch.float32),
+                    eps=float(np.asarray(arrays["zca_eps"])),
+                )
+            except KeyError as exc:
+                raise FormatError(f"Preprocessing record has a ZCA matrix but lacks {exc.args[0]!r}.") from None
+            except (TypeError, ValueError) as exc:
+                raise FormatError(f"Preprocessing record has an unreadable ZCA ({exc}).") from None
+            dim = zca.mean.numel()
+            if (zca.mean.shape != (dim,) or zca.matrix.shape != (dim, dim) or zca.inverse.shape != (dim, dim)
+                    or not zca.eps > 0):
+                raise FormatError(
+                    f"Preprocessing record has an inconsistent ZCA: mean {tuple(zca.mean.shape)}, matrix "
+                    f"{tuple(zca.matrix.shape)}, inverse {tuple(zca.inverse.shape)}, eps {zca.eps}.")
         return cls(mean, std, zca)
 
 

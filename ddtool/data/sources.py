@@ -221,7 +221,9 @@ def _checked(spec: DatasetSpec, decoded: Decoded, folder: Path) -> RawDataset:
     for split in ("train", "test"):
         images, labels = getattr(decoded, f"{split}_images"), getattr(decoded, f"{split}_labels")
         problem = None
-        if tuple(images.shape[1:]) != expected:
+        if images.shape[0] == 0:
+            problem = "no images"
+        elif tuple(images.shape[1:]) != expected:
             problem = f"images of shape {tuple(images.shape[1:])}, expected {expected}"
         elif labels.shape != (images.shape[0],):
             problem = f"{images.shape[0]} images but {labels.numel()} labels"

@@ -114,7 +114,8 @@ def parse_arch(spec: str) -> tuple[str, dict[str, Any]]:
 
 def same_network(a: str, b: str) -> bool:
     """Whether two specs build the same network: 'convnetw32' (an alias), 'convnet:width=32'
-    and 'convnet:width=32,depth=3' (a default spelled out) are one network."""
+    and 'convnet:width=32,norm=instance' (a default spelled out) are one network. Options
+    whose default depends on the image (ConvNet's depth) are compared as written."""
 
     def resolved(spec: str) -> tuple[Factory, dict[str, Any]]:
         name, options = parse_arch(spec)
