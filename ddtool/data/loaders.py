@@ -164,6 +164,11 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+# Bumped when decoding changes what an image becomes, so that older decodes are not reused
+# (2: 16-bit greyscale rescaled instead of clipped at 255).
+_DECODER_REVISION = 2
+
+
 def _decode_cached(
     source: Path,
     cache_dir: Path,
@@ -181,7 +186,8 @@ def _decode_cached(
     assign labels, so any change to the folder re-decodes it. With `allow_gray`, a folder of
     grayscale images only is kept as one channel.
     """
-    version = digest(fingerprint([p for p, _ in train] + [p for p, _ in test] + list(metadata)), size, allow_gray)
+    version = digest(fingerprint([p for p, _ in train] + [p for p, _ in test] + list(metadata)), size, allow_gray,
+                     _DECODER_REVISION)
 
     def build() -> dict:
         train_x, train_gray = read_images([p for p, _ in train], size, f"decoding {source.name} train")
