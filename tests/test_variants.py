@@ -51,6 +51,26 @@ def test_datm_window_grows_linearly_then_stays():
     assert fixed.start_epoch_range(0) == fixed.start_epoch_range(10**6) == (0, 3)
 
 
+@pytest.mark.parametrize("name, steps, lr_img, lr_lr, lr_label, batch_syn", [
+    # methods.md §5: (N, M = 2, lr_img, lr_lr, lr_y, batch_syn) as published
+    ("datm-cifar10-ipc1", 80, 100, 1e-7, 5, 10), ("datm-cifar10-ipc10", 80, 100, 1e-5, 2, 100),
+    ("datm-cifar10-ipc50", 80, 1000, 1e-5, 2, 500), ("datm-cifar100-ipc10", 80, 1000, 1e-5, 10, 1000),
+    ("datm-tiny-ipc10", 40, 100, 1e-4, 10, 500)])
+def test_datm_published_presets_carry_the_published_settings(name, steps, lr_img, lr_lr, lr_label, batch_syn):
+    c = DATM.presets[name]
+    assert (c.syn_steps, c.expert_epochs, c.lr_img, c.lr_lr, c.lr_label, c.batch_syn) == (
+        steps, 2, lr_img, lr_lr, lr_label, batch_syn)
+    assert c.iterations == 10000 and c.zca and c.labels == "learned"
+    assert (c.gate_threshold == 1.1) == (name == "datm-cifar10-ipc1")
+
+
+def test_datm_large_set_presets_match_late_epochs_only():
+    # methods.md §5: [40, 60) at IPC 500 and 1000
+    for ipc in (500, 1000):
+        datm = DATM(DATM.presets[f"datm-cifar10-ipc{ipc}"])
+        assert datm.start_epoch_range(0) == datm.start_epoch_range(10000) == (40, 60)
+
+
 def test_datm_plan_names_the_window_it_will_reach():
     growing = DATM(DATMConfig(**base(max_start_epoch=2, max_start_epoch_final=6, window_grow_iterations=4)))
     assert growing.describe_start_epochs() == "start epochs [0, 2) growing to [0, 6) over 4 iterations"
@@ -80,6 +100,9 @@ def test_correct_only_init_and_averaged_logits_by_hand():
     # Only expert 0 is correct, so each label is expert 0's logits alone: 2 at the true class.
     expected = torch.nn.functional.one_hot(data.train_y[idx], k).float() * 2.0
     assert torch.equal(logits, expected)
+    # a set larger than half the scored pool scores more of each class (DATM at IPC 500-1000)
+    idx, _ = correct_only_init(data, store, forward, 3, pool_per_class=2, generator=torch.Generator())
+    assert idx.numel() == 30 and (data.train_y[idx] == torch.arange(10).repeat_interleave(3)).all()
 
 
 def test_experts_score_images_in_batches_of_every_class():

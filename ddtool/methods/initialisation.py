@@ -105,7 +105,8 @@ def correct_only_init(data: PreparedData, experts: ExpertStore, forward: Forward
     that image correctly. `representative`: AST's choice among those images instead of a
     random one (the images nearest the k-means centres of expert 0's logits)."""
     indices, labels = [], []
-    pools = class_pools(data, pool_per_class, generator)
+    # a large set (DATM's IPC 500-1000) needs more scored images than the default pool holds
+    pools = class_pools(data, max(pool_per_class, 2 * ipc), generator)
     by_expert = [class_mixed_logits(experts, e, forward, data, pools) for e in experts.expert_indices]
     for c, pool in enumerate(pools):
         logits = torch.stack([per_class[c] for per_class in by_expert])  # (experts, pool, classes)
