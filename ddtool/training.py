@@ -8,16 +8,39 @@ stepped through a closure (so SAM/GSAM, which evaluate the loss twice, plug in u
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddtool.errors import ConfigError
+
 # loss_fn(model, x, targets) -> (loss, logits). It sees the model and the input, so losses
 # such as AST's input-gradient penalty or epoch-dependent scaling plug in without a new loop.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+# Numerical precision of the training loop's forward passes. "bf16": autocast to bfloat16
+# (weights, gradients and optimiser state stay float32; softmax and losses run in float32),
+# which a GPU's tensor cores run several times faster. Offered where only an accuracy depends
+# on the result (evaluation, experts); never in distillation's unrolled inner loop, whose
+# gradient must equal full backprop, nor by default: see README "Mixed precision".
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, what: str = "precision") -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{what} must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """The context forward passes run in at `precision`."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -56,11 +79,13 @@ def train_epoch(
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     loss_fn: LossFn = standard_loss,
+    precision: str = "fp32",
 ) -> EpochStats:
     """One pass over (images, targets) in shuffled minibatches.
 
     `augment(x, generator)` is applied per minibatch (DSA draws its parameters from the same
-    generator, so an epoch is a pure function of the generator's state).
+    generator, so an epoch is a pure function of the generator's state). `precision`: that of
+    the forward passes (see PRECISIONS); augmentation and the backward pass are not autocast.
     """
     model.train()
     total_loss = torch.zeros((), device=images.device)
@@ -75,7 +100,8 @@ def train_epoch(
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss, logits = loss_fn(model, x, y)
+            with autocast(x.device, precision):
+                loss, logits = loss_fn(model, x, y)
             if not first_logits:  # SAM-style optimisers call this twice; count the first pass
                 first_logits.append(logits.detach())
             loss.backward()

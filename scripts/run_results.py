@@ -170,8 +170,9 @@ def find_evaluation(cell: Cell, sset, arch: str | None):
     arch = arch or _distilled_for(sset)
     for record in reversed(sset.evaluations):
         protocol = record.get("protocol", {})
+        # the tables are of float32 training; a user's bf16 evaluation of a shipped set is not a cell
         if (protocol.get("name") == name and protocol.get("epochs") == epochs and len(record.get("runs", [])) == RUNS
-                and _same_arch(record.get("arch"), arch)):
+                and protocol.get("precision", "fp32") == "fp32" and _same_arch(record.get("arch"), arch)):
             return record
     return None
 

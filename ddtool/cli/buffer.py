@@ -17,6 +17,7 @@ from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
 from ddtool.experts.plan import estimate_training_time, format_duration, store_path_for, stored_experts
 from ddtool.experts.runner import Shard, merge_shards, run_buffer
 from ddtool.experts.store import ExpertStore, read_manifest
+from ddtool.training import PRECISIONS
 
 _DEFAULTS = {f.name: f.default for f in fields(ExpertConfig)}
 
@@ -55,6 +56,9 @@ def _default(name: str) -> Any:
 @click.option("--eval-every", type=int, default=_default("eval_every"), show_default=True,
               help="Also measure test accuracy every N epochs (0: only at the end).")
 @click.option("--train-subset", type=int, help="Train on a seeded subset of this many images (quick runs).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_default("precision"), show_default=True,
+              help="bf16: autocast the forward passes to bfloat16 (float32 weights and snapshots), for a GPU's "
+                   "speed; a store of its own (distill: --set expert_precision=bf16).")
 @click.option("--shard", help="i/n: train only experts with index = i mod n, into <store>.shard-i-of-n.h5.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Store path [default: the cache, "
               "$DDTOOL_CACHE or ~/.cache/ddtool, experts/<fingerprint>.h5].")

@@ -31,6 +31,7 @@ from ddtool.methods.base import (
     run_fingerprint,
 )
 from ddtool.paths import cache_root
+from ddtool.training import PRECISIONS
 from ddtool.storage import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,
@@ -103,6 +104,8 @@ def _file_safe_name(dataset: str) -> str:
 @click.option("--eval-epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
 @click.option("--compile-eval", is_flag=True, help="Evaluate with torch.compile'd networks (as `ddtool evaluate "
               "--compile`: 1.4-2.2x faster on a CPU after a one-off compile).")
+@click.option("--eval-precision", type=click.Choice(PRECISIONS), default=None,
+              help="Precision of the evaluation's training, as `ddtool evaluate --precision` [default: fp32].")
 @click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (with the experts' training estimate) and exit; "
               "nothing is trained or written.")
@@ -110,7 +113,8 @@ def _file_safe_name(dataset: str) -> str:
 @_device
 @_quiet
 def distill(method, ipc, dataset, data_root, preset, settings, iterations, backend, output, resume, no_eval,
-            protocol, eval_runs, eval_epochs, compile_eval, list_presets, dry_run, seed, device, quiet) -> None:
+            protocol, eval_runs, eval_epochs, compile_eval, eval_precision, list_presets, dry_run, seed, device,
+            quiet) -> None:
     """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
 
     Finds or trains the expert trajectories it needs (cached by configuration), prints its
@@ -174,19 +178,19 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     if not no_eval:
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
-                             compile=compile_eval, resume=resume)
+                             compile=compile_eval, resume=resume, precision=eval_precision)
 
 
 # ---- evaluate -------------------------------------------------------------------------------
 def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True,
-                         compile: bool = False, resume: bool = False) -> None:
+                         compile: bool = False, resume: bool = False, precision: str | None = None) -> None:
     sset = _load_set_on_every_rank(path)
     # what was evaluated, to refuse recording into the file if another set replaces it meanwhile
     evaluated_content = sset.content_digest()
     archs = archs or [sset.config.get("student_arch") or "convnet"]
-    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs)
+    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
     say(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
         f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
@@ -269,6 +273,10 @@ def _load_set_on_every_rank(path: Path):
                    "networks gain less) after a one-off "
                    "compile (seconds to a minute); the same protocol, numbers differ from eager by rounding only. "
                    "Recorded with the results.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Precision of the networks' training: fp32, or bf16 (autocast: bfloat16 forward passes, "
+                   "float32 weights; for GPUs, whose tensor cores run it several times faster). Part of the "
+                   "protocol: recorded, and its baselines are its own. [default: fp32]")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted evaluation with the same settings: the runs it finished (kept in the "
                    "cache as each ends) are taken, the others trained.")
@@ -277,7 +285,7 @@ def _load_set_on_every_rank(path: Path):
 @_device
 @_quiet
 def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, compile_networks,
-             resume, data_root, seed, device, quiet) -> None:
+             precision, resume, data_root, seed, device, quiet) -> None:
     """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
     beside the matched random-subset baseline and the whole-dataset reference (both computed
     once under the same protocol and cached), and record everything in the file.
@@ -289,7 +297,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
     _evaluate_and_record(path, protocol or default_protocol(sset), list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
-                         record=not no_record, compile=compile_networks, resume=resume)
+                         record=not no_record, compile=compile_networks, resume=resume, precision=precision)
 
 
 # ---- info / show / export / import ----------------------------------------------------------
@@ -331,7 +339,9 @@ def protocol_label(recorded: dict) -> str:
     named = PROTOCOLS.get(name)
     if named is None:
         return name
-    changes = [f"{field} {_setting(value)}" for field, value in _changed(named.to_dict(), recorded)]
+    # to_dict leaves the float32 default out; a record's "precision" is a change from it
+    named_fields = {**named.to_dict(), "precision": named.precision}
+    changes = [f"{field} {_setting(value)}" for field, value in _changed(named_fields, recorded)]
     return f"{name} ({', '.join(changes)})" if changes else name
 
 

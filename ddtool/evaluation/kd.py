@@ -366,7 +366,7 @@ def fit_student(student: nn.Module, images: torch.Tensor, labels: LabelSource, *
             stored_epoch = epoch % labels.epochs
             views = labels.views(stored_epoch).render(images)
             train_epoch(student, views, labels.logits[stored_epoch].float(), optimizer=optimizer,
-                        batch_size=batch_size, generator=batches, loss_fn=loss_fn)
+                        batch_size=batch_size, generator=batches, loss_fn=loss_fn, precision=protocol.precision)
         else:
             # A random split into chunks; each chunk's views are drawn, labelled, then trained on.
             order = torch.randperm(n, generator=view_gen).to(images.device)
@@ -374,6 +374,6 @@ def fit_student(student: nn.Module, images: torch.Tensor, labels: LabelSource, *
                 drawn = sample_views(chunk.numel(), height, width, settings, allow_flip, view_gen)
                 views = drawn.render(images[chunk])
                 train_epoch(student, views, teacher_logits(labels.network, views), optimizer=optimizer,
-                            batch_size=batch_size, generator=batches, loss_fn=loss_fn)
+                            batch_size=batch_size, generator=batches, loss_fn=loss_fn, precision=protocol.precision)
         if on_epoch is not None:
             on_epoch()

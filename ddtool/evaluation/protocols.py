@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ddtool.errors import ConfigError
+from ddtool.training import check_precision
 
 KD_OPTIMIZERS = ("adamw", "sgd")
 KD_SCHEDULES = ("cosine", "step")
@@ -66,10 +67,14 @@ class Protocol:
     # Set: the student learns from a teacher's soft labels (see KDSettings); `augment`
     # (DSA) and `soft_labels` are then unused, lr/momentum/weight_decay/batch_size apply.
     kd: KDSettings | None = None
+    # The training forward passes' precision (ddtool.training.PRECISIONS); the test set is
+    # always scored in float32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.runs < 1 or self.batch_size < 1:
             raise ConfigError(f"Protocol {self.name!r}: epochs, runs and batch size must be positive.")
+        check_precision(self.precision, f"Protocol {self.name!r}: precision")
         if not 0 < self.lr_decay_at <= 1:
             raise ConfigError(f"Protocol {self.name!r}: lr_decay_at must be in (0, 1].")
 
@@ -88,9 +93,12 @@ class Protocol:
 
     def to_dict(self) -> dict:
         settings = dataclasses.asdict(self)
-        # Protocols without KD keep the dict they always had (it keys cached baselines).
+        # Protocols without KD, or in float32, keep the dict they always had (it keys cached
+        # baselines and kept runs, and records compare with it).
         if self.kd is None:
             del settings["kd"]
+        if self.precision == "fp32":
+            del settings["precision"]
         return settings
 
 

@@ -86,7 +86,7 @@ def fit_network(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tenso
             for group in optimizer.param_groups:
                 group["lr"] *= protocol.lr_decay
         train_epoch(net, images, targets, optimizer=optimizer, batch_size=batch_size or protocol.batch_size,
-                    generator=batches, augment=augment)
+                    generator=batches, augment=augment, precision=protocol.precision)
         if on_epoch is not None:
             on_epoch()
 

@@ -17,6 +17,7 @@ from typing import Any
 from ddtool.data.registry import canonical_name, get_spec
 from ddtool.errors import ConfigError
 from ddtool.networks import network_options
+from ddtool.training import check_precision
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
 LR_DECAYS = ("none", "step", "cosine")
@@ -54,6 +55,7 @@ class ExpertConfig:
     eval_every: int = 0  # test accuracy every N epochs as well as at the end; 0 = end only
     # Cap on the number of training images (a seeded subset): quick runs and tests.
     train_subset: int | None = None
+    precision: str = "fp32"  # of the training forward passes (ddtool.training.PRECISIONS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", canonical_name(self.dataset))
@@ -89,6 +91,7 @@ class ExpertConfig:
                  f"train_subset must be at least 1 image, got {self.train_subset}.")
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
                  f"seed must be an integer, got {self.seed!r}.")
+        check_precision(self.precision, "expert precision")
 
     def __hash__(self) -> int:  # the dict field makes the generated hash fail
         return hash(self.fingerprint())
@@ -152,6 +155,8 @@ class ExpertConfig:
             settings["gsam_alpha"] = float(self.gsam_alpha)
         if self.augment:
             settings["flip"] = self.resolved_flip()
+        if self.precision != "fp32":  # float32 stores keep the fingerprint they always had
+            settings["precision"] = self.precision
         return settings
 
     def fingerprint(self) -> str:
@@ -188,6 +193,8 @@ class ExpertConfig:
             extras.append("AST loss scaling")
         if self.ast_input_grad_penalty:
             extras.append(f"AST input-gradient penalty {self.ast_input_grad_penalty:g}")
+        if self.precision != "fp32":
+            extras.append(f"{self.precision} autocast")
         arch = f"{self.arch}({options})" if options else self.arch
         return f"{arch} on {self.dataset}, {opt}, " + ", ".join(extras)
 

@@ -112,6 +112,7 @@ def run_epoch(config: ExpertConfig, setup: ExpertSetup, seed: int, epoch: int,
         generator=generator(seed, "epoch", epoch),
         augment=setup.augment,
         loss_fn=expert_loss(config, epoch),
+        precision=config.precision,
     )
 
 

@@ -35,6 +35,7 @@ def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
         ast_loss_scaling=config.expert_ast_loss_scaling,
         ast_input_grad_penalty=config.expert_ast_input_grad_penalty,
         seed=config.expert_seed,
+        precision=config.expert_precision,
     )
 
 

@@ -48,6 +48,7 @@ from ddtool.networks import ParamLayout, create_network, format_arch
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
 from ddtool.storage.atomic import atomic_path
+from ddtool.training import check_precision
 
 LABEL_MODES = ("hard", "expert_soft", "learned")
 Relabel = Callable[[torch.Tensor], torch.Tensor]  # images -> label logits
@@ -78,6 +79,8 @@ class TrajectoryConfig:
     expert_ast_loss_scaling: bool = False
     expert_ast_input_grad_penalty: float = 0.0
     expert_seed: int = 0  # experts are shared by runs of any seed; this picks the buffer
+    # the experts' training forward passes: fp32, or bf16 autocast (a GPU's speed; a buffer of its own)
+    expert_precision: str = "fp32"
     # Matching (methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
     syn_steps: int = 20
     expert_epochs: int = 2
@@ -155,6 +158,7 @@ class TrajectoryConfig:
                               "only the final set).")
         if not 0 < self.min_lr_factor < 1 < self.max_lr_growth:
             raise ConfigError("Need 0 < min_lr_factor < 1 < max_lr_growth.")
+        check_precision(self.expert_precision, "expert_precision")
 
     def arch_options(self) -> dict:
         options = {"width": self.width}
