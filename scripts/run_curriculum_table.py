@@ -1,7 +1,7 @@
 """SRe2L vs CDA vs random real images + KD on Fashion-MNIST, under the knowledge-distillation
-protocol, at IPC 10 and 50: distil, save, evaluate, write a markdown table.
+protocol, at IPC 1, 10 and 50: distil, save, evaluate, write a markdown table.
 
-    python scripts/run_curriculum_table.py                      # IPC 10 and 50, 5 runs
+    python scripts/run_curriculum_table.py                      # IPC 1, 10 and 50, 5 runs
     python scripts/run_curriculum_table.py --ipc 10 --runs 5    # one part
     python scripts/run_curriculum_table.py --estimate           # time a few steps, predict the total
     python scripts/run_curriculum_table.py --table-only         # rebuild the table from the saved sets
@@ -10,7 +10,7 @@ On a shared CPU run it with one thread per process (OMP_NUM_THREADS=1 or --threa
 oversubscribed OpenMP threads made a KD epoch 25x slower on a loaded 2-core machine.
 
 Each set is distilled with the methods' "fashion-cpu" preset (one cached BatchNorm teacher
-shared by every row), its soft labels stored for exactly the evaluation's epochs, saved to
+shared by every row made on one machine), its soft labels stored for exactly the evaluation's epochs, saved to
 --out-dir, and evaluated under the "kd" protocol (epochs and runs as given) on --arch. The
 random row is the matched baseline evaluate_set computes: random real images at the same IPC
 with the same teacher, labelled the same way (stored views), same protocol; it is cached, so
@@ -44,8 +44,20 @@ PRESET = "fashion-cpu"
 def hardware() -> str:
     from ddtool.device import describe_hardware
 
-    return (f"{describe_hardware(torch.device('cpu'))}, {torch.get_num_threads()} torch threads "
+    return (f"{describe_hardware(torch.device('cpu'))}, torch threads: {torch.get_num_threads()} "
             f"({os.cpu_count()} cores visible, shared), torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def teachers(rows: dict) -> str:
+    """Which teacher (its test accuracy and training time) each IPC's sets were made with: a
+    teacher trained again on another machine (the cache gone) rounds differently."""
+    by_teacher: dict[tuple, list[int]] = {}
+    for (_, ipc), (sset, _) in sorted(rows.items(), key=lambda item: item[0][1]):
+        key = (sset.config["teacher_test_accuracy"], sset.config["teacher_train_seconds"])
+        if ipc not in by_teacher.setdefault(key, []):
+            by_teacher[key].append(ipc)
+    return "; ".join(f"IPC {', '.join(map(str, ipcs))}: test accuracy {100 * accuracy:.2f}%, trained in {seconds:.0f} s"
+                     for (accuracy, seconds), ipcs in by_teacher.items())
 
 
 def protocol_for(epochs: int, runs: int):
@@ -174,15 +186,14 @@ def write_table(args, protocol, data) -> None:
         f"(area {kd.crop_scale_min:g}-1) + flip + CutMix. Soft labels: {record['teacher']} (teacher logits on "
         f"{record.get('stored_epochs', protocol.epochs)} epochs of views recorded at distillation; the random "
         "baseline's recorded the same way, one new draw of images and views per run).",
-        f"- Teacher ({PRESET} preset, shared by all rows): {config['teacher_arch']} width {config['teacher_width']}, "
-        f"{config['teacher_epochs']} epochs on the {data.train_x.shape[0]:,} training-split images "
-        f"({data.val_x.shape[0]:,} held out for validation): test accuracy "
-        f"{100 * config['teacher_test_accuracy']:.2f}%; trained once in {config['teacher_train_seconds']:.0f} s "
-        "and cached; the first set distilled with an empty cache pays for it in its distill time.",
+        f"- Teacher ({PRESET} preset, one recipe for every row): {config['teacher_arch']} width "
+        f"{config['teacher_width']}, {config['teacher_epochs']} epochs on the {data.train_x.shape[0]:,} "
+        f"training-split images ({data.val_x.shape[0]:,} held out for validation), cached once trained; "
+        f"{teachers(rows)}. Each set carries its teacher and its random baseline uses the same one.",
         f"- Recover: {config['iterations']} iterations, Adam lr {config['lr']:g} ({config['beta1']:g}, "
         f"{config['beta2']:g}), r_bn {config['r_bn']:g}, first BN x{config['first_bn_multiplier']:g}, batches of one "
         "image per class; SRe2L crop bound 0.08 throughout, CDA cosine 1.0 -> 0.08 (milestone 1).",
-        f"- Hardware: {hardware()}; evaluations: `{record['device']}`.",
+        f"- Table written on: {hardware()}; evaluations: `{record['device']}`.",
         "",
     ])
     table = args.out_dir / "curriculum_table.md"
@@ -193,7 +204,7 @@ def write_table(args, protocol, data) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ipc", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=100, help="KD epochs of each student (and stored views)")
     parser.add_argument("--arch", default="convnetw32", help="student architecture")

@@ -356,6 +356,19 @@ def test_download_goes_through_torchvision_into_the_user_cache(tmp_path, monkeyp
     raw = data.load_raw("mnist", download=True)
     assert calls == [True, False] and raw.source == tmp_path / "xdg" / "ddtool" / "data" / "MNIST" / "raw"
 
+    # the command line's way to ask: `ddtool datasets --download mnist`, then found like any other
+    from click.testing import CliRunner
+
+    from ddtool.cli import commands  # noqa: F401  (registers the commands)
+    from ddtool.cli.main import cli
+
+    calls.clear()
+    (raw.source / "train-images-idx3-ubyte.gz").unlink()
+    result = CliRunner().invoke(cli, ["datasets", "--download", "MNIST"])
+    assert result.exit_code == 0, result.output
+    assert calls == [True, False] and "10 training and 10 test images" in result.output
+    assert str(raw.source) in CliRunner().invoke(cli, ["datasets"]).output
+
 
 # --- splits, normalisation, ZCA -----------------------------------------------------------------
 

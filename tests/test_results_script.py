@@ -278,3 +278,27 @@ def test_kept_runs_are_carried_beside_the_sets_and_put_back_on_a_new_machine(tmp
     FinishedRuns(key, 5).discard()
     assert results.carry_kept_runs(carried) == 0 and not carried.exists()
     assert sorted(p.name for p in carried.parent.iterdir()) == []  # no staging folder or lock left
+
+
+def test_the_hardware_note_counts_what_the_records_name(results):
+    old = _record("mtt", 1000, 5, "convnet", 0.7)  # made before records named their hardware
+    new = _record("mtt", 1000, 5, "convnet", 0.7)
+    new["hardware"] = {"AMD EPYC (AVX2)": [0, 1, 2], "NVIDIA H200": [3, 4]}
+    new["baselines"]["random_subset"]["hardware"] = {"AMD EPYC (AVX2)": [0, 1, 2, 3, 4]}
+    assert results.hardware_note([new]) == "AMD EPYC (AVX2): 8 runs; NVIDIA H200: 2 runs"
+    assert results.hardware_note([old, new]).endswith(
+        "; 10 runs recorded before records named it, on 2-core CPU machines (AMD EPYC), one per session")
+    assert results.hardware_note([]) == "no runs recorded"
+
+
+def test_a_bf16_evaluation_is_not_a_cell_of_the_float32_tables(tmp_path, results):
+    path = tmp_path / "set.h5"
+    sset = make_set(channels=1, size=6)
+    sset.method, sset.config = "mtt", {"student_arch": "convnet"}
+    save_synthetic_set(path, sset)
+    cell = results.Cell(key="mtt-ipc2", label="mtt", method="mtt", ipc=2, path=path)
+    append_evaluation(path, _record("mtt", 1000, 5, "convnet", 0.70))
+    bf16 = _record("mtt", 1000, 5, "convnet", 0.90)
+    bf16["protocol"]["precision"] = "bf16"
+    append_evaluation(path, bf16)  # newer, but trained at another precision
+    assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)

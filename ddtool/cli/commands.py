@@ -17,7 +17,8 @@ import torch
 from ddtool import distributed
 from ddtool.cli import buffer  # noqa: F401  (registers `ddtool buffer`)
 from ddtool.cli.main import SEED_RANGE, cli, say
-from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, locate, prepare, search_paths
+from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, load_raw, locate, prepare, search_paths
+from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
@@ -54,16 +55,27 @@ _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 # ---- datasets -------------------------------------------------------------------------------
 @cli.command()
 @_data_root
-def datasets(data_root: str | None) -> None:
+@click.option("--download", "download_name", metavar="DATASET", default=None,
+              help="Fetch a dataset that is not found through torchvision into the user cache (needs network); "
+                   "one already found is left as it is.")
+def datasets(data_root: str | None, download_name: str | None) -> None:
     """Which datasets ddtool knows, which are found on this machine, and where."""
-    click.echo(f"{'dataset':<15} {'images':<10} {'classes':>7}  found at")
-    for spec in list_specs():
+    if download_name is not None:
+        name = get_spec(download_name).name  # a clear error for an unknown name
+        raw = load_raw(name, data_root, download=True)
+        click.echo(f"{name}: {raw.train_images.shape[0]:,} training and {raw.test_images.shape[0]:,} test images "
+                   f"in {raw.source}")
+        return
+    specs = list_specs()
+    width = max(len(spec.name) for spec in specs) + len(" (default)") + 1
+    click.echo(f"{'dataset':<{width}} {'images':<10} {'classes':>7}  found at")
+    for spec in specs:
         where = locate(spec.name, data_root)
         size = f"{spec.image_size}x{spec.image_size}x{spec.channels}"
         found = str(where) if where else "not found (looked in: " + ", ".join(
             str(p) for p in search_paths(spec.name, data_root)[:3]) + ", ...)"
         default = " (default)" if spec.name == DEFAULT_DATASET else ""
-        click.echo(f"{spec.name + default:<15} {size:<10} {spec.num_classes or '?':>7}  {found}")
+        click.echo(f"{spec.name + default:<{width}} {size:<10} {spec.num_classes or '?':>7}  {found}")
     click.echo("\nAny ImageFolder (root/train/<class>/*.png, root/test/<class>/*.png) works as "
                "--dataset folder:/path/to/root.")
 
@@ -144,6 +156,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     torch_device = distributed.device_for_rank(resolve_device(device))
     spec = get_spec(dataset)
     data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
+    if runner.draws_real_images or not no_eval:  # the evaluation's random baseline draws them too
+        check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), ipc)
     out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
     work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
@@ -162,7 +176,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         if distributed.world_size() > 1:
             click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
     if dry_run:
-        click.echo("Dry run: nothing trained or written.")
+        click.echo("Dry run: nothing distilled or written (the experts' estimate timed a few batches).")
         return
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -70,19 +70,24 @@ def class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     return [part.to(labels.device) for part in order.split(counts.tolist())]
 
 
-def sample_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
-    """`ipc` random image indices per class, class-major (all of class 0, then class 1, ...).
-
-    Drawn on CPU with `generator`, then moved to the labels' device.
-    """
-    chosen = []
-    for label, indices in enumerate(class_indices(labels.cpu(), num_classes)):
+def check_ipc_fits(per_class: list[torch.Tensor], ipc: int) -> None:
+    """Refuse an IPC larger than the smallest class (`per_class`: class_indices of a split)."""
+    for label, indices in enumerate(per_class):
         if len(indices) < ipc:
             raise DDToolError(
                 f"Cannot take {ipc} images per class: class {label} has only {len(indices)} "
                 "training images. Use a smaller IPC."
             )
-        chosen.append(indices[torch.randperm(len(indices), generator=generator)[:ipc]])
+
+
+def sample_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    """`ipc` random image indices per class, class-major (all of class 0, then class 1, ...).
+
+    Drawn on CPU with `generator`, then moved to the labels' device.
+    """
+    per_class = class_indices(labels.cpu(), num_classes)
+    check_ipc_fits(per_class, ipc)
+    chosen = [indices[torch.randperm(len(indices), generator=generator)[:ipc]] for indices in per_class]
     return torch.cat(chosen).to(labels.device)
 
 

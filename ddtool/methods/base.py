@@ -51,6 +51,9 @@ class Method(ABC):
     # Bumped when a fix changes what a run of the method computes, so that --resume does not
     # continue from a checkpoint the old code made (see run_fingerprint).
     revision: ClassVar[int] = 1
+    # Whether the method takes real images of each class (initialisation, selection, a feature
+    # network's pool): an IPC beyond the smallest class is then refused before any work.
+    draws_real_images: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):
@@ -148,8 +151,8 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
     valid = {f.name for f in dataclasses.fields(method_cls.config_class)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ConfigError(f"Method {method_cls.name!r} has no setting {', '.join(unknown)}; "
-                          f"its settings: {', '.join(sorted(valid))}.")
+        settings = f"its settings: {', '.join(sorted(valid))}" if valid else "it has no settings"
+        raise ConfigError(f"Method {method_cls.name!r} has no setting {', '.join(unknown)}; {settings}.")
     return dataclasses.replace(base, **overrides)
 
 

@@ -354,7 +354,8 @@ class TrajectoryMatching(Method):
     def plan(self, ctx: DistillContext) -> list[str]:
         c = self.config
         lines = [
-            f"{self.name}: {ctx.ipc} images/class of {ctx.data.spec.name} ({ctx.ipc * ctx.data.spec.num_classes} images), "
+            f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''}/class of {ctx.data.spec.name} "
+            f"({ctx.ipc * ctx.data.spec.num_classes} images), "
             f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
             f"M={c.expert_epochs} expert epochs, {self.describe_start_epochs()}, "
             f"backend {c.backend}, labels {c.labels}, init {c.init}"
