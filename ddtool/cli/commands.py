@@ -31,6 +31,7 @@ from ddtool.methods.base import (
     resolve_preset,
     run_fingerprint,
 )
+from ddtool.networks import create_network
 from ddtool.paths import cache_root
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
@@ -206,6 +207,9 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
     archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
+    for arch in archs:  # a misspelt network fails now, not after the first network's hours
+        create_network(arch, channels=data.spec.channels, num_classes=data.spec.num_classes,
+                       image_size=data.spec.image_size)
     say(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
         f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
     rows = []
