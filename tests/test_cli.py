@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -31,11 +33,44 @@ def user_error(result, *phrases):
     return result
 
 
+HELP_OF_EACH_COMMAND = """
+import json, sys
+from click.testing import CliRunner
+from ddtool.cli import commands  # noqa: F401  (registers the commands)
+from ddtool.cli.main import cli
+results = {}
+for command in sys.argv[1:]:
+    result = CliRunner().invoke(cli, [command, "--help"], prog_name="ddtool")
+    results[command] = [result.exit_code, result.output + (repr(result.exception) if result.exit_code else "")]
+print(json.dumps(results))
+"""
+
+
 def test_help_documents_every_command():
     out = ok(ddtool("--help")).stdout
-    for command in ("datasets", "buffer", "distill", "evaluate", "info", "show", "export", "import"):
-        assert command in out
-    assert "--ipc" in ok(ddtool("distill", "--help")).stdout
+    listed = {}  # command -> its one-line summary, from the top-level help's Commands section
+    for line in out.split("\nCommands:\n", 1)[1].splitlines():
+        if line.startswith("  ") and line.strip():
+            name, _, summary = line.strip().partition(" ")
+            listed[name] = summary.strip()
+    assert {"datasets", "buffer", "distill", "evaluate", "info", "show", "export", "import"} <= set(listed)
+    # Every command's own help, in one more process: a process per command spent ~4 s each importing
+    # torch (~50 s in all on a busy 2-core machine); click's runner asks them in turn, as the shell would.
+    asked = ok(subprocess.run([sys.executable, "-c", HELP_OF_EACH_COMMAND, *listed], capture_output=True, text=True,
+                              timeout=600)).stdout
+    helps = {}
+    for command, (exit_code, text) in json.loads(asked).items():
+        assert exit_code == 0, (command, text)
+        helps[command] = text
+    for command, summary in listed.items():
+        # a command whose own help fails (a broken import, a bad option default) would still be listed
+        text = helps[command]
+        assert text.startswith(f"Usage: ddtool {command} "), text
+        description = " ".join(text.split("\nOptions:\n", 1)[0].splitlines()[1:]).split()
+        assert description, f"{command} --help has no description"
+        # ... and it is this command's own: the summary is its description's start, cut with "..."
+        assert " ".join(description).startswith(summary.removesuffix("...")), (command, summary, description)
+    assert "--ipc" in helps["distill"]
 
 
 def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
@@ -118,14 +153,31 @@ def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fa
 def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, fashion_root):
     out = tmp_path / "m.h5"
     settings = ["width=8", "experts=1", "expert_train_epochs=2", "expert_epochs=1", "max_start_epoch=1",
-                "syn_steps=2", "checkpoint_every=1"]
+                "syn_steps=2", "checkpoint_every=1",
+                "lr_lr=1e-7"]  # the preset's 1e-5 drives α to its clamp floor here, which would hide which α is saved
     result = ok(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root, "-o", out,
                        "--iterations", 2, "--no-eval", "-q", *[a for s in settings for a in ("--set", s)]))
     assert "Plan:" in result.stdout and "to train first" in result.stdout
     assert "preset fashion-cpu-ipc1, with " in result.stdout  # the CPU preset's IPC-1 variant
     with h5py.File(out, "r") as f:
         assert f["images"].shape == (10, 1, 28, 28)
-        assert f["learned_lr"][()] > 0
+        learned_lr = float(f["learned_lr"][()])
+    # The run's log (in the cache's work folder) records α after each update; the set must hold
+    # the last one, which has moved from α₀ = 0.01 (the preset's lr_init): a set that saved α₀,
+    # or any positive number, would pass a mere "> 0".
+    cache = Path(os.environ["DDTOOL_CACHE"])  # conftest's per-test cache, inherited by the subprocess
+    [log] = (cache / "runs").glob("*/log.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert not any(r["lr_clamped"] for r in records)
+    assert learned_lr == pytest.approx(records[-1]["lr"], rel=1e-6) and learned_lr != pytest.approx(0.01, rel=1e-6)
+    assert learned_lr != pytest.approx(records[0]["lr"], rel=1e-6)  # the last update's α, not the first's
+    # ... and the experts it trained are in the cache, for later runs
+    from ddtool.experts import read_manifest
+
+    [store] = (cache / "experts").glob("*.h5")
+    manifest = read_manifest(store)
+    assert len(manifest.experts) == 1 and manifest.epochs == 2
 
 
 def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path, fashion_root):
@@ -343,3 +395,14 @@ def test_the_default_output_of_an_image_folder_is_named_by_the_folder(tmp_path):
     said = ok(ddtool("distill", "--method", "random", "--ipc", 1, "--dataset", f"folder:{tmp_path / 'pets'}",
                      "--dry-run", cwd=tmp_path)).stdout
     assert "save to synthetic_sets/pets_random_ipc1_seed0.h5" in said
+
+
+def test_an_ipc_beyond_the_smallest_class_is_refused_before_any_work(tmp_path, fashion_root):
+    # the tiny dataset has 11 training images a class (1 held out); mtt would train experts first
+    result = user_error(ddtool("distill", "--method", "mtt", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
+                        "Cannot take 12 images per class", "has only 11")
+    assert "Plan:" not in result.stdout
+    # a method that recovers images from noise needs none, unless its evaluation's baseline does
+    user_error(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
+               "Cannot take 12 images per class")
+    ok(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run", "--no-eval"))

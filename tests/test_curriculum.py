@@ -233,8 +233,23 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, d
     monkeypatch.setattr(Recover, "lr_at", interrupt)
     with pytest.raises(KeyboardInterrupt):
         distill("cda", tmp_path, data, seed=5, work="interrupted", **settings)
+    # A resume that threw the checkpoint away and started over would give the same images (the
+    # run is deterministic): count the iterations it runs, which must be round 1's last two only.
+    resumed_iterations = []
+
+    def counting(self, iteration):
+        resumed_iterations.append(iteration)
+        return original(self, iteration)
+
+    monkeypatch.setattr(Recover, "lr_at", counting)
+    messages = []
+    cls = get_method_class("cda")
+    ctx = context(tmp_path, data, seed=5, resume=True, work="interrupted")
+    ctx.log = messages.append
+    resumed = cls(build_config(cls, "fashion-cpu", {**TINY, **settings})).distill(ctx)
     monkeypatch.setattr(Recover, "lr_at", original)
-    resumed = distill("cda", tmp_path, data, seed=5, work="interrupted", resume=True, **settings)
+    assert resumed_iterations == [2, 3]
+    assert "Resuming recover after 1 finished round(s), at iteration 2 of the next." in messages, messages
     assert torch.equal(resumed.images, reference.images)
     with pytest.raises(DDToolError, match="another configuration"):
         distill("cda", tmp_path, data, seed=6, work="interrupted", resume=True, **settings)

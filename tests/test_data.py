@@ -157,6 +157,10 @@ def test_cifar10_loader(tmp_path):
     row = written["data_batch_1"][1]
     assert raw.train_images[1, 2, 3, 4] == row[2 * 1024 + 3 * 32 + 4]
     assert raw.train_labels.tolist()[:5] == [0, 1, 2, 3, 0]
+    # every batch, in order (the batches share their labels, so only the pixels tell them apart)
+    batches = np.concatenate([written[f"data_batch_{i}"] for i in range(1, 6)])
+    assert np.array_equal(raw.train_images.numpy().reshape(20, 3072), batches)
+    assert np.array_equal(raw.test_images.numpy().reshape(4, 3072), written["test_batch"])
     assert raw.spec.classes == tuple(f"class{i}" for i in range(10))  # from batches.meta
 
 

@@ -203,6 +203,26 @@ def test_without_resume_an_evaluation_trains_every_run_again(data, trainings, mo
     assert trainings["networks"] == 2 and fresh.runs[0] != 0.123 and _kept_runs() == []
 
 
+@pytest.mark.parametrize("protocol, used", [("mtt", 0.03), ("datm", 0.03), ("classic", 0.01)])
+def test_the_learned_lr_trains_the_networks_only_under_protocols_that_use_it(data, monkeypatch, protocol, used):
+    # 0.03: neither protocol's own lr (0.01), so the lr that reaches the training tells which was used
+    sset = SyntheticSet(images=data.train_x[:20], labels=data.train_y[:20], classes=list(data.spec.classes),
+                        preprocessing=data.preprocessing, dataset=data.spec.name, ipc=2, method="mtt",
+                        learned_lr=0.03)
+    assert get_protocol(protocol).lr == 0.01
+    trained_with = []
+    real = runs_module.train_fresh_network
+
+    def recording(*args, **kwargs):
+        trained_with.append(kwargs["lr"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train_fresh_network", recording)
+    report = evaluation.evaluate_set(sset, data, protocol=get_protocol(protocol).with_overrides(epochs=1, runs=1),
+                                     arch=ARCH, progress=False, baselines=False, reference=False)
+    assert trained_with == [used] and report.lr == used
+
+
 def test_a_sets_checkpoint_key_follows_what_its_networks_learn_from(data):
     images, labels = data.train_x[:20].clone(), data.train_y[:20]
     sset = SyntheticSet(images=images, labels=labels, classes=list(data.spec.classes), preprocessing=data.preprocessing,

@@ -21,7 +21,7 @@ from ddtool.experts import (
     GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, merge_shards, read_manifest,
     run_buffer, train_expert,
 )
-from ddtool.experts.losses import input_gradient_penalty
+from ddtool.experts.losses import expert_loss, input_gradient_penalty
 
 from conftest import tiny_prepared  # tests/conftest.py: tiny datasets through the real pipeline
 
@@ -177,6 +177,47 @@ def test_input_gradient_penalty_of_a_linear_model():
 def test_ast_loss_scaling_schedule():
     config = tiny_config(ast_loss_scaling=True, epochs=20)
     assert [config.loss_scale_at(e) for e in (0, 1, 9, 10, 19)] == pytest.approx([0.5, 0.55, 0.95, 1.0, 1.0])
+
+
+def test_expert_loss_is_scaled_cross_entropy_plus_the_penalty_by_hand():
+    # logits = W x with W fixed: the input gradient of the summed logits is W's column sums
+    # (1.5, 1, 2) for every sample, so the penalty is weight * (||(1.5, 1, 2)|| - 1)^2.
+    weight = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]])
+    model = nn.Linear(3, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(weight))
+    x = np.array([[0.1, -0.2, 0.3], [1.0, 0.5, -0.5], [-0.3, 0.2, 0.0]])
+    y = np.array([0, 1, 1])
+    logits = x @ weight.T
+    ce = np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(3), y])
+    penalty = 2.0 * (np.linalg.norm([1.5, 1.0, 2.0]) - 1.0) ** 2
+
+    def loss(config, epoch):
+        value, out = expert_loss(config, epoch)(model, torch.from_numpy(x), torch.from_numpy(y))
+        np.testing.assert_allclose(out.detach().numpy(), logits, rtol=1e-12)
+        return value.item()
+
+    both = tiny_config(epochs=20, ast_loss_scaling=True, ast_input_grad_penalty=2.0)
+    # epoch 1 scales the cross-entropy by 0.55; the penalty keeps its own weight, unscaled
+    assert loss(both, 1) == pytest.approx(0.55 * ce + penalty, rel=1e-12)
+    assert loss(both, 10) == pytest.approx(ce + penalty, rel=1e-12)  # scaling ends after epoch 9
+    assert loss(tiny_config(epochs=20, ast_loss_scaling=True), 0) == pytest.approx(0.5 * ce, rel=1e-12)
+    assert loss(tiny_config(epochs=20, ast_input_grad_penalty=2.0), 0) == pytest.approx(ce + penalty, rel=1e-12)
+    assert loss(tiny_config(epochs=20), 0) == pytest.approx(ce, rel=1e-12)  # both off: plain cross-entropy
+
+
+def test_expert_lr_schedules_by_hand():
+    assert [tiny_config(lr=0.1, epochs=10).lr_at(e) for e in (0, 5, 9)] == [0.1, 0.1, 0.1]
+    # step: a tenth from epochs // 2 on (epoch 5 of 10; epoch 2 of 5)
+    step = tiny_config(lr=0.1, epochs=10, lr_decay="step")
+    assert [step.lr_at(e) for e in (0, 4, 5, 9)] == pytest.approx([0.1, 0.1, 0.01, 0.01], rel=1e-12)
+    odd = tiny_config(lr=0.1, epochs=5, lr_decay="step")
+    assert [odd.lr_at(e) for e in (1, 2)] == pytest.approx([0.1, 0.01], rel=1e-12)
+    # cosine: lr (1 + cos(pi e / epochs)) / 2, from lr at epoch 0 to half at the middle
+    cosine = tiny_config(lr=0.1, epochs=10, lr_decay="cosine")
+    assert [cosine.lr_at(e) for e in (0, 2, 5, 8)] == pytest.approx(
+        [0.1, 0.05 * (1 + np.cos(0.2 * np.pi)), 0.05, 0.05 * (1 + np.cos(0.8 * np.pi))], rel=1e-12)
+    assert cosine.lr_at(2) == pytest.approx(0.0904508497, rel=1e-9)  # 0.05 x (1 + 0.809017), by hand
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -54,6 +55,15 @@ def test_herding_and_kcenter_selection_rules_on_hand_features():
     assert KCenter.select(None, features, 3).tolist() == [2, 1, 4]
 
 
+def test_herding_compensates_instead_of_taking_the_nearest_to_the_mean():
+    # 1-d features with mean 24 / 6 = 4. Herding picks f minimising |(total + f) / k - 4|:
+    # k=1: f nearest 4 -> 4.0 (index 3); k=2: nearest 8 - 4 = 4 -> 3.5 (index 5, gap 0.25);
+    # k=3: nearest 12 - 7.5 = 4.5 -> 5.5 (index 1, gap 1/3; 3.0 would give 0.5).
+    # The three features nearest the mean are 4.0, 3.5 and 3.0 (indices 3, 5, 2) instead.
+    features = torch.tensor([[0.0], [5.5], [3.0], [4.0], [8.0], [3.5]])
+    assert Herding.select(None, features, 3).tolist() == [3, 5, 1]
+
+
 def test_ipc_larger_than_a_class_is_a_clear_error(tmp_path, data):
     cls = get_method_class("random")
     with pytest.raises(DDToolError, match="per class"):
@@ -100,17 +110,38 @@ def test_learned_lr_is_kept_positive(tmp_path, data):
 
 
 def test_tesla_uses_the_target_experts_soft_labels(tmp_path, data, monkeypatch):
+    from ddtool.methods.experts import expert_config_for, open_experts
+    from ddtool.networks import ParamLayout, create_network
+
+    real_backend = trajectory.get_backend("exact")
     seen = []
-    original = trajectory.SyntheticBatch
 
-    def spy(**kwargs):
-        seen.append(kwargs["fixed_targets"])
-        return original(**kwargs)
+    def spy(unroll, syn):
+        seen.append((syn.images.detach().clone(), syn.fixed_targets.clone()))
+        return real_backend(unroll, syn)
 
-    monkeypatch.setattr(trajectory, "SyntheticBatch", spy)
-    trajectory.TESLA(tiny_mtt(labels="expert_soft", iterations=2)).distill(context(tmp_path, data))
-    targets = seen[0]
-    assert targets.shape == (10, 10) and torch.allclose(targets.sum(1), torch.ones(10))
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: spy)
+    temperature = 2.0  # not 1, so that a missing division by T shows
+    config = tiny_mtt(labels="expert_soft", iterations=2, soft_label_temperature=temperature)
+    ctx = context(tmp_path, data)
+    trajectory.TESLA(config).distill(ctx)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(seen) == len(log) == 2
+    # recomputed independently from the stored experts: each iteration's own expert, at its
+    # target epoch (start + M) for the labels and at its start epoch for the contrast
+    net = create_network("convnet", channels=1, num_classes=10, image_size=8, width=8)
+    layout = ParamLayout.from_module(net)
+    with open_experts(expert_config_for(config, ctx), ctx) as store, torch.no_grad():
+        for (images, targets), record in zip(seen, log):
+            expert, start = record["expert"], record["start_epoch"]
+
+            def soft(epoch):
+                return torch.softmax(layout.functional_forward(net, store.params(expert, epoch), images) / temperature, 1)
+            torch.testing.assert_close(targets, soft(start + config.expert_epochs), rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(targets, soft(start), rtol=1e-3, atol=1e-4)
+            assert not torch.allclose(targets, torch.softmax(  # T applied, not ignored
+                layout.functional_forward(net, store.params(expert, start + config.expert_epochs), images), 1),
+                rtol=1e-3, atol=1e-4)
 
 
 def test_tesla_saves_the_experts_soft_labels_it_was_distilled_for(tmp_path, data):
@@ -183,6 +214,40 @@ def test_injected_nan_triggers_rollback_and_a_finite_result(tmp_path, data, monk
     assert torch.isfinite(sset.images).all()
 
 
+@pytest.mark.parametrize("poison, reason", [
+    # α₀ = 0.01, lr_lr = 1e-4: a gradient of -1e6 takes α to 100, beyond max_lr_growth (100) x α₀
+    ("grad_lr", "the learned step size exploded"),
+    # finite, but lr_img (10) x 1e38 overflows float32: the images become -inf after the step
+    ("grad_images", "the synthetic images or labels became NaN/inf"),
+])
+def test_an_update_that_diverges_after_its_step_is_rolled_back(tmp_path, data, monkeypatch, poison, reason):
+    real_backend = trajectory.get_backend("exact")
+    calls = {"n": 0}
+
+    def exploding(unroll, syn):
+        calls["n"] += 1
+        result = real_backend(unroll, syn)
+        if calls["n"] == 3:  # after the checkpoint of iteration 2
+            value = -1e6 if poison == "grad_lr" else 1e38
+            setattr(result, poison, torch.full_like(getattr(result, poison), value))
+        return result
+
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: exploding)
+    messages = []
+    ctx = context(tmp_path, data)
+    ctx.log = messages.append
+    config = tiny_mtt()
+    sset = trajectory.MTT(config).distill(ctx)
+    # the gradients were finite, so only the check after the step can have caught it
+    rollbacks = [m for m in messages if "Rolled back" in m]
+    assert len(rollbacks) == 1 and rollbacks[0].startswith(f"Iteration 3: {reason}"), messages
+    assert "Rolled back to iteration 2" in rollbacks[0]
+    assert torch.isfinite(sset.images).all()
+    assert 0 < sset.learned_lr <= config.lr_init * config.max_lr_growth
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["lr"] <= config.lr_init * config.max_lr_growth for r in log)
+
+
 def _poison_iterations(monkeypatch, iterations):
     """Make the backend's image gradient NaN on the given (1-based) backend calls."""
     real_backend = trajectory.get_backend("exact")
@@ -238,15 +303,76 @@ def test_repeated_divergence_stops_with_a_clear_error(tmp_path, data, monkeypatc
         trajectory.MTT(tiny_mtt(max_rollbacks=2)).distill(context(tmp_path, data))
 
 
-def test_validation_picks_the_saved_iteration(tmp_path, data):
-    sset = trajectory.MTT(tiny_mtt(eval_every=3, eval_epochs=2)).distill(context(tmp_path, data))
-    assert sset.config["selected_iteration"] in (3, 6)
+def _validated_run(tmp_path, data, monkeypatch, scores=None):
+    """A tiny MTT run validated at iterations 3 and 6: (the set, {iteration: logged score},
+    {iteration: the images validated there}). `scores` replaces the validation training's results."""
+    validated = {}
+    real_validate = trajectory.TrajectoryMatching._validate
+
+    def recording(self, ctx, state, relabel):
+        validated[state.iteration] = self.images_to_save(state).clone()
+        return real_validate(self, ctx, state, relabel)
+
+    monkeypatch.setattr(trajectory.TrajectoryMatching, "_validate", recording)
+    if scores is not None:
+        given = iter(scores)
+        monkeypatch.setattr(trajectory, "train_fresh_network", lambda *args, **kwargs: next(given))
+    messages = []
+    ctx = context(tmp_path, data)
+    ctx.log = messages.append
+    sset = trajectory.MTT(tiny_mtt(eval_every=3, eval_epochs=2)).distill(ctx)
+    logged = {}
+    for m in messages:
+        found = re.fullmatch(r"Iteration (\d+): validation accuracy ([\d.]+)%", m)
+        if found:
+            logged[int(found[1])] = float(found[2])
+    assert sorted(logged) == sorted(validated) == [3, 6], messages
+    return sset, logged, validated
 
 
-def test_presets_are_valid_and_tesla_presets_use_soft_labels():
-    for cls in (trajectory.MTT, trajectory.TESLA):
-        for name, cfg in cls.presets.items():
-            assert dataclasses.replace(cfg) == cfg, name  # validates
+def test_validation_picks_the_saved_iteration(tmp_path, data, monkeypatch):
+    sset, logged, validated = _validated_run(tmp_path, data, monkeypatch)
+    best = max(logged, key=lambda it: (logged[it], -it))  # the highest score; on a tie, the first
+    assert sset.config["selected_iteration"] == best
+    assert torch.equal(sset.images, validated[best])
+    assert not torch.equal(validated[3], validated[6])  # else the images could not tell the iterations apart
+
+
+# The real scores above pick one of the two iterations; these fix the scores so that an earlier
+# best, a later best and a tie (which keeps the first) are each exercised.
+@pytest.mark.parametrize("scores, best", [((0.5, 0.3), 3), ((0.3, 0.5), 6), ((0.4, 0.4), 3)])
+def test_validation_keeps_the_first_best_scored_iteration(tmp_path, data, monkeypatch, scores, best):
+    sset, logged, validated = _validated_run(tmp_path, data, monkeypatch, scores)
+    assert logged == {3: 100 * scores[0], 6: 100 * scores[1]}
+    assert sset.config["selected_iteration"] == best
+    assert torch.equal(sset.images, validated[best])
+
+
+@pytest.mark.parametrize("setting, steps, epochs, max_start, batch_syn, zca, lr_img, lr_lr, lr_init, depth", [
+    # methods.md §2, row by row: N, M, T⁺, batch_syn (0: all), ZCA, lr_img, lr_lr, α₀; Tiny is ConvNetD4
+    ("cifar10-ipc1", 50, 2, 2, 0, True, 100, 1e-7, 0.01, 0),
+    ("cifar10-ipc10", 30, 2, 20, 0, True, 100, 1e-5, 0.001, 0),
+    ("cifar10-ipc50", 30, 2, 40, 0, False, 1000, 1e-5, 0.001, 0),
+    ("cifar100-ipc1", 20, 3, 20, 0, True, 1000, 1e-5, 0.01, 0),
+    ("cifar100-ipc10", 20, 2, 20, 0, False, 1000, 1e-5, 0.01, 0),
+    ("cifar100-ipc50", 80, 2, 40, 125, True, 1000, 1e-5, 0.01, 0),
+    ("tiny-ipc1", 10, 2, 10, 0, False, 1e4, 1e-4, 0.01, 4),
+    ("tiny-ipc10", 20, 2, 40, 200, False, 1e4, 1e-4, 0.01, 4),
+    ("tiny-ipc50", 20, 2, 40, 300, False, 1e4, 1e-4, 0.01, 4)])
+def test_mtt_published_presets_carry_the_published_settings(setting, steps, epochs, max_start, batch_syn, zca,
+                                                             lr_img, lr_lr, lr_init, depth):
+    for cls, labels in ((trajectory.MTT, "hard"), (trajectory.TESLA, "expert_soft")):
+        c = cls.presets[f"mtt-{setting}"]
+        assert (c.syn_steps, c.expert_epochs, c.max_start_epoch, c.batch_syn, c.zca, c.lr_img, c.lr_lr, c.lr_init) == (
+            steps, epochs, max_start, batch_syn, zca, lr_img, lr_lr, lr_init), cls.name
+        # the rest of §1-2: 5000 outer iterations on 50-epoch experts (SGD lr 0.01, batch 256) of a
+        # ConvNet (depth 3, the default at 32 px; ConvNetD4 on Tiny), start epochs from 0
+        assert (c.iterations, c.expert_train_epochs, c.expert_lr, c.expert_batch_size, c.arch, c.depth,
+                c.min_start_epoch) == (5000, 50, 0.01, 256, "convnet", depth, 0), cls.name
+        assert c.labels == labels, cls.name  # TESLA: the same settings with the target expert's soft labels
+
+
+def test_every_tesla_preset_uses_soft_labels():
     assert all(cfg.labels == "expert_soft" for cfg in trajectory.TESLA.presets.values())
 
 

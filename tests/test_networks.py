@@ -186,6 +186,7 @@ def test_functional_forward_in_float64_and_double_backward():
     out64 = ParamLayout.from_module(bn).functional_forward(
         bn, ParamLayout.from_module(bn).flatten(bn, torch.float64), x.detach())
     assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, bn.double()(x.detach()))  # the same network, in float64
 
 
 def test_functional_forward_under_vmap():

@@ -299,6 +299,32 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])  # a full disk, a full quota
+def test_a_full_disk_is_a_plain_error_and_keeps_the_existing_file(tmp_path, monkeypatch, code):
+    import errno
+
+    target = tmp_path / "set.h5"
+    save_synthetic_set(target, make_set(seed=1))
+    before = target.read_bytes()
+    original, started = h5file._write_array, []
+
+    def disk_fills_up(group, name, array):
+        if started:  # the images went into the temporary file; the labels find the disk full
+            started.append(sorted(p.name for p in tmp_path.iterdir()))
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        started.append(name)
+        original(group, name, array)
+
+    monkeypatch.setattr(h5file, "_write_array", disk_fills_up)
+    with pytest.raises(DDToolError, match="disk is full") as info:
+        save_synthetic_set(target, make_set(seed=2))
+    assert str(target) in str(info.value) and "\n\n" not in str(info.value)  # one paragraph, naming the file
+    # a temporary file was being written when the disk filled up, and is gone now
+    assert len(started[-1]) == 2 and started[-1][0].endswith(".tmp"), started
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+    assert target.read_bytes() == before  # the set that was there is intact
+
+
 def test_failed_write_keeps_older_file(tmp_path, monkeypatch):
     old = make_set(rich=True)
     save_synthetic_set(tmp_path / "set.h5", old)
@@ -682,18 +708,21 @@ def test_a_read_only_folder_is_a_ddtool_error(tmp_path):
 def test_import_mtt_folder_takes_the_final_iteration_not_the_test_selected_best(tmp_path):
     ref = make_set()
     run = tmp_path / "logged_files" / "CIFAR10" / "run"
-    # as MTT writes them: every 1000 iterations, and images_best.pt when *test* accuracy improved
-    _save_like_mtt(run, "1000", torch.ones_like(ref.images), ref.labels, 0.01)
+    # as MTT writes them: every few hundred iterations, and images_best.pt when *test* accuracy
+    # improved. 900 and 1000: as strings "900" sorts after "1000", so only a numeric order
+    # finds the final iteration.
+    _save_like_mtt(run, "900", torch.ones_like(ref.images), ref.labels, 0.01)
     _save_like_mtt(run, "best", torch.full_like(ref.images, 2.0), ref.labels, 0.02)
-    _save_like_mtt(run, "5000", ref.images, ref.labels, 0.05)
+    _save_like_mtt(run, "1000", ref.images, ref.labels, 0.05)
     kwargs = dict(dataset="cifar10", preprocessing=ref.preprocessing, classes=CLASSES)
     final = import_set(run, "mtt", **kwargs)
     assert torch.equal(final.images, ref.images) and final.learned_lr == pytest.approx(0.05)
-    assert final.config["iteration"] == "5000"
-    assert import_set(run, "mtt", iteration="final", **kwargs).config["iteration"] == "5000"
+    assert final.config["iteration"] == "1000"
+    assert import_set(run, "mtt", iteration="final", **kwargs).config["iteration"] == "1000"
     best = import_set(run, "mtt", iteration="best", **kwargs)
     assert best.config["iteration"] == "best" and best.images.max() == 2.0
-    assert import_set(run, "mtt", iteration=1000, **kwargs).learned_lr == pytest.approx(0.01)
+    earlier = import_set(run, "mtt", iteration=900, **kwargs)
+    assert earlier.learned_lr == pytest.approx(0.01) and earlier.config["iteration"] == "900"
 
     only_best = tmp_path / "only-best"
     _save_like_mtt(only_best, "best", ref.images, ref.labels, 0.02)

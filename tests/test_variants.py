@@ -190,20 +190,30 @@ def test_gate_skips_exactly_the_updates_above_the_threshold(tmp_path):
     assert DATM(DATMConfig(**base(gate_threshold=0.0))).skip_reason(result(50.0)) is None
 
 
-def _context(tmp_path, data, ipc=1):
-    return DistillContext(data=data, ipc=ipc, seed=0, device=torch.device("cpu"), work_dir=tmp_path / "run",
+def _context(tmp_path, data, ipc=1, work="run"):
+    return DistillContext(data=data, ipc=ipc, seed=0, device=torch.device("cpu"), work_dir=tmp_path / work,
                           progress=False, log=lambda m: None)
 
 
 def test_datm_end_to_end_learns_soft_labels_and_gates(tmp_path):
     data = tiny_prepared(per_class=6)
-    config = DATMConfig(**base(gate_threshold=1e-9, correct_only_init=False))  # every update gated
-    sset = DATM(config).distill(_context(tmp_path, data))
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert all(r["skipped"] for r in log)
-    assert sset.label_kind == "logits" and sset.labels.shape == (10, 10)
-    # nothing was updated: the labels are still their one-hot initialisation
-    assert torch.equal(sset.labels, torch.nn.functional.one_hot(torch.arange(10), 10).float() * 3.0)
+    initial = torch.nn.functional.one_hot(torch.arange(10), 10).float() * 3.0  # labels="learned" starts here
+
+    def run(gate_threshold, work):
+        config = DATMConfig(**base(gate_threshold=gate_threshold, correct_only_init=False))
+        sset = DATM(config).distill(_context(tmp_path, data, work=work))
+        log = [json.loads(line) for line in (tmp_path / work / "log.jsonl").read_text().splitlines()]
+        assert sset.label_kind == "logits" and sset.labels.shape == (10, 10)
+        return sset, log
+
+    # gate off: every update applies, and the labels are learned away from their initialisation
+    learned, log = run(0.0, "ungated")
+    assert len(log) == 4 and not any(r["skipped"] for r in log)
+    assert (learned.labels - initial).abs().max() > 1e-3
+    # every update gated: nothing was updated, the labels are still their initialisation
+    gated, log = run(1e-9, "gated")  # the same experts, from this test's cache
+    assert len(log) == 4 and all(r["skipped"] for r in log)
+    assert torch.equal(gated.labels, initial)
 
 
 # ---- FTD ----------------------------------------------------------------------------------------
