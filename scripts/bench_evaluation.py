@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", default=["classic", "mtt"])
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager only (compiling a large network is minutes on a CPU)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the protocols' training precision (bf16: autocast, `ddtool evaluate --precision`)")
     args = parser.parse_args()
     archs = args.archs or [f"convnet:width={width}" for width in args.widths]
     modes = (False, True) if args.compile else (False,)
@@ -52,12 +54,12 @@ def main() -> None:
     data, x, y = fake_data(device, args.ipc)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"IPC {args.ipc} (Fashion-MNIST shape), {args.epochs} timed epochs after a warm-up, {name}, "
-          f"torch {torch.__version__}\n")
+          f"{args.precision}, torch {torch.__version__}\n")
     print("| network | protocol | epochs/s eager | epochs/s compiled | speed-up | 5 runs eager | 5 runs compiled |")
     print("|---|---|---|---|---|---|---|")
     for arch in archs:
         for protocol_name in args.protocols:
-            protocol = get_protocol(protocol_name)
+            protocol = get_protocol(protocol_name).with_overrides(precision=args.precision)
             rates = {}
             for compile in modes:
                 # the warm-up network pays the one-off compile; the timed one reuses its code

@@ -1,6 +1,7 @@
 """One short GPU session's checks, time-boxed to fit a lease of about ten minutes.
 
-1. scripts/bench_matching.py on the GPU, alone, so that its timings are clean;
+1. scripts/bench_matching.py on the GPU, alone, so that its timings are clean, then
+   scripts/bench_evaluation.py's training speed in float32 and in bf16 autocast;
 2. the test suite's CUDA tests, while
 3. the `fashion-gpu` experts train as parallel `ddtool buffer --shard` processes (a ConvNet-3
    on 28x28 images leaves a large GPU mostly idle, so shards add throughput), merged into
@@ -77,6 +78,14 @@ def main() -> None:
     summary["bench"] = {"exit": code, "seconds": round(time.monotonic() - began, 1)}
     seconds_per_iteration = _exact_seconds(out / "bench_matching.txt", args.syn_steps)
     summary["bench"]["exact_seconds_per_iteration_at_N"] = seconds_per_iteration
+    # evaluation's training in float32 and in bf16 autocast, still alone on the device: whether
+    # bf16 earns being the GPU default (README "Mixed precision")
+    summary["bench_evaluation"] = {}
+    for precision in ("fp32", "bf16"):
+        summary["bench_evaluation"][precision] = _run(
+            [sys.executable, "scripts/bench_evaluation.py", "--device", args.device, "--widths", str(args.width),
+             "--protocols", "mtt", "--epochs", "20", "--no-compile", "--precision", precision],
+            out / f"bench_evaluation_{precision}.txt", env, 40)
     save_summary()
 
     # 2 + 3. CUDA tests beside the expert shards
