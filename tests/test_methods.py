@@ -444,3 +444,18 @@ def test_expert_side_settings_reach_the_expert_store(tmp_path, data):
     assert ExpertConfig(**defaults).fingerprint() == plain.fingerprint()
     with pytest.raises(ConfigError, match="lr decay"):
         expert_config_for(build_config(cls, None, {"expert_lr_decay": "linear"}), ctx)
+
+
+def test_inner_minibatches_cover_each_permutation_without_repeats():
+    method = trajectory.MTT(tiny_mtt(syn_steps=9, batch_syn=3))
+    steps = method._inner_steps(torch.Size([10, 1, 8, 8]), torch.Generator().manual_seed(0), None)
+    # 10 images in batches of 3: 3, 3, 3, then the permutation's last image alone, then a new one
+    assert [s.batch.numel() for s in steps] == [3, 3, 3, 1, 3, 3, 3, 1, 3]
+    for first in (0, 4):
+        assert sorted(torch.cat([s.batch for s in steps[first:first + 4]]).tolist()) == list(range(10))
+    # a batch that divides the set: whole permutations, as the shipped sets were made
+    even = trajectory.MTT(tiny_mtt(syn_steps=4, batch_syn=5))._inner_steps(
+        torch.Size([10, 1, 8, 8]), torch.Generator().manual_seed(0), None)
+    g = torch.Generator().manual_seed(0)
+    expected = torch.cat([torch.randperm(10, generator=g), torch.randperm(10, generator=g)])
+    assert torch.equal(torch.cat([s.batch for s in even]), expected)

@@ -563,18 +563,18 @@ class TrajectoryMatching(Method):
         return optimizers
 
     def _inner_steps(self, shape: torch.Size, rng: torch.Generator, dsa: DSA | None) -> list[InnerStep]:
-        """Minibatches walk through fresh permutations of the set; each step its own DSA draw."""
+        """Minibatches walk through fresh permutations of the set, each cut into batches (the last
+        shorter when batch_syn does not divide the set, so no batch holds an image twice); each
+        step its own DSA draw."""
         c = self.config
         n_images, height, width = shape[0], shape[2], shape[3]
         batch = min(c.batch_syn or n_images, n_images)
-        order: list[torch.Tensor] = []
+        chunks: list[torch.Tensor] = []
         steps = []
         for _ in range(c.syn_steps):
-            if sum(o.numel() for o in order) < batch:
-                order.append(torch.randperm(n_images, generator=rng))
-            flat = torch.cat(order)
-            idx, rest = flat[:batch], flat[batch:]
-            order = [rest] if rest.numel() else []
+            if not chunks:
+                chunks = list(torch.randperm(n_images, generator=rng).split(batch))
+            idx = chunks.pop(0)
             aug = dsa.sample(idx.numel(), height, width, rng) if dsa is not None else None
             steps.append(InnerStep(batch=idx, augmentation=aug))
         return steps
