@@ -51,7 +51,10 @@ class EpochStats:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for hard (N,) class ids or soft (N, K) probability targets."""
+    """Cross-entropy for hard (N,) class ids or soft (N, K) probability targets, in float32
+    (under bf16 autocast the logits arrive in bfloat16; a CPU's autocast would keep the
+    log-softmax in bfloat16)."""
+    logits = logits.float()
     if targets.dim() == 1:
         return F.cross_entropy(logits, targets)
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()

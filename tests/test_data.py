@@ -274,6 +274,15 @@ def test_image_folder_of_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
     expected = np.rint(ramp * (255 / 65535)).astype(np.uint8)
     assert np.array_equal(raw.train_images[0, 0].numpy(), expected)
 
+    # 32-bit integer images: 8-bit values are taken as they are, 16-bit ones scaled, wider refused
+    eight = tmp_path / "i8.tiff"
+    Image.fromarray((np.arange(64, dtype=np.int32) * 4).reshape(8, 8), "I").save(eight)
+    assert formats.read_images([eight], 8, "test")[0][0, 0].max() == 252
+    wider = tmp_path / "i32.tiff"
+    Image.fromarray((np.arange(64, dtype=np.int32) * 4000).reshape(8, 8), "I").save(wider)
+    with pytest.raises(FormatError, match="outside 0-65535"):
+        formats.read_images([wider], 8, "test")
+
     floats = tmp_path / "f.tiff"
     Image.fromarray(ramp.astype(np.float32) / 65535, "F").save(floats)
     with pytest.raises(FormatError, match="floating-point"):

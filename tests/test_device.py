@@ -20,6 +20,9 @@ def test_devices_ddtool_cannot_run_on_are_refused(name):
         resolve_device(name)
 
 
-def test_a_cuda_index_beyond_the_machine_is_refused():
-    with pytest.raises(ConfigError, match="CUDA GPU"):
-        resolve_device(f"cuda:{torch.cuda.device_count()}")
+def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="has 1 CUDA GPU\\(s\\), numbered from 0"):
+        resolve_device("cuda:1")

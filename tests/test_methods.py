@@ -459,3 +459,13 @@ def test_inner_minibatches_cover_each_permutation_without_repeats():
     g = torch.Generator().manual_seed(0)
     expected = torch.cat([torch.randperm(10, generator=g), torch.randperm(10, generator=g)])
     assert torch.equal(torch.cat([s.batch for s in even]), expected)
+
+
+def test_run_fingerprints_stay_put_when_settings_are_added():
+    # a run interrupted by older code is found by --resume only if its work folder keeps its
+    # name: these are the names ddtool gave these runs before expert_precision existed
+    for method, fingerprint in (("mtt", "c98d750bad9431ad"), ("datm", "0fd0d87c53e63708")):
+        config = build_config(get_method_class(method), None, {}, ipc=10)
+        assert run_fingerprint(method, config, "fashion-mnist", 10, 0) == fingerprint
+        bf16 = dataclasses.replace(config, expert_precision="bf16")
+        assert run_fingerprint(method, bf16, "fashion-mnist", 10, 0) != fingerprint

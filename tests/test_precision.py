@@ -47,6 +47,29 @@ def test_bf16_autocasts_the_forward_passes_and_keeps_float32_weights():
     assert _forward_dtypes("bf16") == ({torch.bfloat16}, {torch.float32})
 
 
+def test_losses_are_float32_under_bf16_autocast():
+    from ddtool.evaluation.kd import kd_loss
+    from ddtool.training import autocast, cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=g).to(torch.bfloat16)
+    teacher, soft = torch.randn(8, 10, generator=g), torch.softmax(torch.randn(8, 10, generator=g), dim=1)
+    with autocast(torch.device("cpu"), "bf16"):
+        losses = [cross_entropy(logits, soft), cross_entropy(logits, torch.arange(8)), kd_loss(logits, teacher, 20.0)]
+    expected = [cross_entropy(logits.float(), soft), cross_entropy(logits.float(), torch.arange(8)),
+                kd_loss(logits.float(), teacher, 20.0)]
+    for loss, reference in zip(losses, expected):
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, reference)
+
+
+def test_ast_input_gradient_penalty_trains_under_bf16(data):
+    config = ExpertConfig(arch="convnet", arch_options={"width": 4}, experts=1, epochs=1, batch_size=16,
+                          ast_input_grad_penalty=2.0, precision="bf16")
+    trajectory = train_expert(config, 0, data)
+    assert torch.isfinite(trajectory.params).all() and not torch.equal(trajectory.params[0], trajectory.params[1])
+
+
 def test_fp32_protocols_keep_their_records_and_keys_and_bf16_is_a_protocol_of_its_own():
     mtt = get_protocol("mtt")
     assert "precision" not in mtt.to_dict()  # what records and cache keys held before

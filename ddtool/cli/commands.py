@@ -177,7 +177,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         if distributed.world_size() > 1:
             click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
     if dry_run:
-        click.echo("Dry run: nothing distilled or written (the experts' estimate timed a few batches).")
+        click.echo("Dry run: nothing distilled or written.")
         return
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -207,6 +207,8 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
     archs = archs or [sset.config.get("student_arch") or "convnet"]
     protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision)
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
+    if baselines:  # the random baseline draws IPC real images a class: refuse now, not after the set's runs
+        check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), sset.ipc)
     for arch in archs:  # a misspelt network fails now, not after the first network's hours
         create_network(arch, channels=data.spec.channels, num_classes=data.spec.num_classes,
                        image_size=data.spec.image_size)

@@ -114,8 +114,9 @@ def read_mat(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 # Modes whose pixels carry no colour; anything else is read as RGB.
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-# 16-bit greyscale (PNG, TIFF) opens as one of these; Pillow's conversion to RGB clips their
-# values at 255 instead of rescaling, which would turn most of an image white.
+# 16-bit greyscale (PNG, TIFF) opens as one of these (older Pillow: "I", 32-bit integers);
+# Pillow's conversion to RGB clips their values at 255 instead of rescaling, which would turn
+# most of an image white.
 _WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 # What a corrupt file makes Pillow raise besides OSError: broken PNG chunks raise SyntaxError,
 # a damaged size header DecompressionBombError.
@@ -153,10 +154,15 @@ def read_images(paths: Sequence[Path], size: int, desc: str) -> tuple[np.ndarray
 
 def _as_rgb(image: Image.Image, path: Path) -> Image.Image:
     """The image as 8-bit RGB. 16-bit greyscale is scaled by 255/65535 (full scale to full
-    scale); floating-point images have no agreed range and are refused."""
+    scale). A 32-bit integer image ("I") is read as 16-bit, unless its values all fit 8 bits
+    (then as they are); values beyond 16 bits, and floating-point images, which have no agreed
+    range, are refused."""
     if image.mode in _WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
-        eight_bit = np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8)
+        if image.mode == "I" and wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise FormatError(f"{path} holds integer pixels outside 0-65535; save the images as 8- or 16-bit PNG.")
+        scale = 1.0 if image.mode == "I" and wide.max(initial=0) <= 255 else 255 / 65535
+        eight_bit = np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(eight_bit, "L").convert("RGB")
     if image.mode == "F":
         raise FormatError(f"{path} holds floating-point pixels, whose range is unknown; save the images "

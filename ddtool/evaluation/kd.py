@@ -320,7 +320,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     The T^2 factor keeps the gradient's size independent of T (Hinton et al.)."""
     t = float(temperature)
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+    # float32 even when the student's forward pass ran under bf16 autocast
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
 
 

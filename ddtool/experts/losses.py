@@ -22,7 +22,9 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, weight: float) -> 
     """
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    (grad_x,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+    # a backward pass, which autocast is not meant to wrap (train_epoch's bf16 covers forwards)
+    with torch.autocast(x.device.type, enabled=False):
+        (grad_x,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     norms = torch.linalg.vector_norm(grad_x.flatten(1), dim=1)
     return weight * (norms - 1.0).square().mean(), logits
 

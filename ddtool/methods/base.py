@@ -118,8 +118,19 @@ def get_method_class(name: str) -> type[Method]:
 def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
     """Names the work folder of a run, so --resume finds it: the settings, and the method's
     revision, as the settings alone cannot tell a checkpoint made before a fix from one after."""
+    settings = dataclasses.asdict(config)
+    # settings added later keep the runs made before them findable while at their default
+    for name, default in _ADDED_LATER.items():
+        if settings.get(name, object()) == default:
+            del settings[name]
     return key_digest({"method": method, "revision": get_method_class(method).revision,
-                       "config": dataclasses.asdict(config), "dataset": dataset, "ipc": ipc, "seed": seed})
+                       "config": settings, "dataset": dataset, "ipc": ipc, "seed": seed})
+
+
+# Config fields added after runs were made with their classes, and the default they take:
+# left out of run fingerprints while at it. (Fields added before this list existed changed
+# the fingerprints of the runs of their time.)
+_ADDED_LATER = {"expert_precision": "fp32"}
 
 
 def list_methods() -> list[str]:
