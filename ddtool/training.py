@@ -43,6 +43,11 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A reduced-precision (bf16/fp16) tensor in float32; float32 and float64 ones unchanged."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 @dataclass(frozen=True)
 class EpochStats:
     loss: float
@@ -54,7 +59,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for hard (N,) class ids or soft (N, K) probability targets, in float32
     (under bf16 autocast the logits arrive in bfloat16; a CPU's autocast would keep the
     log-softmax in bfloat16)."""
-    logits = logits.float()
+    logits = widened(logits)
     if targets.dim() == 1:
         return F.cross_entropy(logits, targets)
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()

@@ -35,7 +35,7 @@ from torch import nn
 from ddtool.errors import ConfigError
 from ddtool.evaluation.protocols import KDSettings, Protocol
 from ddtool.networks import create_network
-from ddtool.training import train_epoch
+from ddtool.training import train_epoch, widened
 
 # Names of the SyntheticSet.extras arrays that hold stored soft labels (docs/synthetic-set-format.md).
 EXTRA_LOGITS = "kd_logits"  # float16 (E, N, K): the teacher's logits on view (epoch e, image i)
@@ -321,7 +321,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     The T^2 factor keeps the gradient's size independent of T (Hinton et al.)."""
     t = float(temperature)
     # float32 even when the student's forward pass ran under bf16 autocast
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+    return F.kl_div(F.log_softmax(widened(student_logits) / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ddtool.experts.config import ExpertConfig
-from ddtool.training import LossFn, cross_entropy, standard_loss
+from ddtool.training import LossFn, cross_entropy, standard_loss, widened
 
 
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, weight: float) -> 
     logits = model(x)
     # a backward pass, which autocast is not meant to wrap (train_epoch's bf16 covers forwards)
     with torch.autocast(x.device.type, enabled=False):
-        (grad_x,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+        (grad_x,) = torch.autograd.grad(widened(logits).sum(), x, create_graph=True)
     norms = torch.linalg.vector_norm(grad_x.flatten(1), dim=1)
     return weight * (norms - 1.0).square().mean(), logits
 
