@@ -406,3 +406,10 @@ def test_an_ipc_beyond_the_smallest_class_is_refused_before_any_work(tmp_path, f
     user_error(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
                "Cannot take 12 images per class")
     ok(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run", "--no-eval"))
+
+
+def test_the_plan_says_when_saving_replaces_a_set(tmp_path, fashion_root):
+    out = tmp_path / "r.h5"
+    args = ("distill", "--method", "random", "--ipc", 1, "--data-root", fashion_root, "-o", out, "--no-eval", "-q")
+    assert "replacing" not in ok(ddtool(*args)).stdout
+    assert f"save to {out} (replacing the random set there, made " in ok(ddtool(*args, "--dry-run")).stdout

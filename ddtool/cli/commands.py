@@ -20,7 +20,7 @@ from ddtool.cli.main import SEED_RANGE, cli, say
 from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, load_raw, locate, prepare, search_paths
 from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
-from ddtool.errors import ConfigError
+from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
 from ddtool.methods.base import (
     DistillContext,
@@ -171,7 +171,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
             click.echo(f"  - preset {chosen}{changed}")
         for line in runner.plan(ctx):
             click.echo(f"  - {line}")
-        click.echo(f"  - save to {out}"
+        click.echo(f"  - save to {out}{_replacing(out)}"
                    + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
         click.echo(f"  - checkpoints and log in {work_dir}")
         if distributed.world_size() > 1:
@@ -194,6 +194,19 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
+
+
+def _replacing(path: Path) -> str:
+    """What saving to `path` replaces, said in the plan (a shipped set's records go with it)."""
+    if not path.exists():
+        return ""
+    try:
+        old = load_synthetic_set(path)
+    except DDToolError:
+        return " (replacing the file there)"
+    records = len(old.evaluations)
+    return (f" (replacing the {old.method} set there, made {old.created[:10] or 'earlier'}, and its {records} "
+            f"evaluation record{'s' if records != 1 else ''}; -o saves elsewhere)")
 
 
 # ---- evaluate -------------------------------------------------------------------------------
