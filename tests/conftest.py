@@ -61,9 +61,14 @@ def write_idx_gz(path: Path, array: np.ndarray, magic: int) -> None:
 def fashion_root(tmp_path) -> Path:
     """A data root holding a tiny Fashion-MNIST in its real format (gzipped IDX files):
     12 training and 3 test images per class, with class-dependent brightness so it is learnable."""
-    root = tmp_path / "data" / "fashion-mnist"
+    return write_tiny_fashion(tmp_path / "data")
+
+
+def write_tiny_fashion(data_root: Path, train_per_class: int = 12) -> Path:
+    """`data_root`/fashion-mnist with `train_per_class` training and 3 test images a class."""
+    root = data_root / "fashion-mnist"
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 12), ("t10k", 3)):
+    for split, per_class in (("train", train_per_class), ("t10k", 3)):
         labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
         images = (rng.integers(0, 60, (labels.size, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
         write_idx_gz(root / f"{split}-images-idx3-ubyte.gz", images, IDX_IMAGES_MAGIC)

@@ -180,8 +180,11 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     assert len(manifest.experts) == 1 and manifest.epochs == 2
 
 
-def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path, fashion_root):
+def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    from conftest import write_tiny_fashion
+
     out, cache = tmp_path / "m.h5", tmp_path / "cache"
+    fashion_root = write_tiny_fashion(tmp_path / "data", train_per_class=56)  # 51 a class after validation
     result = ok(ddtool("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out,
                        "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
     assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
