@@ -577,8 +577,8 @@ def hardware_note(records) -> str:
             unnamed += len(acc.get("runs", [])) - sum(len(runs) for runs in hardware.values())
     parts = [f"{description}: {count} run{'s' if count != 1 else ''}" for description, count in sorted(named.items())]
     if unnamed:
-        parts.append(f"{unnamed} runs recorded before records named it, on 2-core CPU machines (AMD EPYC), "
-                     "one per session")
+        parts.append(f"{unnamed} runs on 2-core CPU machines (AMD EPYC), one per session, recorded before "
+                     "records named the hardware")
     return "; ".join(parts) or "no runs recorded"
 
 

@@ -287,7 +287,7 @@ def test_the_hardware_note_counts_what_the_records_name(results):
     new["baselines"]["random_subset"]["hardware"] = {"AMD EPYC (AVX2)": [0, 1, 2, 3, 4]}
     assert results.hardware_note([new]) == "AMD EPYC (AVX2): 8 runs; NVIDIA H200: 2 runs"
     assert results.hardware_note([old, new]).endswith(
-        "; 10 runs recorded before records named it, on 2-core CPU machines (AMD EPYC), one per session")
+        "; 10 runs on 2-core CPU machines (AMD EPYC), one per session, recorded before records named the hardware")
     assert results.hardware_note([]) == "no runs recorded"
 
 
