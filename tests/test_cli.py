@@ -99,6 +99,10 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
     evaluated = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
                           "--no-baselines", "--data-root", fashion_root, "-q")).stdout
     assert "synthetic set" in evaluated and "Recorded in" in evaluated
+    # importing over a set says what it replaced, records included
+    again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+                      "--data-root", fashion_root)).stdout
+    assert "replacing the imported:npz set there" in again and "and its 1 evaluation record" in again, again
 
 
 def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fashion_root):
@@ -211,6 +215,10 @@ def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
                       "-o", tmp_path / "x.h5"), "per class")
     assert not (tmp_path / "x.h5").exists()
     user_error(ddtool("distill", "--method", "mtt", "--set", "ee=2", "--data-root", fashion_root), "No setting 'ee'")
+    # an evaluation option beside --no-eval would be silently ignored
+    user_error(ddtool("distill", "--method", "random", "--no-eval", "--eval-precision", "bf16", "--data-root",
+                      fashion_root, "-o", tmp_path / "x.h5"), "--eval-precision", "--no-eval")
+    assert not (tmp_path / "x.h5").exists()
     user_error(ddtool("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
                "looked")
     user_error(ddtool("distill", "--dataset", "imagenet-99"), "Unknown dataset")

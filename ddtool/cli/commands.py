@@ -135,6 +135,9 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     saves one HDF5 file and, unless --no-eval, evaluates it beside the random-subset baseline
     and the whole-dataset reference.
     """
+    if no_eval:
+        _refuse_evaluation_options(protocol=protocol, eval_runs=eval_runs, eval_epochs=eval_epochs,
+                                   compile_eval=compile_eval, eval_precision=eval_precision)
     method_cls = get_method_class(method)
     if list_presets:
         default = method_cls.default_preset
@@ -196,17 +199,32 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
                              compile=compile_eval, resume=resume, precision=eval_precision)
 
 
+def _refuse_evaluation_options(**given) -> None:
+    """--no-eval beside an option of the evaluation it skips: the user expects an evaluation
+    the command would silently not run."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, False)]
+    if named:
+        raise ConfigError(f"{', '.join(named)} set{'s' if len(named) == 1 else ''} how the set is evaluated, "
+                          "but --no-eval skips the evaluation. Drop --no-eval to evaluate, or drop "
+                          f"{'it' if len(named) == 1 else 'them'}; `ddtool evaluate SET.h5` evaluates a saved set later.")
+
+
 def _replacing(path: Path) -> str:
     """What saving to `path` replaces, said in the plan (a shipped set's records go with it)."""
+    there = _what_is_there(path)
+    return f" (replacing {there}; -o saves elsewhere)" if there else ""
+
+
+def _what_is_there(path: Path) -> str | None:
     if not path.exists():
-        return ""
+        return None
     try:
         old = load_synthetic_set(path)
     except DDToolError:
-        return " (replacing the file there)"
+        return "the file there"
     records = len(old.evaluations)
-    return (f" (replacing the {old.method} set there, made {old.created[:10] or 'earlier'}, and its {records} "
-            f"evaluation record{'s' if records != 1 else ''}; -o saves elsewhere)")
+    return (f"the {old.method} set there, made {old.created[:10] or 'earlier'}, and its {records} "
+            f"evaluation record{'s' if records != 1 else ''}")
 
 
 # ---- evaluate -------------------------------------------------------------------------------
@@ -456,9 +474,11 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, outp
     sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
                       dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment,
                       iteration=checkpoint)
+    replaced = _what_is_there(Path(output))  # said, as distill says it in its plan
     save_synthetic_set(output, sset)
     click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"
-               f"{', learned lr %.4g' % sset.learned_lr if sset.learned_lr is not None else ''}) into {output}")
+               f"{', learned lr %.4g' % sset.learned_lr if sset.learned_lr is not None else ''}) into {output}"
+               + (f", replacing {replaced}" if replaced else ""))
 
 
 @cli.command("methods")
