@@ -594,6 +594,29 @@ def test_appends_from_two_writers_at_once_both_land(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]  # the lock file went with the append
 
 
+def test_saving_over_a_set_waits_for_an_append_in_progress(tmp_path):
+    """A set saved over one being recorded into would otherwise be lost under the append's
+    rename, or get the old set's record: the save takes the append's lock."""
+    import threading
+
+    from ddtool.storage.atomic import exclusive_lock
+
+    path = tmp_path / "set.h5"
+    old = make_set()
+    save_synthetic_set(path, old)
+    new = make_set(images=torch.zeros(6, 3, 6, 6))
+    with exclusive_lock(tmp_path / "set.h5.lock"):  # as append_evaluation holds it
+        saver = threading.Thread(target=save_synthetic_set, args=(path, new))
+        saver.start()
+        saver.join(timeout=2)
+        assert saver.is_alive()  # waiting for the lock
+        assert load_synthetic_set(path).content_digest() == old.content_digest()
+    saver.join(timeout=60)
+    assert not saver.is_alive()
+    assert load_synthetic_set(path).content_digest() == new.content_digest()
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+
+
 def test_an_append_into_a_file_whose_set_changed_is_refused(tmp_path):
     path = tmp_path / "set.h5"
     evaluated = make_set()

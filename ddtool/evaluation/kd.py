@@ -2,7 +2,7 @@
 
 The protocol of SRe2L/CDA (methods.md §7): every epoch each image of the set is seen as one
 *view* (a random-resized crop, maybe flipped, maybe with a CutMix box of another image's
-view pasted in) and the student is trained with KL(student/T || teacher/T) * T^2 toward the
+view pasted in) and the student is trained with KL(teacher/T || student/T) * T^2 toward the
 teacher's logits on that same view. The teacher's logits come from one of two sources:
 
 - stored (`StoredSoftLabels`): the relabel step ran the teacher on E epochs of views and

@@ -49,9 +49,15 @@ def save_synthetic_set(path: str | os.PathLike, sset: SyntheticSet) -> Path:
     """Write `sset` to `path` atomically (temporary file + rename); return the path."""
     sset.validate()  # fields may have been changed since construction
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # under append_evaluation's lock: a record being added to the set this replaces must not
+    # land in (or be renamed over) the new one
+    with exclusive_lock(_lock_of(path), remove=True), atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         _write_set(f, sset)
     return path
+
+
+def _lock_of(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
 def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
@@ -82,7 +88,7 @@ def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content
     path = Path(path)
     with _open_checked(path) as f:  # refuse to touch a file that is not a valid set
         _guard_read(path, lambda: _require_members(f, path))
-    with exclusive_lock(path.with_name(path.name + ".lock"), remove=True):
+    with exclusive_lock(_lock_of(path), remove=True):
         if expected_content is not None and load_synthetic_set(path).content_digest() != expected_content:
             raise DDToolError(
                 f"{path} changed while it was being evaluated: it no longer holds the set that was "
