@@ -430,7 +430,8 @@ def evaluation_minutes(record: dict) -> str:
 
 def render_main(cells: list[Cell], references_path: Path = REFERENCES) -> str:
     ipcs = sorted({c.ipc for c in cells})
-    lines = ["| method | protocol | " + " | ".join(f"IPC {i}" for i in ipcs) + " | random subset (same protocol, hard labels) | "
+    lines = ["| method | protocol | " + " | ".join(f"IPC {i}" for i in ipcs)
+             + " | random subset (same protocol; hard labels, under kd the teacher's) | "
              "whole dataset (same protocol and network) | minutes (distil + evaluate), per IPC |",
              "|---|---|" + "---|" * len(ipcs) + "---|---|---|"]
     references = read_references(references_path)
