@@ -427,6 +427,12 @@ def test_preprocessing_record_with_a_partial_zca_is_a_format_error():
         Preprocessing.from_arrays({k: v for k, v in arrays.items() if k != "zca_mean"})
     with pytest.raises(FormatError, match="inconsistent ZCA"):
         Preprocessing.from_arrays({**arrays, "zca_inverse": arrays["zca_inverse"][:2]})
+    # values that would turn every image into NaN or zero
+    for bad, message in [({"mean": np.array([np.nan])}, "mean/std"), ({"std": np.array([np.inf])}, "mean/std"),
+                         ({"zca_matrix": np.full_like(arrays["zca_matrix"], np.nan)}, "NaN or infinite"),
+                         ({"zca_eps": np.float64(np.inf)}, "inconsistent ZCA")]:
+        with pytest.raises(FormatError, match=message):
+            Preprocessing.from_arrays({**arrays, **bad})
 
 
 def write_image_folder(root: Path, num_classes: int = 3, train_per_class: int = 12, size: int = 8) -> None:
@@ -445,9 +451,16 @@ def test_prepare_splits_normalises_and_caches_zca(tmp_path, monkeypatch):
     raw = data.load_raw(name)
     assert torch.equal(prepared.train_y, raw.train_labels[prepared.train_indices])
     assert torch.equal(prepared.val_y, raw.train_labels[prepared.val_indices])
-    # The ZCA is fitted on the normalised training part only: its mean is that part's mean.
-    normalised = Preprocessing(raw.spec.mean, raw.spec.std).apply(raw.train_images[prepared.train_indices] / 255)
-    assert torch.allclose(prepared.preprocessing.zca.mean, normalised.flatten(1).mean(0), atol=1e-5)
+    # ZCA replaces the mean/std normalisation (methods.md; MTT and DATM fit kornia's ZCAWhitening,
+    # eps 0.1, unbiased covariance, on [0, 1] pixels): rebuilt here in float64 from the training
+    # part only, the network space is U diag(1/sqrt(s + 0.1)) U^T applied to centred pixels.
+    pixels = raw.train_images[prepared.train_indices].double().div(255).flatten(1)
+    centred = pixels - pixels.mean(0)
+    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / (pixels.shape[0] - 1))
+    whitening = eigvecs @ torch.diag((eigvals.clamp_min(0) + 0.1).rsqrt()) @ eigvecs.T
+    assert torch.allclose(prepared.train_x.double().flatten(1), centred @ whitening, atol=1e-4)
+    assert prepared.preprocessing.mean == (0.0,) * 3 and prepared.preprocessing.std == (1.0,) * 3
+    assert "ZCA whitening of [0, 1] pixels (eps=0.1)" == prepared.preprocessing.describe()
     assert torch.allclose(prepared.preprocessing.invert(prepared.test_x) * 255, raw.test_images.float(), atol=0.01)
 
     # Second prepare: the ZCA comes from the cache, and the tensors are the same.

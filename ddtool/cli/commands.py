@@ -452,19 +452,28 @@ def export_command(set_path, fmt, output) -> None:
                    "the TEST accuracy improves, so it is selected on the test split and its score is optimistic; "
                    "import it only to compare with numbers published that way. (Files given one by one are "
                    "imported as named.)")
+@click.option("--soft-labels", type=click.Choice(["logits", "probs"]), default=None,
+              help="What (N, K) labels hold [default: the file's record, else probs when every row is "
+                   "non-negative and sums to 1 (one-hot included), else logits, as DATM saves them].")
+@click.option("--label-temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Temperature of soft logits: targets are softmax(logits / T) [default: the file's, else 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The .h5 file to write.")
 @_data_root
-def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, output, data_root) -> None:
+def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft_labels, label_temperature, output,
+                   data_root) -> None:
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
-    The input space (mean/std and, with --zca, the ZCA fitted on every training image, as
-    MTT and DATM fit it) is rebuilt from the dataset, so the dataset's files must be found.
+    The input space is the file's own record where it has one (ddtool's npz and torch
+    exports), else rebuilt from the dataset, so the dataset's files must be found: mean/std
+    normalisation or, with --zca, in its place the ZCA (eps 0.1) fitted on every training
+    image's [0, 1] pixels, as MTT and DATM fit it.
     """
     spec = get_spec(dataset)
     preprocessing = None
     if zca:
         # ddtool's own runs fit the ZCA without their validation images; the published code
         # fits it on the whole training split, and that is the space the imported images are in
+        # (a file that records its own ZCA keeps it: formats.import_set)
         preprocessing = prepare(spec.name, data_root, zca=True, val_per_class=0).preprocessing
     else:
         from ddtool.data import Preprocessing
@@ -473,7 +482,7 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, outp
     classes = list(spec.classes) if spec.classes else None
     sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
                       dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment,
-                      iteration=checkpoint)
+                      iteration=checkpoint, label_kind=soft_labels, label_temperature=label_temperature)
     replaced = _what_is_there(Path(output))  # said, as distill says it in its plan
     save_synthetic_set(output, sset)
     click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"

@@ -6,6 +6,7 @@ group turns DDToolError into a one-paragraph message and exit status 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -28,9 +29,20 @@ class _Group(click.Group):
             click.echo(click.wrap_text(f"Error{distributed.where()}: {exc}", width=100, preserve_paragraphs=True),
                        err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("Interrupted. Files being written were discarded; checkpoints on disk are intact.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+            click.echo(f"{what}. Files being written were discarded; checkpoints on disk are intact.", err=True)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a batch scheduler, torchrun stopping its workers), raised where the
+    process is, so that it unwinds as Ctrl-C does: temporary files and lock files are removed
+    on the way out instead of being left beside the user's files."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -68,4 +80,5 @@ def _register_commands() -> None:
 
 def main() -> None:
     _register_commands()
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="ddtool")

@@ -66,10 +66,9 @@ def load_or_build(directory: Path, what: str, version: str, build: Callable[[], 
             warnings.warn(f"Ignoring unreadable cache file {path} ({exc}); rebuilding it.", stacklevel=2)
     value = build()
     # ddtool.storage builds on ddtool.data; importing it here, at use, keeps imports acyclic.
-    from ddtool.storage.atomic import atomic_path
+    from ddtool.storage.atomic import save_torch
 
-    with atomic_path(path) as tmp:
-        torch.save(value, tmp)
+    save_torch(value, path)
     for old in directory.glob(f"{what}-*.pt"):
         if old != path and old.stem.rpartition("-")[0] == what:
             old.unlink(missing_ok=True)

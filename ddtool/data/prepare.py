@@ -150,8 +150,9 @@ def prepare_raw(
     cache_dir: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
 ) -> PreparedData:
-    """Split off validation images, normalise with the spec's mean/std and, with `zca`, whiten
-    with a ZCA fitted on the normalised training part (never on validation or test images).
+    """Split off validation images and bring them, the training and the test images into
+    network space: normalised with the spec's mean/std or, with `zca`, instead whitened with a
+    ZCA fitted on the training part's [0, 1] pixels (never on validation or test images).
 
     The ZCA is cached in `cache_dir` (default $DDTOOL_CACHE, else the user cache) per dataset
     files, split and eps, so it is fitted once. Everything is computed on CPU, so every device
@@ -165,20 +166,23 @@ def prepare_raw(
     train_idx, val_idx = stratified_split(raw.train_labels, spec.num_classes, val_per_class, split_seed)
 
     train_u8 = raw.train_images[train_idx]
-    given = preprocessing is not None
-    if given:
+    if preprocessing is not None:
         if len(preprocessing.mean) != spec.channels:
             raise ConfigError(f"The given preprocessing is for {len(preprocessing.mean)}-channel images, "
                               f"but {spec.name} has {spec.channels} channels.")
         preprocessing = _on_device(preprocessing, torch.device("cpu"))
         train_x = _network_space(train_u8, preprocessing)
+    elif zca:
+        # ZCA replaces the mean/std normalisation: fitted on [0, 1] pixels, as MTT and DATM fit
+        # it (their eps is relative to the pixels' covariance, 25x smaller than a normalised one's)
+        pixels = Preprocessing.identity(spec.channels)
+        train_x = _network_space(train_u8, pixels)
+        whitening = _fit_zca(raw, train_x, train_idx, zca_eps, (val_per_class, split_seed), cache_dir)
+        preprocessing = Preprocessing(pixels.mean, pixels.std, whitening)
+        _network_space(train_u8, preprocessing, out=train_x)  # overwrite: no second float copy
     else:
         preprocessing = Preprocessing(spec.mean, spec.std)
         train_x = _network_space(train_u8, preprocessing)
-    if zca and not given:
-        whitening = _fit_zca(raw, train_x, train_idx, zca_eps, (val_per_class, split_seed), cache_dir)
-        preprocessing = Preprocessing(spec.mean, spec.std, whitening)
-        _network_space(train_u8, preprocessing, out=train_x)  # overwrite: no second float copy
 
     return PreparedData(
         spec=spec,
@@ -236,6 +240,6 @@ def _fit_zca(
     # One cache entry per (dataset, split request, eps); a new version of the files replaces it.
     what = f"{slug(spec.name)}-{digest(split_request, float(eps))[:8]}"
     split = hashlib.sha256(train_idx.numpy().tobytes()).hexdigest()
-    version = digest(raw.fingerprint, spec.mean, spec.std, split)
+    version = digest(raw.fingerprint, "fitted on [0, 1] pixels", split)
     stored = load_or_build(resolve_cache_dir(cache_dir) / "zca", what, version, fit)
     return ZCA(stored["mean"], stored["matrix"], stored["inverse"], float(stored["eps"]))

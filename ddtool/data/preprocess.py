@@ -1,18 +1,24 @@
 """From stored pixels to the space the networks see, and back.
 
-Network space = per-channel mean/std normalisation, optionally followed by ZCA whitening
-(fitted on the normalised training images, as in the MTT family). The inverse is needed to
-look at synthetic images and to export them as pictures.
+Network space = per-channel mean/std normalisation, or, in its place, ZCA whitening fitted on
+the training images' [0, 1] pixels, as in the MTT family (stored as mean 0, std 1 followed by
+the ZCA, so that one record describes both). The inverse is needed to look at synthetic
+images and to export them as pictures.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ddtool.errors import FormatError
+
+# What ddtool fits its ZCA on, named in the fingerprints of what a whitened space made (experts,
+# distillation runs): until 2026-12 it fitted it on mean/std-normalised images.
+ZCA_FITTED_ON = "pixels"
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +72,11 @@ class Preprocessing:
     std: tuple[float, ...]
     zca: ZCA | None = None
 
+    @classmethod
+    def identity(cls, channels: int) -> "Preprocessing":
+        """[0, 1] pixels as they are: the normalisation step of a ZCA-whitened space."""
+        return cls((0.0,) * channels, (1.0,) * channels)
+
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, len(self.mean), 1, 1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
@@ -87,7 +98,11 @@ class Preprocessing:
 
     def describe(self) -> str:
         base = f"mean/std normalisation (mean={_fmt(self.mean)}, std={_fmt(self.std)})"
-        return base + (f" + ZCA whitening (eps={self.zca.eps:g})" if self.zca is not None else "")
+        if self.zca is None:
+            return base
+        if all(m == 0 for m in self.mean) and all(s == 1 for s in self.std):
+            return f"ZCA whitening of [0, 1] pixels (eps={self.zca.eps:g})"
+        return base + f" + ZCA whitening (eps={self.zca.eps:g})"  # sets made before ddtool whitened pixels
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for storage (HDF5 datasets/attributes, npz)."""
@@ -106,8 +121,9 @@ class Preprocessing:
             std = tuple(float(v) for v in np.asarray(arrays["std"]).ravel())
         except KeyError as exc:
             raise FormatError(f"Preprocessing record lacks {exc.args[0]!r}.") from None
-        if len(mean) != len(std) or not all(s > 0 for s in std):
-            raise FormatError("Preprocessing record has inconsistent mean/std.")
+        if len(mean) != len(std) or not all(math.isfinite(m) for m in mean) or not all(
+                0 < s < math.inf for s in std):
+            raise FormatError(f"Preprocessing record has inconsistent mean/std: mean {mean}, std {std}.")
         zca = None
         if "zca_matrix" in arrays:
             try:
@@ -123,10 +139,12 @@ class Preprocessing:
                 raise FormatError(f"Preprocessing record has an unreadable ZCA ({exc}).") from None
             dim = zca.mean.numel()
             if (zca.mean.shape != (dim,) or zca.matrix.shape != (dim, dim) or zca.inverse.shape != (dim, dim)
-                    or not zca.eps > 0):
+                    or not 0 < zca.eps < math.inf):
                 raise FormatError(
                     f"Preprocessing record has an inconsistent ZCA: mean {tuple(zca.mean.shape)}, matrix "
                     f"{tuple(zca.matrix.shape)}, inverse {tuple(zca.inverse.shape)}, eps {zca.eps}.")
+            if not all(bool(t.isfinite().all()) for t in (zca.mean, zca.matrix, zca.inverse)):
+                raise FormatError("Preprocessing record has a ZCA with NaN or infinite values.")
         return cls(mean, std, zca)
 
 

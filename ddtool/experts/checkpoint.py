@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import save_torch
 
 
 @dataclass
@@ -34,8 +34,7 @@ class ExpertProgress:
 def save_progress(progress: ExpertProgress, path: Path) -> None:
     # Not dataclasses.asdict: it deep-copies every tensor, the snapshots included.
     record = {f.name: getattr(progress, f.name) for f in fields(progress)}
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+    save_torch(record, path)
 
 
 def load_progress(path: Path, *, fingerprint: str, index: int) -> ExpertProgress | None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ddtool.data.preprocess import ZCA_FITTED_ON
 from ddtool.data.registry import canonical_name, get_spec
 from ddtool.errors import ConfigError
 from ddtool.networks import network_options
@@ -157,6 +158,8 @@ class ExpertConfig:
             settings["flip"] = self.resolved_flip()
         if self.precision != "fp32":  # float32 stores keep the fingerprint they always had
             settings["precision"] = self.precision
+        if self.zca:  # the whitened space changed (ZCA of pixels, not of normalised images)
+            settings["zca_fitted_on"] = ZCA_FITTED_ON
         return settings
 
     def fingerprint(self) -> str:

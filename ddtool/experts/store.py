@@ -37,7 +37,7 @@ from ddtool.experts.manifest import (
 )
 from ddtool.experts.train import Trajectory
 from ddtool.networks import ParamLayout
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import atomic_h5, atomic_path
 
 EXPERT_FORMAT = "ddtool.expert"
 # Files readable by HDF5 >= 1.10; needed for attributes over 64 KiB (large manifests).
@@ -251,8 +251,7 @@ class StoreWriter:
     def add(self, trajectory: Trajectory) -> None:
         """Write the expert's file, then the index naming it; then drop its checkpoint."""
         target = self.folder / expert_file_name(trajectory.index)
-        with atomic_path(target) as tmp:
-            write_expert_file(tmp, trajectory, self.manifest.fingerprint)
+        write_expert_file(target, trajectory, self.manifest.fingerprint)
         self._records[trajectory.index] = _record(trajectory, self._relative(target))
         self._write_index()
         self.checkpoint_path(trajectory.index).unlink(missing_ok=True)
@@ -291,13 +290,12 @@ class StoreWriter:
 
     def _write_index(self) -> None:
         manifest = self.manifest.with_experts(list(self._records.values()))
-        with atomic_path(self.path) as tmp:
-            write_index_file(tmp, manifest)
+        write_index_file(self.path, manifest)
 
 
 def write_expert_file(path: Path, trajectory: Trajectory, fingerprint: str) -> None:
     params = trajectory.params.detach().cpu().to(torch.float32).contiguous().numpy()
-    with h5py.File(path, "w", libver=_LIBVER) as f:
+    with atomic_h5(path, libver=_LIBVER) as f:
         group = f.create_group("expert")
         group.attrs.update({
             "format": EXPERT_FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
@@ -337,7 +335,7 @@ def read_expert_record(path: Path, fingerprint: str, epochs: int) -> ExpertRecor
 def write_index_file(path: Path, manifest: StoreManifest) -> None:
     """The index: the manifest as JSON, structured attributes for plain-h5py readers, links."""
     records = manifest.experts
-    with h5py.File(path, "w", libver=_LIBVER) as f:
+    with atomic_h5(path, libver=_LIBVER) as f:
         a = f.attrs
         a["format"] = FORMAT
         a["schema_version"] = SCHEMA_VERSION

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ddtool.data import PreparedData
+from ddtool.data.preprocess import ZCA_FITTED_ON
 from ddtool.errors import ConfigError
 from ddtool.paths import key_digest
 from ddtool.storage import SyntheticSet
@@ -123,6 +124,8 @@ def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> s
     for name, default in _ADDED_LATER.items():
         if settings.get(name, object()) == default:
             del settings[name]
+    if settings.get("zca"):  # a checkpoint of images whitened the old way must not resume
+        settings["zca_fitted_on"] = ZCA_FITTED_ON
     return key_digest({"method": method, "revision": get_method_class(method).revision,
                        "config": settings, "dataset": dataset, "ipc": ipc, "seed": seed})
 

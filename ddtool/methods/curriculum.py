@@ -45,7 +45,7 @@ from ddtool.methods.teacher import RealTrainingRecipe, TrainedNetwork, batch_nor
 from ddtool.networks import network_options
 from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import save_torch
 
 CROP_SCHEDULES = ("constant", "step", "linear", "cosine")
 BATCHINGS = ("mixed", "classwise")
@@ -450,8 +450,7 @@ class SRe2L(Method):
             current = None if state is None else {
                 "round": state.round, "iteration": state.iteration, "images": state.images.detach().cpu(),
                 "optimizer": state.optimizer, "generators": state.generators}
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"identity": identity, "done": done, "current": current}, tmp)
+            save_torch({"identity": identity, "done": done, "current": current}, checkpoint)
 
         for r in range(len(done), len(rounds)):
             members = rounds[r]

@@ -26,7 +26,7 @@ from ddtool.evaluation.protocols import KDSettings
 from ddtool.networks import create_network
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import derive_seed, generator, seeded
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import save_torch
 from ddtool.training import accuracy, train_epoch
 
 
@@ -121,9 +121,8 @@ def network_trained_on_real(data: PreparedData, recipe: RealTrainingRecipe, *, c
     test_accuracy = accuracy(net, data.test_x, data.test_y)
     log(f"{desc}: trained {recipe.epochs} epochs on {data.train_x.shape[0]} images in {seconds:.0f} s; "
         f"test accuracy {100 * test_accuracy:.2f}%")
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "state": net.state_dict(), "test_accuracy": test_accuracy,
-                    "train_seconds": seconds}, tmp)
+    save_torch({"key": key, "state": net.state_dict(), "test_accuracy": test_accuracy, "train_seconds": seconds},
+               path)
     return TrainedNetwork(net.eval().requires_grad_(False), recipe, test_accuracy, digest, seconds)
 
 

@@ -47,7 +47,7 @@ from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
-from ddtool.storage.atomic import atomic_path
+from ddtool.storage.atomic import atomic_path, save_torch
 from ddtool.training import check_precision
 
 LABEL_MODES = ("hard", "expert_soft", "learned")
@@ -706,10 +706,9 @@ class TrajectoryMatching(Method):
 
     @staticmethod
     def _save_checkpoint(path: Path, state: MatchingState) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(dataclasses.asdict(state) | {"images": state.images.detach(), "lr": state.lr.detach(),
-                                                     "label_logits": state.label_logits.detach()
-                                                     if state.label_logits is not None else None}, tmp)
+        save_torch(dataclasses.asdict(state) | {"images": state.images.detach(), "lr": state.lr.detach(),
+                                                 "label_logits": state.label_logits.detach()
+                                                 if state.label_logits is not None else None}, path)
 
     @staticmethod
     def _load_checkpoint(path: Path, device: torch.device) -> MatchingState | None:

@@ -1,15 +1,25 @@
 """Write-then-rename, so that no reader ever sees a half-written file; and the advisory lock
-that makes a read-modify-write of a shared file one step."""
+that makes a read-modify-write of a shared file one step.
+
+HDF5 and torch files are built in memory and reach the disk as plain writes (atomic_h5,
+save_torch): h5py writing to a full disk fails in its close and then crashes the interpreter
+when it closes the file again at exit, and torch.save reports a failed write as a RuntimeError
+without its errno. A plain write's ENOSPC is an OSError that atomic_path turns into a message.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import h5py
+import torch
 
 from ddtool.errors import DDToolError
 
@@ -28,6 +38,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with _cleanup_on_failure(tmp, final):
         yield tmp
         os.replace(tmp, final)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write `data` to `path` through atomic_path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike, *, update: bool = False, **options: Any) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, written to `path` atomically when the block ends
+    (nothing is written if it raises). update: start from the file at `path`, opened "r+"."""
+    buffer = io.BytesIO(Path(path).read_bytes() if update else b"")
+    with h5py.File(buffer, "r+" if update else "w", **options) as f:
+        yield f
+    write_atomically(path, buffer.getbuffer())
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save(obj) to `path` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_atomically(path, buffer.getbuffer())
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, FormatError
-from ddtool.storage.atomic import atomic_directory, atomic_path
+from ddtool.storage.atomic import atomic_directory, atomic_path, save_torch
 from ddtool.storage.synthetic_set import SyntheticSet, to_plain
 
 EXPORT_FORMATS = ("imagefolder", "npz", "torch")
@@ -141,8 +141,7 @@ def _export_torch(sset: SyntheticSet, out: Path) -> None:
         name: (array.tolist() if array.dtype.kind == "U" else torch.from_numpy(np.array(array)))
         for name, array in _export_arrays(sset).items()
     }
-    with atomic_path(out) as tmp:
-        torch.save(content, tmp)
+    save_torch(content, out)
 
 
 # ====================================================================== import
@@ -176,11 +175,14 @@ def import_set(
     dataset: the dataset the images belong to (recorded; the caller builds preprocessing from it).
     preprocessing: the input space of the images (mean/std and ZCA exactly as used when they
         were made). Required unless the file carries it (npz/torch exports); when both are
-        present they must agree.
+        present they must be of one kind (both ZCA, or the same mean/std), and the file's is
+        used.
     classes: class names; required unless the file carries them.
     ipc: images per class; inferred as N / num_classes when not given.
-    label_kind: "logits" or "probs" for soft labels (default: the file's, else "logits", as
-        DATM saves logits); hard labels are recognised by their shape.
+    label_kind: "logits" or "probs" for soft labels (default: the file's, else "probs" when
+        every row is non-negative and sums to 1, one-hot rows included, else "logits", as DATM
+        saves logits); hard labels are recognised by their shape.
+    label_temperature: of logits (default: the file's, else 1).
     """
     readers: dict[str, Callable[..., dict[str, Any]]] = {
         "mtt": _read_mtt,
@@ -210,19 +212,23 @@ def _assemble(found: dict[str, Any], fmt: str, sources: list[str], *, dataset: s
     where = ", ".join(sources)
     images = _tensor(found["images"], "images", where)  # shape, dtype, NaN: checked by SyntheticSet
     labels = _tensor(found["labels"], "labels", where)
+    if label_kind is not None and labels.dim() == 1:
+        raise ConfigError(f"its labels are class ids, not soft scores: a soft-label kind ({label_kind}) "
+                          "does not apply.")
     labels, kind = _labels_and_kind(labels, label_kind or found.get("label_kind"), where)
 
     classes = list(classes) if classes is not None else found.get("classes")
     if classes is None:
         raise ConfigError("the file has no class names; pass the dataset's classes.")
     stored_pre = found.get("preprocessing")
-    if preprocessing is None:
+    if stored_pre is not None:
+        # the file's own record is exact (its ZCA's matrix and eps); one given only fills in
+        if preprocessing is not None:
+            _check_same_preprocessing(preprocessing, stored_pre)
         preprocessing = stored_pre
-        if preprocessing is None:
-            raise ConfigError("the file does not record its preprocessing; pass the dataset's "
-                              "(mean/std, and ZCA if the images were made with it).")
-    elif stored_pre is not None:
-        _check_same_preprocessing(preprocessing, stored_pre)
+    elif preprocessing is None:
+        raise ConfigError("the file does not record its preprocessing; pass the dataset's "
+                          "(mean/std, or the ZCA if the images were made with it).")
 
     if ipc is None:
         ipc = found.get("ipc")
@@ -258,7 +264,7 @@ def _labels_and_kind(labels: torch.Tensor, kind: str | None, where: str) -> tupl
             labels = labels.to(torch.int64)
         return labels, "hard"
     if labels.dim() == 2 and labels.is_floating_point():
-        kind = kind or "logits"
+        kind = kind or ("probs" if _rows_are_distributions(labels) else "logits")
         if kind not in ("logits", "probs"):
             raise ConfigError(f"soft labels must be 'logits' or 'probs', not {kind!r}.")
         return labels, kind
@@ -266,12 +272,20 @@ def _labels_and_kind(labels: torch.Tensor, kind: str | None, where: str) -> tupl
                       f"{labels.dtype} {tuple(labels.shape)}.")
 
 
+def _rows_are_distributions(scores: torch.Tensor) -> bool:
+    """Non-negative rows summing to 1 (one-hot rows included) are probabilities: read as
+    logits, a one-hot row would become a target of e/(e + K - 1), 0.23 for ten classes."""
+    scores = scores.double()
+    return bool((scores >= 0).all()) and torch.allclose(scores.sum(dim=1), torch.ones(len(scores),
+                                                                                      dtype=torch.float64), atol=1e-4)
+
+
 def _check_same_preprocessing(given: Preprocessing, stored: Preprocessing) -> None:
-    same = (
-        np.allclose(given.mean, stored.mean)
-        and np.allclose(given.std, stored.std)
-        and (given.zca is None) == (stored.zca is None)
-    )
+    """The kind of space must agree; two ZCAs may differ in their fit (the file's is used)."""
+    if given.zca is None and stored.zca is None:
+        same = np.allclose(given.mean, stored.mean) and np.allclose(given.std, stored.std)
+    else:
+        same = given.zca is not None and stored.zca is not None
     if not same:
         raise ConfigError(
             f"the file was made with {stored.describe()}, but {given.describe()} was given. The "
@@ -288,7 +302,7 @@ def _read_mtt(paths: list[Path], *, iteration: int | str | None, **_: Any) -> di
     if len(paths) == 1 and paths[0].is_dir():
         files, chosen = _mtt_files_in_folder(paths[0], iteration)
     else:
-        files, chosen = {}, None
+        files, chosen, iterations = {}, None, {}
         for path in paths:
             match = _MTT_NAME.match(path.name)
             if not match or match.group(2).startswith("zca"):
@@ -299,6 +313,13 @@ def _read_mtt(paths: list[Path], *, iteration: int | str | None, **_: Any) -> di
             if match.group(1) in files:
                 raise FormatError(f"Two {match.group(1)} files were given: {files[match.group(1)]} and {path}.")
             files[match.group(1)] = path
+            iterations[path] = match.group(2)
+        if len(set(iterations.values())) > 1:
+            raise FormatError(
+                "The files given are of different iterations of the run ("
+                + ", ".join(f"{path.name}: {it}" for path, it in iterations.items())
+                + "): the labels and lr of one iteration do not belong to another's images. Give one "
+                "iteration's files, or the run's folder with --checkpoint.")
     for role in ("images", "labels"):
         if role not in files:
             raise FormatError(f"The MTT/DATM import needs a {role}_<it>.pt file; none was given "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +21,7 @@ import torch
 import ddtool
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, DDToolError, FormatError
-from ddtool.storage.atomic import atomic_path, exclusive_lock
+from ddtool.storage.atomic import atomic_h5, exclusive_lock
 from ddtool.storage.synthetic_set import (
     RESERVED_RECORD_KEYS,
     SyntheticSet,
@@ -51,7 +50,7 @@ def save_synthetic_set(path: str | os.PathLike, sset: SyntheticSet) -> Path:
     path = Path(path)
     # under append_evaluation's lock: a record being added to the set this replaces must not
     # land in (or be renamed over) the new one
-    with exclusive_lock(_lock_of(path), remove=True), atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with exclusive_lock(_lock_of(path), remove=True), atomic_h5(path) as f:
         _write_set(f, sset)
     return path
 
@@ -75,10 +74,11 @@ def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
 def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content: str | None = None) -> int:
     """Add one evaluation record to the file at `path` atomically; return its index.
 
-    The file is copied to a temporary name, the record added there, and the copy renamed over
-    the original, so a crash leaves either the old or the new file. The copy is made under an
-    exclusive lock on `<file>.lock`, so appends to one file from several processes (parallel
-    `ddtool evaluate --arch` runs of one set) take turns and all land.
+    The file is read into memory, the record added there, and the result written to a
+    temporary name and renamed over the original, so a crash leaves either the old or the new
+    file. This is done under an exclusive lock on `<file>.lock`, so appends to one file from
+    several processes (parallel `ddtool evaluate --arch` runs of one set) take turns and all
+    land.
 
     expected_content: the SyntheticSet.content_digest() of the set that was evaluated. If the
     file holds another set by now (replaced while an hours-long evaluation ran), nothing is
@@ -96,12 +96,10 @@ def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content
                 "in it. Evaluate the file's new set (`ddtool evaluate` again), or restore the old file "
                 "and run the same evaluation with --resume, which takes the runs it finished."
             )
-        with atomic_path(path) as tmp:
-            shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "r+") as f:
-                group = f.require_group("evaluations")
-                index = _next_record_index(group)
-                _write_record(group.create_group(_record_name(index), track_order=True), plain)
+        with atomic_h5(path, update=True) as f:
+            group = f.require_group("evaluations")
+            index = _next_record_index(group)
+            _write_record(group.create_group(_record_name(index), track_order=True), plain)
     return index
 
 
@@ -251,7 +249,7 @@ def _read_fields(f: h5py.File, path: Path) -> dict[str, Any]:
         "images": torch.from_numpy(images[()]),
         "labels": torch.from_numpy(labels[()]),
         "classes": classes,
-        "preprocessing": _read_preprocessing(f["preprocessing"]),
+        "preprocessing": _read_preprocessing(f["preprocessing"], path),
         "dataset": _text(attrs["dataset"]),
         "ipc": int(attrs["ipc"]),
         "method": _text(attrs["method"]),
@@ -278,12 +276,21 @@ def _require_members(f: h5py.File, path: Path) -> None:
             f"{path} is damaged or incomplete: it lacks {', '.join(missing)} (names with @ are root "
             "attributes). Re-create the file, or restore it from a copy."
         )
+    kinds = {"images": h5py.Dataset, "labels": h5py.Dataset, "classes": h5py.Dataset, "preprocessing": h5py.Group}
+    wrong = [f"/{name} is a {'group' if kind is h5py.Dataset else 'dataset'}" for name, kind in kinds.items()
+             if not isinstance(f.get(name), kind)]
+    if wrong:
+        raise FormatError(f"{path} is damaged: {', '.join(wrong)}, where a synthetic set has the opposite. "
+                          "Re-create the file, or restore it from a copy.")
 
 
-def _read_preprocessing(group: h5py.Group) -> Preprocessing:
+def _read_preprocessing(group: h5py.Group, path: Path) -> Preprocessing:
     arrays = {name: value for name, value in group.attrs.items() if name != "description"}
     arrays.update({name: ds[()] for name, ds in group.items()})
-    return Preprocessing.from_arrays(arrays)
+    try:
+        return Preprocessing.from_arrays(arrays)
+    except FormatError as exc:
+        raise FormatError(f"{path} is damaged: {exc} Re-create the file, or restore it from a copy.") from None
 
 
 def _read_record(group: h5py.Group) -> dict:
