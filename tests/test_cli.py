@@ -235,6 +235,10 @@ def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, f
         assert f.attrs["method"] == "cda"
     info = ok(ddtool("info", out)).stdout
     assert "evaluation   kd (epochs 2, runs 1) on " in info and "over 1 runs, random subset" in info  # with its baseline
+    # an export cannot hold what kd trains with, and says so
+    exported = ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "c.npz"))
+    assert "Not exported: the stored soft labels (2 epochs of augmented views) and the teacher network" in \
+        exported.stderr
 
 
 def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):

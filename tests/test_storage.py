@@ -295,6 +295,20 @@ def _fail_on_second_array(monkeypatch):
     monkeypatch.setattr(h5file, "_write_array", flaky)
 
 
+def test_writing_through_a_link_updates_the_file_it_names_and_keeps_its_permissions(tmp_path):
+    real = tmp_path / "real" / "set.h5"
+    save_synthetic_set(real, make_set())
+    real.chmod(0o640)
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    append_evaluation(link, {"protocol": {}, "arch": "convnet", "runs": [0.5]})
+    assert link.is_symlink() and len(load_synthetic_set(real).evaluations) == 1
+    assert real.stat().st_mode & 0o777 == 0o640
+    save_synthetic_set(link, make_set(images=torch.zeros(6, 3, 6, 6)))
+    assert link.is_symlink() and load_synthetic_set(real).images.abs().max() == 0
+    assert real.stat().st_mode & 0o777 == 0o640 and sorted(p.name for p in real.parent.iterdir()) == ["set.h5"]
+
+
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     _fail_on_second_array(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):

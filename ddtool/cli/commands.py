@@ -44,6 +44,7 @@ from ddtool.storage import (
     save_grid_png,
     save_synthetic_set,
 )
+from ddtool.storage.formats import left_out_of_export
 
 _data_root = click.option("--data-root", type=click.Path(file_okay=False), default=None,
                           help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
@@ -432,9 +433,18 @@ def show(set_path, output, per_class) -> None:
 @click.option("--output", "-o", type=click.Path(), required=True,
               help="Folder (imagefolder) or file (npz, torch) to write.")
 def export_command(set_path, fmt, output) -> None:
-    """Write a set as an ImageFolder of PNGs, an npz archive or a torch file."""
-    path = export_set(load_synthetic_set(set_path), output, fmt)
+    """Write a set as an ImageFolder of PNGs, an npz archive or a torch file.
+
+    The exports hold the images, labels, learned lr, class names and preprocessing; the
+    evaluation records, seed and configuration stay in SET.h5.
+    """
+    sset = load_synthetic_set(set_path)
+    path = export_set(sset, output, fmt)
     click.echo(f"Wrote {path}")
+    left = left_out_of_export(sset)
+    if left:
+        click.echo(f"Not exported: {' and '.join(left)}, which the {default_protocol(sset)} protocol trains "
+                   f"with; evaluate {set_path} itself under it.", err=True)
 
 
 @cli.command("import")

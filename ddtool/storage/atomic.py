@@ -15,6 +15,7 @@ import fcntl
 import io
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,11 +33,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and a folder that cannot be written (read-only, not ours, not a folder), become a
     DDToolError naming the file.
     """
-    final = Path(path)
+    # through a symbolic link to the file it names (replacing the link would leave that file
+    # behind, unchanged), keeping the permissions the file has
+    final = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     _prepare_folder(final)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     with _cleanup_on_failure(tmp, final):
         yield tmp
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
         os.replace(tmp, final)
 
 

@@ -67,6 +67,19 @@ def export_set(sset: SyntheticSet, out: PathLike, fmt: str) -> Path:
     return out
 
 
+def left_out_of_export(sset: SyntheticSet) -> list[str]:
+    """What a set needs for its own evaluation that no export format holds (the curriculum
+    sets' stored views and teacher, without which the kd protocol cannot train on them)."""
+    left = []
+    if sset.extras:
+        logits = sset.extras.get("kd_logits")
+        views = f" ({logits.shape[0]} epochs of augmented views)" if logits is not None else ""
+        left.append(f"the stored soft labels{views}")
+    if sset.teacher is not None:
+        left.append(f"the teacher network ({sset.teacher['arch']})")
+    return left
+
+
 def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
     pixels = sset.preprocessing.invert(sset.images.detach().cpu())
     folders = class_folder_names(sset.classes)

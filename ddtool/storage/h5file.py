@@ -56,7 +56,8 @@ def save_synthetic_set(path: str | os.PathLike, sset: SyntheticSet) -> Path:
 
 
 def _lock_of(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    real = Path(os.path.realpath(path))  # one lock for a file, whichever link names it
+    return real.with_name(real.name + ".lock")
 
 
 def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
