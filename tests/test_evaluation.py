@@ -450,6 +450,16 @@ def test_data_with_other_images_under_the_same_name_is_other_data(data, training
     assert again.runs == first.runs and trainings["networks"] == trained + 2
 
 
+def test_a_new_training_revision_does_not_reuse_cached_results(data, trainings, monkeypatch):
+    protocol = small("classic")
+    evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=12, progress=False)
+    trained = trainings["networks"]
+    assert "revision" not in runs_module.data_key(data)  # entries cached before the revision existed are found
+    monkeypatch.setattr(runs_module, "EVALUATION_REVISION", 2)  # a fix changed what training does
+    evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=12, progress=False)
+    assert trainings["networks"] == trained + 2
+
+
 def test_one_run_shows_no_spread():
     assert str(evaluation.Accuracies([0.5, 0.7])) == "60.00 ± 10.00"
     assert str(evaluation.Accuracies([0.8123])) == "81.23 (1 run)"  # the whole-dataset reference's usual case
