@@ -450,6 +450,22 @@ def test_data_with_other_images_under_the_same_name_is_other_data(data, training
     assert again.runs == first.runs and trainings["networks"] == trained + 2
 
 
+def test_a_damaged_cache_file_is_computed_again_not_fatal(data, trainings):
+    from ddtool.paths import cache_dir
+
+    protocol = small("classic")
+    first = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=13, progress=False)
+    [path] = [p for p in cache_dir("baselines").glob("*.json") if '"seed": 13' in p.read_text()]
+    path.write_text(path.read_text()[:40])  # truncated by a crash of the machine
+    trained = trainings["networks"]
+    again = evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=13, progress=False)
+    assert trainings["networks"] == trained + 2 and again.runs == first.runs
+    kept = runs_module.FinishedRuns({"any": "key"}, runs=1)
+    kept.keep(0, 0.5, 1.0)
+    kept._path(0).write_text("{")
+    assert kept.read(0) is None
+
+
 def test_a_new_training_revision_does_not_reuse_cached_results(data, trainings, monkeypatch):
     protocol = small("classic")
     evaluation.random_subset_baseline(data, ipc=1, protocol=protocol, arch=ARCH, seed=12, progress=False)

@@ -61,11 +61,15 @@ def _entry(key: dict, result: Accuracies) -> dict:
 
 
 def _read_cached(path: Path, key: dict) -> Accuracies | None:
-    if path.exists():
+    """The cached result at `path` for `key`; None if there is none, or only a damaged file
+    (a crash of the machine can truncate one: the result is computed again, not fatal)."""
+    try:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return Accuracies(stored["runs"], stored.get("seconds", 0.0), stored.get("compiled"),
                               stored.get("resumed", []), stored.get("hardware", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return None
 
 

@@ -177,10 +177,15 @@ class FinishedRuns:
         path = self._path(run)
         if not path.exists():
             return None
-        stored = json.loads(path.read_text())
-        if stored.get("key") != self.key:  # a digest collision, however unlikely, is not a match
-            return None
-        return KeptRun(float(stored["accuracy"]), float(stored["seconds"]), stored.get("hardware"))
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") != self.key:  # a digest collision, however unlikely, is not a match
+                return None
+            return KeptRun(float(stored["accuracy"]), float(stored["seconds"]), stored.get("hardware"))
+        except FileNotFoundError:
+            raise  # moved by another rank meanwhile: take_from tells this from damage
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # damaged (a machine crash can truncate a file): the run is trained again
 
     def keep(self, run: int, accuracy: float, seconds: float, hardware: str | None = None) -> None:
         with atomic_path(self._path(run)) as tmp:
