@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ddtool.errors import ConfigError
-from ddtool.networks import ParamLayout, create_network, list_networks, network_options, same_network
+from ddtool.networks import ParamLayout, create_network, format_arch, list_networks, network_options, same_network
 
 GEOMETRIES = [(1, 28), (3, 32), (3, 64)]  # (channels, image side): MNIST, CIFAR, Tiny ImageNet
 
@@ -108,6 +111,138 @@ def test_generator_makes_initialisation_reproducible_and_leaves_global_rng_alone
     assert torch.equal(torch.get_rng_state(), state)
     flat = [ParamLayout.from_module(n).flatten(n) for n in (a, b, c)]
     assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
+
+
+
+# ------------------------------------------------------------------ option values
+
+def _build(name, **options):
+    return create_network(name, channels=3, num_classes=10, image_size=32, **options)
+
+
+# (network, option, text as on a command line, what the message says is expected)
+BAD_TEXT = [
+    ("convnet", "width", "abc", "a whole number >= 1"),
+    ("convnet", "width", "", "a whole number >= 1"),
+    ("convnet", "width", "1.5", "a whole number >= 1"),
+    ("convnet", "width", "32.0", "a whole number >= 1"),
+    ("convnet", "width", "0", "a whole number >= 1"),
+    ("convnet", "width", "-8", "a whole number >= 1"),
+    ("convnet", "depth", "0", "a whole number >= 1"),
+    ("convnet", "depth", "none", "a whole number >= 1"),
+    ("convnet", "norm", "instancenorm", "one of instance, batch, layer, group, none"),
+    ("convnet", "norm", "", "one of instance, batch, layer, group, none"),
+    ("convnet", "pooling", "median", "one of avg, max, none"),
+    ("convnet-bn", "width", "wide", "a whole number >= 1"),
+    ("convnetd4", "depth", "four", "a whole number >= 1"),  # a pinned option is type-checked too
+    ("mlp", "width", "1e3", "a whole number >= 1"),
+    ("resnet18", "downsample", "maxpool", "one of stride, avgpool"),
+    ("vgg11", "norm", "2", "one of instance, batch, layer, group, none"),
+]
+
+
+@pytest.mark.parametrize("network,option,text,expected", BAD_TEXT)
+def test_bad_option_text_in_a_spec_is_a_config_error_naming_option_value_and_expectation(network, option, text,
+                                                                                       expected):
+    from ddtool.networks import parse_arch
+
+    message = re.escape(f"Network option {option} of {network} must be {expected}, not {text!r}.")
+    spec = f"{network}:{option}={text}"
+    with pytest.raises(ConfigError, match=message):
+        parse_arch(spec)  # refused where the spec is read, before any network is built
+    with pytest.raises(ConfigError, match=message):
+        _build(spec)
+    with pytest.raises(ConfigError, match=message):
+        same_network(spec, network)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("width", "abc"), ("width", 1.5), ("width", 32.0), ("width", True), ("width", 0), ("width", -1),
+    ("width", None), ("depth", 0), ("depth", "3x"), ("norm", 1), ("norm", "Batch"), ("pooling", None),
+])
+def test_bad_option_values_given_as_arguments_are_config_errors(option, value):
+    with pytest.raises(ConfigError, match=re.escape(f"Network option {option} of convnet must be ")
+                       + r".*" + re.escape(f", not {value!r}.")):
+        _build("convnet", **{option: value})
+
+
+def test_option_text_converts_to_the_same_options_as_typed_values():
+    from ddtool.networks import check_network_options, parse_arch
+
+    typed = {"width": 8, "depth": 2, "norm": "batch", "pooling": "max"}
+    text = {"width": "8", "depth": " 2", "norm": "batch", "pooling": "max"}
+    assert check_network_options("convnet", text) == check_network_options("convnet", typed) == typed
+    assert parse_arch("convnet:width=8,depth=2,norm=batch,pooling=max") == ("convnet", typed)
+    assert parse_arch("convnet: width = 08 ,") == ("convnet", {"width": 8})
+    assert type(parse_arch("convnet:width=8")[1]["width"]) is int
+    assert check_network_options("convnet", {"width": np.int64(8), "depth": None}) == {"width": 8, "depth": None}
+    assert type(check_network_options("convnet", {"width": np.int64(8)})["width"]) is int
+    assert check_network_options("convnetw32", {"width": "32"}) == {"width": 32}  # the pinned value, as text
+    with pytest.raises(ConfigError, match="fixes width=32; got width=64"):
+        check_network_options("convnetw32", {"width": "64"})
+    with pytest.raises(ConfigError, match="has no option 'widht'. Accepted options: width, depth, norm, pooling"):
+        check_network_options("convnet", {"widht": "8"})
+    # the same network either way; valid specs keep their canonical form
+    from_text = ParamLayout.from_module(_build("convnet:width=8,depth=2,norm=batch,pooling=max"))
+    assert from_text == ParamLayout.from_module(_build("convnet", **typed))
+    assert format_arch(*parse_arch("convnet:width=8,norm=batch")) == "convnet:norm=batch,width=8"
+    assert same_network("convnet:width=32", "convnetw32")
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """A copy of the registry, so networks registered by a test vanish after it."""
+    from ddtool.networks import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry
+
+
+def test_every_declared_type_converts_text_and_refuses_what_does_not_fit(scratch_registry):
+    from ddtool.networks import check_network_options, parse_arch
+    from ddtool.networks.registry import Choice, Flag, Real, Text, Whole
+
+    @scratch_registry.register_network("toy", options={
+        "size": Whole(min=1, max=4), "rate": Real(min=0.0), "bias": Flag(), "label": Text(),
+        "mode": Choice(("a", "b")),
+    })
+    def toy(*, channels, num_classes, image_size, size=2, rate=0.5, bias=False, label="x", mode="a"):
+        return nn.Linear(channels * image_size * image_size * size, num_classes, bias=bias)
+
+    assert parse_arch("toy:size=4,rate=1e-3,bias=yes,label=12,mode=b") == (
+        "toy", {"size": 4, "rate": 0.001, "bias": True, "label": "12", "mode": "b"})
+    options = check_network_options("toy", {"rate": "2", "bias": "0", "label": "abc"})
+    assert options == {"rate": 2.0, "bias": False, "label": "abc"}
+    assert type(options["rate"]) is float and type(options["bias"]) is bool
+    assert check_network_options("toy", {"rate": 2, "bias": True}) == {"rate": 2.0, "bias": True}
+    assert create_network("toy:bias=true", channels=1, num_classes=2, image_size=2).bias is not None
+    for option, value, expected in [
+        ("size", "5", "a whole number from 1 to 4"), ("size", 2.0, "a whole number from 1 to 4"),
+        ("rate", "abc", "a number >= 0.0"), ("rate", "-1", "a number >= 0.0"), ("rate", "nan", "a number >= 0.0"),
+        ("rate", "", "a number >= 0.0"), ("rate", True, "a number >= 0.0"),
+        ("bias", "maybe", "true or false"), ("bias", 1, "true or false"), ("bias", "", "true or false"),
+        ("label", "", "a non-empty text"), ("label", 3, "a non-empty text"),
+        ("mode", "c", "one of a, b"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"option {option} of toy must be {expected}, not {value!r}.")):
+            check_network_options("toy", {option: value})
+
+
+def test_registration_requires_a_fitting_type_for_every_option(scratch_registry):
+    from ddtool.networks.registry import Choice, Whole
+
+    def net(*, channels, num_classes, image_size, width=8, norm="none"):
+        return nn.Identity()
+
+    with pytest.raises(TypeError, match="declare one type per option"):
+        scratch_registry.register_network("undeclared", options={"width": Whole(min=1)})(net)
+    with pytest.raises(TypeError, match="default norm='none' is not one of batch"):
+        scratch_registry.register_network("misfit", options={"width": Whole(min=1), "norm": Choice(("batch",))})(net)
+    scratch_registry.register_network("fits", options={"width": Whole(min=1), "norm": Choice(("none", "batch"))})(net)
+    with pytest.raises(ValueError, match="width of fits-0 must be a whole number >= 1, not 0"):
+        scratch_registry.register_alias("fits-0", "fits", width=0)
+    with pytest.raises(ValueError, match="no options"):
+        scratch_registry.register_alias("fits-x", "fits", depth=3)
 
 
 # ------------------------------------------------------------------ ParamLayout

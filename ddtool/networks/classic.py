@@ -9,10 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from ddtool.networks.layers import (
-    NORMS, Classifier, ConvBlock, check_choice, conv_size, first_padding, mlp_layers, pooled_size,
-    require_positive,
+    NORMS, Classifier, ConvBlock, conv_size, first_padding, mlp_layers, pooled_size, require_positive,
 )
-from ddtool.networks.registry import register_alias, register_network
+from ddtool.networks.registry import Choice, Whole, register_alias, register_network
 
 
 def _conv_stack(name: str, channels: int, image_size: int, plan, norm: str):
@@ -20,7 +19,6 @@ def _conv_stack(name: str, channels: int, image_size: int, plan, norm: str):
 
     Returns (blocks, out_channels, final side). The first padding follows the 28px rule.
     """
-    check_choice("norm", norm, NORMS)
     blocks, size, in_channels = [], image_size, channels
     for i, (out_channels, kernel, padding, pooling) in enumerate(plan):
         padding = first_padding(image_size, padding) if i == 0 else padding
@@ -33,7 +31,7 @@ def _conv_stack(name: str, channels: int, image_size: int, plan, norm: str):
 _ALEXNET = [(128, 5, 2, "max"), (192, 5, 2, "max"), (256, 3, 1, "none"), (192, 3, 1, "none"), (192, 3, 1, "max")]
 
 
-@register_network("alexnet")
+@register_network("alexnet", options={"norm": Choice(NORMS)})
 def alexnet(*, channels: int, num_classes: int, image_size: int, norm: str = "none") -> Classifier:
     blocks, out_channels, size = _conv_stack("alexnet", channels, image_size, _ALEXNET, norm)
     return Classifier(nn.Sequential(*blocks), out_channels * size * size, num_classes)
@@ -45,7 +43,7 @@ register_alias("alexnet-bn", "alexnet", norm="batch")
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-@register_network("vgg11")
+@register_network("vgg11", options={"norm": Choice(NORMS)})
 def vgg11(*, channels: int, num_classes: int, image_size: int, norm: str = "instance") -> Classifier:
     plan = []
     for item in _VGG11:
@@ -69,7 +67,7 @@ def lenet(*, channels: int, num_classes: int, image_size: int) -> Classifier:
     return Classifier(features, 84, num_classes)
 
 
-@register_network("mlp")
+@register_network("mlp", options={"width": Whole(min=1)})
 def mlp(*, channels: int, num_classes: int, image_size: int, width: int = 128) -> Classifier:
     features = nn.Sequential(nn.Flatten(), *mlp_layers(channels * image_size * image_size, (width, width)))
     return Classifier(features, width, num_classes)

@@ -11,12 +11,10 @@ import math
 
 from torch import nn
 
-from ddtool.errors import ConfigError
 from ddtool.networks.layers import (
-    NORMS, POOLINGS, Classifier, ConvBlock, check_choice, conv_size, first_padding, pooled_size,
-    require_positive,
+    NORMS, POOLINGS, Classifier, ConvBlock, conv_size, first_padding, pooled_size, require_positive,
 )
-from ddtool.networks.registry import register_alias, register_network
+from ddtool.networks.registry import Choice, Whole, register_alias, register_network
 
 
 def default_depth(image_size: int) -> int:
@@ -25,14 +23,13 @@ def default_depth(image_size: int) -> int:
     return 3 if size <= 32 else max(3, round(math.log2(size / 4)))
 
 
-@register_network("convnet")
+# The registry checks option values against these types before the factory runs; depth None
+# (the default) follows the image size.
+@register_network("convnet", options={"width": Whole(min=1), "depth": Whole(min=1),
+                                      "norm": Choice(NORMS), "pooling": Choice(POOLINGS)})
 def convnet(*, channels: int, num_classes: int, image_size: int, width: int = 128,
             depth: int | None = None, norm: str = "instance", pooling: str = "avg") -> Classifier:
     depth = default_depth(image_size) if depth is None else depth
-    if depth < 1 or width < 1:
-        raise ConfigError(f"ConvNet needs depth >= 1 and width >= 1, got depth={depth}, width={width}.")
-    check_choice("norm", norm, NORMS)
-    check_choice("pooling", pooling, POOLINGS)
     blocks, size, in_channels = [], image_size, channels
     for d in range(depth):
         padding = first_padding(image_size, 1) if d == 0 else 1

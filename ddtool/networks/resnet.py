@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ddtool.errors import ConfigError
-from ddtool.networks.layers import NORMS, Classifier, check_choice, first_padding, make_norm
-from ddtool.networks.registry import register_alias, register_network
+from ddtool.networks.layers import NORMS, Classifier, first_padding, make_norm
+from ddtool.networks.registry import Choice, register_alias, register_network
 
 DOWNSAMPLING = ("stride", "avgpool")
 
@@ -49,11 +49,9 @@ class BasicBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-@register_network("resnet18")
+@register_network("resnet18", options={"norm": Choice(NORMS), "downsample": Choice(DOWNSAMPLING)})
 def resnet18(*, channels: int, num_classes: int, image_size: int, norm: str = "instance",
              downsample: str = "stride") -> Classifier:
-    check_choice("norm", norm, NORMS)
-    check_choice("downsampling", downsample, DOWNSAMPLING)
     if image_size < 8:
         raise ConfigError(f"Network 'resnet18' needs inputs of at least 8px, got {image_size}px.")
     layers: list[nn.Module] = [
