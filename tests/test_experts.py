@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -416,3 +417,125 @@ def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path, fashion_root):
     assert again.returncode == 0 and "to train: 0" in again.stdout
     clash = run("--lr", "0.5")
     assert clash.returncode == 2 and "different configuration" in clash.stderr and "Traceback" not in clash.stderr
+
+
+# -- a store is its index file and its folder ---------------------------------------------------------
+
+
+def store_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_index_only(store: Path, folder: Path) -> Path:
+    """`store`'s index file copied into `folder` without its NAME.experts/ folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    moved = folder / store.name
+    moved.write_bytes(store.read_bytes())
+    return moved
+
+
+def test_a_store_moved_without_its_folder_counts_no_experts(tmp_path, data):
+    from ddtool.experts.plan import inspect_store, stored_experts
+
+    config = tiny_config(experts=2, epochs=1)
+    store = run_buffer(config, tmp_path / "b.h5", data, progress=False).path
+    assert stored_experts(config, store) == {0, 1}
+    moved = copy_index_only(store, tmp_path / "moved")
+    state = inspect_store(config, moved)
+    assert state.present == frozenset()
+    assert state.unreadable == {i: tmp_path / "moved" / "b.experts" / f"expert-{i:05d}.h5" for i in (0, 1)}
+    (tmp_path / "b.experts" / "expert-00001.h5").write_bytes(b"damaged")  # unreadable counts as missing too
+    assert stored_experts(config, store) == {0}
+    # a buffer run on the moved index trains the missing experts again, and the store is whole
+    result = run_buffer(config, moved, data, progress=False)
+    assert result.trained == (0, 1) and ExpertStore.open(moved).num_experts == 2
+
+
+def test_a_failed_merge_leaves_nothing_behind(tmp_path, data, monkeypatch):
+    config = tiny_config(experts=3, epochs=1)
+    shards = [run_buffer(config, tmp_path / "s.h5", data, shard=Shard(i, 2), progress=False).path for i in (0, 1)]
+    # a shard copied without its folder: refused before anything is written
+    broken = copy_index_only(shards[1], tmp_path / "moved")
+    out = tmp_path / "m2.h5"
+    with pytest.raises(FormatError, match=r"expert-00001\.h5 does not exist.*s\.shard-1-of-2\.experts/ beside it"):
+        merge_shards([shards[0], broken], out)
+    assert not out.exists() and not (tmp_path / "m2.experts").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["moved", "s.shard-0-of-2.h5", "s.shard-0-of-2.experts", "s.shard-1-of-2.h5", "s.shard-1-of-2.experts"])
+    # an existing --out store is left exactly as it was
+    merge_shards([shards[0]], out)
+    before = {"index": out.read_bytes(), **store_files(tmp_path / "m2.experts")}
+    with pytest.raises(FormatError, match="Nothing was merged"):
+        merge_shards([broken], out)
+    assert {"index": out.read_bytes(), **store_files(tmp_path / "m2.experts")} == before
+    # a merge that fails part-way (here: a full disk on adopting the expert file) is undone
+    import ddtool.experts.store as store_module
+
+    def disk_full(self, source):
+        raise DDToolError("The disk is full")
+
+    monkeypatch.setattr(store_module.StoreWriter, "add_file", disk_full)
+    with pytest.raises(DDToolError, match="disk is full"):
+        merge_shards([shards[1]], out)
+    assert {"index": out.read_bytes(), **store_files(tmp_path / "m2.experts")} == before
+    with pytest.raises(DDToolError, match="disk is full"):
+        merge_shards(shards, tmp_path / "new.h5")
+    assert not (tmp_path / "new.h5").exists() and not (tmp_path / "new.experts").exists()
+    monkeypatch.undo()
+    merge_shards([shards[1]], out)
+    assert ExpertStore.open(out).expert_indices == (0, 1, 2)
+
+
+def test_cli_buffer_merge_of_a_moved_store_and_its_dry_run(tmp_path, fashion_root):
+    args = [sys.executable, "-m", "ddtool", "buffer", "--data-root", str(fashion_root), "--width", "4", "--depth", "1",
+            "--experts", "2", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(*command):
+        return subprocess.run(list(command), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    assert run(*args, "--out", "b.h5").returncode == 0
+    copy_index_only(tmp_path / "b.h5", tmp_path / "moved")
+    merged = run(sys.executable, "-m", "ddtool", "buffer-merge", "moved/b.h5", "--out", "m2.h5")
+    said = " ".join(merged.stderr.split())
+    assert merged.returncode == 2 and "Traceback" not in said
+    assert "expert-00000.h5 does not exist" in said and "b.experts/ beside it" in said
+    assert not (tmp_path / "m2.h5").exists() and not (tmp_path / "m2.experts").exists()
+    plan = run(*args, "--out", "moved/b.h5", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "already stored: 0; to train: 2" in plan.stdout
+    assert "lists experts 0, 1 whose files are missing" in plan.stdout and "b.experts/" in plan.stdout
+    assert not (tmp_path / "moved" / "b.experts").exists()  # a dry run writes nothing
+
+
+def test_buffer_help_names_the_store_files_and_the_presets_experts():
+    from click.testing import CliRunner
+
+    from ddtool.cli.buffer import buffer, config_from_options
+    from ddtool.cli.main import cli
+    from ddtool.methods.base import build_config, get_method_class
+    from ddtool.methods.experts import expert_config_for
+
+    text = " ".join(CliRunner().invoke(cli, ["buffer", "--help"], terminal_width=200).output.split())
+    assert Shard(0, 2).store_path(Path("NAME.h5")).name == "NAME.shard-0-of-2.h5"
+    assert "--out NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5" in text
+    assert "NAME.experts/" in text and "move or copy the two together" in text
+    for option in ("--batch-size", "--lr", "--momentum", "--weight-decay", "--gsam-alpha", "--width"):
+        described = text.split("Options:", 1)[1].split(f"{option} ", 1)[1].split(" --", 1)[0]
+        assert "[default: " in described and len(described.split("[default:")[0].split()) > 2, option
+    # each example trains exactly the experts the distill runs it names use
+    ctx = SimpleNamespace(data=SimpleNamespace(spec=SimpleNamespace(name="fashion-mnist")))  # all it reads
+    examples = {
+        "--width 32 --experts 3 --epochs 20": [("mtt", None, 10), ("mtt", "fashion-cpu", 50), ("datm", None, 10),
+                                               ("tesla", None, 50)],
+        "--width 32 --experts 3 --epochs 6": [("mtt", "fashion-cpu", 1), ("tesla", None, 10)],
+        "--experts 20 --epochs 30": [(m, "fashion-gpu", ipc) for m in ("mtt", "tesla", "datm") for ipc in (1, 10, 50)],
+        "--width 32 --experts 3 --epochs 20 --optimizer gsam": [("ftd", None, 10)],
+    }
+    for flags, runs in examples.items():
+        assert f"ddtool buffer {flags} #" in text
+        config = config_from_options(buffer.make_context("buffer", flags.split()).params)
+        for method, preset, ipc in runs:
+            wanted = expert_config_for(build_config(get_method_class(method), preset, {}, ipc=ipc), ctx)
+            assert config.fingerprint() == wanted.fingerprint() and config.experts == wanted.experts, (flags, method)

@@ -17,7 +17,7 @@ import torch
 from ddtool.data import PreparedData
 from ddtool.experts.config import ExpertConfig
 from ddtool.experts.manifest import raise_if_differences, settings_differences
-from ddtool.experts.store import read_manifest
+from ddtool.experts.store import experts_folder, read_manifest, scan_expert_folder
 from ddtool.experts.train import build_setup, run_epoch, training_split
 from ddtool.paths import cache_root
 from ddtool.seeding import derive_seed
@@ -44,12 +44,28 @@ def find_or_plan_store(config: ExpertConfig, cache_dir: str | os.PathLike | None
     return path, [i for i in range(config.experts) if i not in have]
 
 
+@dataclass(frozen=True)
+class StoredExperts:
+    """What a store at a path holds for a configuration."""
+
+    present: frozenset[int]  # experts whose files are in the store's folder, whole and of this configuration
+    unreadable: dict[int, Path]  # experts its index lists whose files are missing or unreadable, with the file
+
+
 def stored_experts(config: ExpertConfig, path: str | os.PathLike) -> set[int]:
     """The indices of `config`'s experts already in the store at `path` (none if it does not
-    exist); ConfigError naming the differing settings if it holds another configuration."""
+    exist): those whose files are there and readable, as `run_buffer` finds them. ConfigError
+    naming the differing settings if it holds another configuration."""
+    return set(inspect_store(config, path).present)
+
+
+def inspect_store(config: ExpertConfig, path: str | os.PathLike) -> StoredExperts:
+    """`config`'s experts in the store at `path`: those present (files in its folder that
+    `run_buffer` keeps), and those its index lists that are not (a store copied without its
+    `NAME.experts/` folder, deleted or damaged files), which a buffer run trains again."""
     path = Path(path)
     if not path.exists():
-        return set()
+        return StoredExperts(frozenset(), {})
     manifest = read_manifest(path)
     if manifest.fingerprint != config.fingerprint():
         raise_if_differences(
@@ -58,7 +74,9 @@ def stored_experts(config: ExpertConfig, path: str | os.PathLike) -> set[int]:
             f"The expert store {path} was made with a different configuration (store vs this run)",
             "Use another --out path, or the same settings as that store.",
         )
-    return {record.index for record in manifest.experts}
+    present = scan_expert_folder(experts_folder(path), manifest.fingerprint, manifest.epochs)
+    unreadable = {r.index: path.parent / r.file for r in manifest.experts if r.index not in present}
+    return StoredExperts(frozenset(present), unreadable)
 
 
 @dataclass(frozen=True)

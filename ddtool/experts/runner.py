@@ -6,7 +6,7 @@ checkpoint; the store then equals an uninterrupted run's, bit for bit on CPU. Sh
 partition of the indices (i mod n), each shard into its own store, merged afterwards.
 
 Under torchrun the ranks are the shards: rank r trains the experts with index = r mod world
-into `<store>.shard-r-of-world.h5`, and rank 0 merges them into the store and removes the
+into `NAME.shard-r-of-world.h5` (store `NAME.h5`), and rank 0 merges them into the store and removes the
 shard stores once every rank is done. A rerun of the same command (same number of
 processes) resumes each rank's shard; experts already merged into the store are skipped.
 """
@@ -16,22 +16,25 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ddtool import distributed
 from ddtool.data import PreparedData
-from ddtool.errors import ConfigError, DDToolError
+from ddtool.errors import ConfigError, DDToolError, FormatError
 from ddtool.experts.config import ExpertConfig
-from ddtool.experts.manifest import build_manifest, merge_differences, raise_if_differences
+from ddtool.experts.manifest import (
+    ExpertRecord, StoreManifest, build_manifest, merge_differences, raise_if_differences,
+)
 from ddtool.experts.plan import stored_experts
-from ddtool.experts.store import StoreWriter, experts_folder, read_manifest
+from ddtool.experts.store import StoreWriter, experts_folder, read_expert_record, read_manifest
 from ddtool.experts.train import expert_layout, train_expert, training_split
+from ddtool.storage.atomic import write_atomically
 from ddtool.training import EpochStats
 
 
@@ -59,7 +62,7 @@ class Shard:
         return expert % self.count == self.index
 
     def store_path(self, store: Path) -> Path:
-        """Where this shard writes: the store itself, or `<store>.shard-i-of-n.h5` beside it."""
+        """Where this shard writes: the store itself, or `NAME.shard-i-of-n.h5` beside the store `NAME.h5`."""
         if self.count == 1:
             return store
         return store.with_name(f"{store.stem}.shard-{self.index}-of-{self.count}{store.suffix or '.h5'}")
@@ -163,7 +166,10 @@ def _remove_store(path: Path) -> None:
 
 def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Merge shard stores (and `out`, if it exists) into the store `out`, experts in index
-    order. ConfigError if they differ in configuration or hold the same expert twice."""
+    order; an expert `out` holds already is kept. ConfigError if they differ in configuration
+    or hold the same expert twice, FormatError if a shard's expert file is missing or
+    unreadable. Everything is checked before anything is written, and a merge that fails
+    part-way is undone: it leaves no new file behind and `out` as it was."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ConfigError("Nothing to merge: name the shard stores.")
@@ -183,12 +189,65 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 raise ConfigError(f"Expert {record.index} is in both {owner[record.index]} and {path}; "
                                   "merge each shard once.")
             owner[record.index] = path
-    writer = StoreWriter.open(out, reference)  # checks an existing `out` against the shards
-    for path, manifest in zip(paths, manifests):
-        for record in manifest.experts:
-            writer.add_file(path.parent / record.file)
-    writer.flush()
+    sources = [_checked_expert_file(path, manifest, record)
+               for path, manifest in zip(paths, manifests) for record in manifest.experts]
+    if out.exists():  # before anything is written: an `out` of another configuration stays as it is
+        raise_if_differences(
+            merge_differences(read_manifest(out), reference),
+            f"The expert store {out} was made with a different configuration",
+            "Use another --out path, or the same settings as that store.",
+        )
+    with _undone_on_failure(out):
+        writer = StoreWriter.open(out, reference)
+        held = writer.completed()
+        for index, source in sources:
+            if index not in held:
+                writer.add_file(source)
+        writer.flush()
     return out
+
+
+def _checked_expert_file(store: Path, manifest: StoreManifest, record: ExpertRecord) -> tuple[int, Path]:
+    """(index, file) of an expert the store's index lists; FormatError if the file is missing,
+    unreadable or not that expert."""
+    file = store.parent / record.file
+    folder = experts_folder(store)
+    try:
+        found = read_expert_record(file, manifest.fingerprint, manifest.epochs)
+        if found.index != record.index:
+            raise FormatError(f"{file} holds expert {found.index}, not {record.index}.")
+    except FormatError as exc:
+        problem = f"its file {file} does not exist" if not file.exists() else str(exc).rstrip(".")
+        raise FormatError(
+            f"Expert {record.index} of the store {store} cannot be read: {problem}. A store is its index file "
+            f"{store.name} and the folder {folder.name}/ beside it, which holds the experts' files; copy or move "
+            f"the two together (is {folder} missing?). Nothing was merged or written."
+        ) from None
+    return record.index, file
+
+
+@contextmanager
+def _undone_on_failure(out: Path) -> Iterator[None]:
+    """If the block fails, remove what it added to the store `out`: the files new in its
+    folder (the folder too, if it was new) and the index if it was new; an existing index
+    gets its old bytes back."""
+    folder = experts_folder(out)
+    index = out.read_bytes() if out.exists() else None
+    folder_existed = folder.exists()
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not folder_existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for file in set(folder.iterdir()) - before:
+                file.unlink(missing_ok=True)
+        if index is None:
+            out.unlink(missing_ok=True)
+        elif out.read_bytes() != index:
+            write_atomically(out, index)
+        raise
 
 
 class _Progress:

@@ -14,6 +14,10 @@ written under a temporary name and renamed, and the small index file is rewritte
 way, so a kill at any moment leaves every visible file whole; nothing ever rewrites the
 gigabytes of finished trajectories. Plain h5py follows the external links, so
 `h5py.File("NAME.h5")["experts/7/params"][12]` reads epoch 12 of expert 7.
+
+The links are relative, so a store is moved or copied as both: the index file and its folder.
+An index whose folder stayed behind lists experts it cannot read; `ddtool buffer` counts such
+experts as missing (and trains them again), `ddtool buffer-merge` refuses the store.
 """
 
 from __future__ import annotations
@@ -279,18 +283,29 @@ class StoreWriter:
     def _scan(self) -> None:
         """The folder is the truth: an expert file renamed into place just before a kill is
         complete even if the index was not rewritten yet."""
-        for file in sorted(self.folder.glob("expert-*.h5")):
-            if not _EXPERT_FILE.match(file.name):
-                continue
-            try:
-                record = read_expert_record(file, self.manifest.fingerprint, self.manifest.epochs)
-            except FormatError:
-                continue  # not ours (another configuration's or damaged): retrained, then replaced
-            self._records[record.index] = ExpertRecord(**{**asdict(record), "file": self._relative(file)})
+        for record in scan_expert_folder(self.folder, self.manifest.fingerprint, self.manifest.epochs).values():
+            self._records[record.index] = record
 
     def _write_index(self) -> None:
         manifest = self.manifest.with_experts(list(self._records.values()))
         write_index_file(self.path, manifest)
+
+
+def scan_expert_folder(folder: Path, fingerprint: str, epochs: int) -> dict[int, ExpertRecord]:
+    """The finished expert files of configuration `fingerprint` in a store's `folder`, by index,
+    each record's file named relative to the index file ("NAME.experts/expert-00007.h5").
+    Files that are not such an expert (another configuration's, damaged) are left out: a buffer
+    run trains those experts again and replaces the files."""
+    found: dict[int, ExpertRecord] = {}
+    for file in sorted(folder.glob("expert-*.h5")):
+        if not _EXPERT_FILE.match(file.name):
+            continue
+        try:
+            record = read_expert_record(file, fingerprint, epochs)
+        except FormatError:
+            continue
+        found[record.index] = ExpertRecord(**{**asdict(record), "file": f"{folder.name}/{file.name}"})
+    return found
 
 
 def write_expert_file(path: Path, trajectory: Trajectory, fingerprint: str) -> None:
