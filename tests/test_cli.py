@@ -222,6 +222,16 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
     assert "to train first" in result.stdout and "Dry run" in result.stdout
     assert not out.exists() and not (cache / "runs").exists() and not (cache / "experts").exists()
+    assert "checkpoint of these settings" not in result.stdout and "left a checkpoint" not in result.stdout
+    # --resume with nothing to resume from says so; a checkpoint a plain rerun would replace is named
+    args = ("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out, "--dry-run")
+    resumed = ok(ddtool(*args, "--resume", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
+    assert "--resume: no checkpoint of these settings there, so the run starts from the beginning" in resumed
+    work_dir = Path(resumed.split("checkpoints and log in ", 1)[1].split()[0])
+    work_dir.mkdir(parents=True)
+    (work_dir / "checkpoint.pt").write_bytes(b"")
+    rerun = ok(ddtool(*args, env_extra={"DDTOOL_CACHE": str(cache)})).stdout
+    assert "an interrupted run of these settings left a checkpoint there: this run starts afresh" in rerun
 
 
 def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, fashion_root):
@@ -306,6 +316,15 @@ def test_an_output_that_cannot_be_written_is_one_paragraph(tmp_path):
     blocker.write_text("not a folder")
     user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "-o", blocker / "set.h5"),
                "Could not write", str(blocker / "set.h5"))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_distill_refuses_an_output_it_could_not_write_before_any_work(tmp_path, fashion_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    failed = user_error(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root,
+                               "-o", blocker / "deeper" / "set.h5", "--dry-run"), "Could not write")
+    assert "Plan:" not in failed.stdout  # refused before the plan, let alone the experts
     assert blocker.read_text() == "not a folder"
 
 

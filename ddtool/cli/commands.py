@@ -44,6 +44,7 @@ from ddtool.storage import (
     save_grid_png,
     save_synthetic_set,
 )
+from ddtool.storage.atomic import check_writable
 from ddtool.storage.formats import left_out_of_export
 
 _data_root = click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -164,6 +165,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     if runner.draws_real_images or not no_eval:  # the evaluation's random baseline draws them too
         check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), ipc)
     out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
+    if distributed.is_main():
+        check_writable(out)  # now, not after the hours the distillation takes
     work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -178,6 +181,9 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         click.echo(f"  - save to {out}{_replacing(out)}"
                    + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
         click.echo(f"  - checkpoints and log in {work_dir}")
+        resume_note = _resume_note(runner, work_dir, resume)
+        if resume_note:
+            click.echo(f"  - {resume_note}")
         if distributed.world_size() > 1:
             click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
     if dry_run:
@@ -198,6 +204,19 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
+
+
+def _resume_note(runner, work_dir: Path, resume: bool) -> str | None:
+    """What the plan says of an interrupted run of the same settings: a fresh run replaces its
+    checkpoint, and --resume without one starts from the beginning."""
+    checkpoint = work_dir / runner.checkpoint_name if runner.checkpoint_name else None
+    found = checkpoint is not None and checkpoint.exists()
+    if found and not resume:
+        return ("an interrupted run of these settings left a checkpoint there: this run starts afresh and "
+                "replaces it (--resume continues it instead)")
+    if resume and not found:
+        return "--resume: no checkpoint of these settings there, so the run starts from the beginning"
+    return None
 
 
 def _refuse_evaluation_options(**given) -> None:

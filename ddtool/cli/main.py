@@ -31,7 +31,8 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt as exc:
             what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
-            click.echo(f"{what}. Files being written were discarded; checkpoints on disk are intact.", err=True)
+            click.echo(f"{what}. Files being written were discarded; checkpoints on disk are intact: the same "
+                       "command with --resume continues a distillation or an evaluation from them.", err=True)
             sys.exit(143 if isinstance(exc, Terminated) else 130)
 
 

@@ -55,6 +55,9 @@ class Method(ABC):
     # Whether the method takes real images of each class (initialisation, selection, a feature
     # network's pool): an IPC beyond the smallest class is then refused before any work.
     draws_real_images: ClassVar[bool] = True
+    # The file in the run's work folder that --resume continues from (None: the method keeps
+    # no checkpoint and always runs from the start).
+    checkpoint_name: ClassVar[str | None] = None
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -387,6 +387,7 @@ class SRe2L(Method):
     # The crop schedules a method name stands for (a scheduled one is CDA, not SRe2L).
     schedules: ClassVar[tuple[str, ...]] = ("constant",)
     draws_real_images = False  # recovered from noise
+    checkpoint_name = CHECKPOINT_NAME
 
     def __init__(self, config: CurriculumConfig):
         super().__init__(config)

@@ -282,6 +282,7 @@ class TrajectoryMatching(Method):
     config_class = TrajectoryConfig
     default_protocol = "mtt"
     default_preset = "fashion-cpu"
+    checkpoint_name = "checkpoint.pt"
     presets = with_ipc_variants({"fashion-cpu": FASHION_CPU, "fashion-gpu": FASHION_GPU,
                                  **{f"mtt-{k}": v for k, v in PUBLISHED_MTT.items()}})
 
@@ -396,7 +397,7 @@ class TrajectoryMatching(Method):
         relabel = self._expert_labeller(experts, forward, device) if c.labels == "expert_soft" else None
         if distributed.is_main():
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = ctx.work_dir / "checkpoint.pt"
+        checkpoint = ctx.work_dir / self.checkpoint_name
         state = self._load_checkpoint(checkpoint, device) if ctx.resume else None
         if state is None:
             images, hard, logits = self.initialise(ctx, experts, forward)

@@ -132,6 +132,22 @@ def exclusive_lock(lock: str | os.PathLike | None, *, wait: bool = True, remove:
         handle.close()
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise now the DDToolError a later write of `path` would meet, creating nothing: for a
+    command that works for hours before it saves. The folder, or the nearest existing one it
+    would be created in, must be a folder this user may write to; `path` must not be a folder."""
+    final = Path(os.path.realpath(path))
+    if final.is_dir():
+        raise _not_writable(final, IsADirectoryError(errno.EISDIR, "Is a directory"))
+    folder = final.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise _not_writable(final, NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder"))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _not_writable(final, PermissionError(errno.EACCES, "Permission denied"))
+
+
 def _open_lock(lock: Path):
     _prepare_folder(lock)
     try:

@@ -21,7 +21,7 @@ import torch
 import ddtool
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, DDToolError, FormatError
-from ddtool.storage.atomic import atomic_h5, exclusive_lock
+from ddtool.storage.atomic import atomic_h5, check_writable, exclusive_lock
 from ddtool.storage.synthetic_set import (
     RESERVED_RECORD_KEYS,
     SyntheticSet,
@@ -48,6 +48,7 @@ def save_synthetic_set(path: str | os.PathLike, sset: SyntheticSet) -> Path:
     """Write `sset` to `path` atomically (temporary file + rename); return the path."""
     sset.validate()  # fields may have been changed since construction
     path = Path(path)
+    check_writable(path)  # a refusal names the set, not the lock beside it
     # under append_evaluation's lock: a record being added to the set this replaces must not
     # land in (or be renamed over) the new one
     with exclusive_lock(_lock_of(path), remove=True), atomic_h5(path) as f:
