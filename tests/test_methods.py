@@ -79,9 +79,21 @@ def test_unknown_method_and_setting_are_config_errors():
         tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
     # caught at the boundary, not deep in the loop (an empty minibatch, NaN soft labels)
     for bad, match in (({"batch_syn": -1}, "batch_syn"), ({"eval_every": -1}, "eval_every"),
-                       ({"soft_label_temperature": 0.0}, "soft_label_temperature"), ({"lr_label": 0.0}, "lr_label")):
+                       ({"soft_label_temperature": 0.0}, "soft_label_temperature"), ({"lr_label": 0.0}, "lr_label"),
+                       # a NaN rate would roll back every iteration and save the starting set as a result
+                       ({"lr_img": float("nan")}, "finite numbers; these are not: lr_img"), ({"lr_init": float("inf")}, "lr_init"),
+                       ({"max_rollbacks": -1}, "max_rollbacks")):
         with pytest.raises(ConfigError, match=match):
             tiny_mtt(**bad)
+    from ddtool.methods.base import parse_overrides
+
+    for text in ("lr_img=nan", "lr_img=inf", "lr_img=-inf"):
+        with pytest.raises(ConfigError, match="expected a finite number"):
+            parse_overrides(get_method_class("mtt").config_class, (text,))
+    with pytest.raises(ConfigError, match="expected a whole number"):
+        parse_overrides(get_method_class("mtt").config_class, ("iterations=many",))
+    with pytest.raises(ConfigError, match="this method has no settings"):
+        parse_overrides(get_method_class("random").config_class, ("foo=1",))
 
 
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():

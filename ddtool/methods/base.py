@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -173,6 +174,15 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
     return dataclasses.replace(base, **overrides)
 
 
+def require_finite(config: Any) -> None:
+    """ConfigError if a float field of the dataclass `config` is NaN or infinite (comparisons
+    such as `lr <= 0` let NaN through)."""
+    not_finite = [f.name for f in dataclasses.fields(config)
+                  if isinstance(getattr(config, f.name), float) and not math.isfinite(getattr(config, f.name))]
+    if not_finite:
+        raise ConfigError(f"Settings must be finite numbers; these are not: {', '.join(not_finite)}.")
+
+
 def parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
     """`key=value` texts (the CLI's --set), each value converted to the type of the config field."""
     hints = typing.get_type_hints(config_class)
@@ -182,7 +192,8 @@ def parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
             raise ConfigError(f"--set expects key=value, got {pair!r}.")
         key, text = (part.strip() for part in pair.split("=", 1))
         if key not in hints:
-            raise ConfigError(f"No setting {key!r}; settings: {', '.join(sorted(hints))}.")
+            known = f"settings: {', '.join(sorted(hints))}" if hints else "this method has no settings"
+            raise ConfigError(f"No setting {key!r}; {known}.")
         overrides[key] = _convert(key, text, hints[key])
     return overrides
 
@@ -195,12 +206,17 @@ def _convert(key: str, text: str, hint) -> object:
                 raise ValueError
             return text.lower() in ("true", "1", "yes")
         if kind in (int, float):
-            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+            value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+            if not math.isfinite(value):  # float("nan"), float("inf") parse
+                raise ValueError
+            return value
         if kind in (dict, list, tuple):
             return kind(json.loads(text))
         return text
     except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"--set {key}={text}: expected a {getattr(kind, '__name__', kind)}.") from None
+        expected = {int: "a whole number", float: "a finite number", bool: "true or false"}.get(
+            kind, f"a {getattr(kind, '__name__', kind)}")
+        raise ConfigError(f"--set {key}={text}: expected {expected}.") from None
 
 
 def _load_builtin_methods() -> None:

@@ -40,7 +40,7 @@ from ddtool.data import Preprocessing
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
 from ddtool.evaluation.protocols import get_protocol
-from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.methods.base import DistillContext, Method, register_method, require_finite
 from ddtool.methods.teacher import RealTrainingRecipe, TrainedNetwork, batch_norm_layers, squeeze
 from ddtool.networks import network_options
 from ddtool.seeding import generator
@@ -88,6 +88,7 @@ class CurriculumConfig:
     relabel_epochs: int = 0  # epochs of stored views (0: the protocol's epochs)
 
     def __post_init__(self) -> None:
+        require_finite(self)
         for name in ("teacher_epochs", "teacher_batch_size", "iterations", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")

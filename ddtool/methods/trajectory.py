@@ -41,7 +41,7 @@ from ddtool.evaluation import get_protocol, train_fresh_network
 from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import BACKENDS, Forward
-from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.methods.base import DistillContext, Method, register_method, require_finite
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch
@@ -149,8 +149,11 @@ class TrajectoryConfig:
                 f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
                 f"(expert_train_epochs={self.expert_train_epochs})."
             )
+        require_finite(self)
         if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
             raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"max_rollbacks must be >= 0 (0: stop at the first divergence), got {self.max_rollbacks}.")
         if not self.soft_label_temperature > 0:
             raise ConfigError(f"soft_label_temperature must be positive, got {self.soft_label_temperature}.")
         if self.batch_syn < 0 or self.eval_every < 0:
