@@ -36,3 +36,19 @@ def test_shipped_set_reproduces_its_recorded_run(name):
     assert report.labels == record["labels"] and report.lr == pytest.approx(record["lr"])
     tolerance = max(float(np.std(record["runs"])), 0.005)
     assert abs(report.synthetic.runs[0] - record["runs"][0]) <= tolerance, (report.synthetic.runs, record["runs"])
+
+
+def test_every_shipped_method_set_names_the_network_its_first_evaluation_trained():
+    """`ddtool evaluate SET.h5` trains the set's `student_arch` by default: a set without one fell
+    back to ConvNet-3 width 128, not the width-32 network its records and the tables use."""
+    from ddtool.networks import same_network
+
+    checked = 0
+    for path in sorted(SETS.rglob("*.h5")):
+        sset = load_synthetic_set(path)
+        if sset.method in ("random", "herding", "kcenter") or not sset.evaluations:
+            continue  # coresets are not made for a network; their protocol names it
+        assert sset.config.get("student_arch"), path
+        assert same_network(sset.config["student_arch"], sset.evaluations[0]["arch"]), path
+        checked += 1
+    assert checked >= 20
