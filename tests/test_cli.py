@@ -99,6 +99,12 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
     evaluated = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
                           "--no-baselines", "--data-root", fashion_root, "-q")).stdout
     assert "synthetic set" in evaluated and "Recorded in" in evaluated
+    # --resume of an evaluation that finished adds no second record of it
+    again = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
+                      "--no-baselines", "--data-root", fashion_root, "-q", "--resume")).stdout
+    assert "already records this evaluation (record 0" in again and "Recorded in" not in again
+    with h5py.File(tmp_path / "back.h5", "r") as f:
+        assert list(f["evaluations"]) == ["000"]
     # importing over a set says what it replaced, records included
     again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
                       "--data-root", fashion_root)).stdout
@@ -261,9 +267,12 @@ def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
     user_error(ddtool("distill", "--method", "random", "--no-eval", "--eval-precision", "bf16", "--data-root",
                       fashion_root, "-o", tmp_path / "x.h5"), "--eval-precision", "--no-eval")
     assert not (tmp_path / "x.h5").exists()
+    (tmp_path / "empty").mkdir()
     user_error(ddtool("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
                "looked")
     user_error(ddtool("distill", "--dataset", "imagenet-99"), "Unknown dataset")
+    # a mistyped --data-root is refused, not passed over for the other places data is looked for
+    user_error(ddtool("datasets", "--data-root", tmp_path / "typo"), "typo", "does not exist")
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file at all")
     user_error(ddtool("info", garbage), "garbage.h5")

@@ -44,7 +44,7 @@ _STORE_FILES = ("the index file NAME.h5 and, beside it, the folder NAME.experts/
 
 @cli.command(context_settings={"show_default": True})
 @click.option("--dataset", default=_default("dataset"), help="Dataset name (see `ddtool datasets`).")
-@click.option("--data-root", type=click.Path(file_okay=False), show_default="none",
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), show_default="none",
               help="Folder to look for the dataset in first (then $DDTOOL_DATA, the user cache, Debian's folders).")
 @click.option("--arch", default=_default("arch"), help="Network of the experts (convnet, mlp, resnet18, vgg11, ...).")
 @click.option("--width", type=int, show_default="the network's; 128 for ConvNet and MLP",

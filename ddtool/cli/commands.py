@@ -31,7 +31,7 @@ from ddtool.methods.base import (
     resolve_preset,
     run_fingerprint,
 )
-from ddtool.networks import create_network
+from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
@@ -47,7 +47,7 @@ from ddtool.storage import (
 from ddtool.storage.atomic import check_writable
 from ddtool.storage.formats import left_out_of_export
 
-_data_root = click.option("--data-root", type=click.Path(file_okay=False), default=None,
+_data_root = click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
                           help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
 _device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 _seed = click.option("--seed", type=SEED_RANGE, default=0, show_default=True,
@@ -172,6 +172,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
                          resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
     if distributed.is_main():  # the plan measures expert-training speed: once is enough
         click.echo("Plan:")
+        click.echo(f"  - data: {data.spec.name} from {data.source or 'memory'}: {len(data.train_y):,} training images "
+                   f"({len(data.val_y):,} more held out for validation), {len(data.test_y):,} test images")
         chosen = resolve_preset(method_cls, preset, ipc)
         if chosen is not None:
             changed = f", with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
@@ -229,6 +231,20 @@ def _refuse_evaluation_options(**given) -> None:
                           f"{'it' if len(named) == 1 else 'them'}; `ddtool evaluate SET.h5` evaluates a saved set later.")
 
 
+def _recorded_evaluation(sset, protocol, arch: str, seed: int) -> int | None:
+    """The index of a record of `sset` made by this very evaluation, if it finished before."""
+    wanted = json.loads(json.dumps(protocol.to_dict()))  # as a record reads back (lists, not tuples)
+    for index, record in enumerate(sset.evaluations):
+        if record.get("protocol") != wanted or record.get("seed") != seed:
+            continue
+        try:
+            if same_network(str(record.get("arch")), arch):
+                return index
+        except ConfigError:  # a record of a network this version no longer knows
+            continue
+    return None
+
+
 def _replacing(path: Path) -> str:
     """What saving to `path` replaces, said in the plan (a shipped set's records go with it)."""
     there = _what_is_there(path)
@@ -267,6 +283,12 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
         f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
     rows = []
     for arch in archs:
+        recorded = _recorded_evaluation(sset, protocol, arch, seed) if resume and record else None
+        if recorded is not None:
+            say(f"{arch}: {path} already records this evaluation (record {recorded}: the same protocol, network "
+                "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again as "
+                "a new record.")
+            continue
         report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
                               reference=reference, progress=not quiet, compile=compile, resume=resume,
                               keep_runs=True)
@@ -276,7 +298,7 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
         distributed.barrier()
         report.release_kept_runs()
         rows.append(report)
-    if not distributed.is_main():
+    if not distributed.is_main() or not rows:
         return
     click.echo(f"\n{'architecture':<24} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
     for r in rows:

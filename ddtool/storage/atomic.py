@@ -195,7 +195,8 @@ def _cleanup_on_failure(tmp: Path, final: Path) -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DDToolError(
                 f"The disk is full: could not write {final}. Nothing was written; "
-                "free some space and run the command again (--resume continues from the last checkpoint)."
+                "free some space and run the command again (with --resume, a distillation or an evaluation continues "
+                "from its last checkpoint)."
             ) from exc
         if exc.errno in _NOT_WRITABLE:
             raise _not_writable(final, exc) from exc
