@@ -236,7 +236,8 @@ def test_fingerprint_identifies_trajectories_not_their_number():
 
 
 @pytest.mark.parametrize("bad", [dict(optimizer="adam"), dict(epochs=0), dict(lr=-1.0), dict(lr_decay="linear"),
-                                 dict(arch_options={"widht": 3}), dict(arch="nonet"), dict(dataset="nope")])
+                                 dict(arch_options={"widht": 3}), dict(arch="nonet"), dict(dataset="nope"),
+                                 dict(arch_options={"width": 0}), dict(arch_options={"width": "wide"})])
 def test_invalid_configuration_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         ExpertConfig(**bad)

@@ -17,7 +17,7 @@ from typing import Any
 from ddtool.data.preprocess import ZCA_FITTED_ON
 from ddtool.data.registry import canonical_name, get_spec
 from ddtool.errors import ConfigError
-from ddtool.networks import network_options
+from ddtool.networks import check_network_options
 from ddtool.training import check_precision
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
@@ -61,15 +61,10 @@ class ExpertConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", canonical_name(self.dataset))
         object.__setattr__(self, "arch", self.arch.strip().lower())
-        allowed = network_options(self.arch)  # ConfigError naming the known networks
-        unknown = sorted(set(self.arch_options) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"Network {self.arch!r} has no option {', '.join(map(repr, unknown))}. "
-                f"Accepted options: {', '.join(allowed) or 'none'}."
-            )
-        # A private copy: the dataclass is frozen, its options must not change behind its back.
-        object.__setattr__(self, "arch_options", dict(self.arch_options))
+        # Checked values (ConfigError for an unknown network or option, or a value that does not
+        # fit, before any planning), in a private copy: the dataclass is frozen, its options must
+        # not change behind its back.
+        object.__setattr__(self, "arch_options", check_network_options(self.arch, self.arch_options))
         _require(self.experts >= 1, f"experts must be at least 1, got {self.experts}.")
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}.")
         _require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}.")
