@@ -227,6 +227,9 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                        "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
     assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
     assert "to train first" in result.stdout and "Dry run" in result.stdout
+    assert "- distillation: about " in result.stdout and "100 iterations at " in result.stdout  # timed here
+    assert "then evaluate (datm protocol: about " in result.stdout and "for its 5 runs on convnet:width=32" in \
+        result.stdout
     assert not out.exists() and not (cache / "runs").exists() and not (cache / "experts").exists()
     assert "checkpoint of these settings" not in result.stdout and "left a checkpoint" not in result.stdout
     # --resume with nothing to resume from says so; a checkpoint a plain rerun would replace is named
@@ -250,7 +253,7 @@ def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, f
         assert f["images"].shape == (20, 1, 28, 28)
         assert f.attrs["method"] == "cda"
     info = ok(ddtool("info", out)).stdout
-    assert "evaluation   kd (epochs 2, runs 1) on " in info and "over 1 runs, random subset" in info  # with its baseline
+    assert "evaluation   kd (epochs 2, runs 1) on " in info and "over 1 run, random subset" in info  # with its baseline
     # an export cannot hold what kd trains with, and says so
     exported = ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "c.npz"))
     assert "Not exported: the stored soft labels (2 epochs of augmented views) and the teacher network" in \

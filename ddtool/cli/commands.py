@@ -21,7 +21,8 @@ from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, load_raw, locate,
 from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
+from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol, time_epoch
+from ddtool.experts import format_duration
 from ddtool.methods.base import (
     DistillContext,
     build_config,
@@ -122,7 +123,7 @@ def _file_safe_name(dataset: str) -> str:
 @click.option("--eval-precision", type=click.Choice(PRECISIONS), default=None,
               help="Precision of the evaluation's training, as `ddtool evaluate --precision` [default: fp32].")
 @click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (with the experts' training estimate) and exit; "
+@click.option("--dry-run", is_flag=True, help="Print the plan (with its time estimates, timed on this machine) and exit; "
               "nothing is trained or written.")
 @_seed
 @_device
@@ -180,8 +181,10 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
             click.echo(f"  - preset {chosen}{changed}")
         for line in runner.plan(ctx):
             click.echo(f"  - {line}")
+        evaluation = protocol or method_cls.default_protocol
         click.echo(f"  - save to {out}{_replacing(out)}"
-                   + ("" if no_eval else f", then evaluate ({protocol or method_cls.default_protocol} protocol)"))
+                   + ("" if no_eval else f", then evaluate ({evaluation} protocol"
+                      f"{_evaluation_estimate(runner, data, ipc, evaluation, eval_runs, eval_epochs)})"))
         click.echo(f"  - checkpoints and log in {work_dir}")
         resume_note = _resume_note(runner, work_dir, resume)
         if resume_note:
@@ -206,6 +209,17 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
+
+
+def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int | None, epochs: int | None) -> str:
+    """", about ... for its N runs" for a plan, timed here; "" for KD protocols (not timed)."""
+    protocol = get_protocol(protocol_name).with_overrides(runs=runs, epochs=epochs)
+    if protocol.kd is not None:
+        return ""
+    arch = runner.student_arch() or "convnet"
+    seconds = time_epoch(ipc * data.spec.num_classes, data, protocol=protocol, arch=arch) * protocol.epochs
+    return (f": about {format_duration(seconds * protocol.runs)} for its {protocol.runs} runs on {arch}, "
+            "and as much again for the random-subset baseline unless it is cached")
 
 
 def _resume_note(runner, work_dir: Path, resume: bool) -> str | None:
@@ -310,8 +324,8 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
             click.echo(f"({r.arch}: run{'s' if len(r.synthetic.resumed) > 1 else ''} "
                        f"{', '.join(map(str, r.synthetic.resumed))} of the set taken from the interrupted evaluation, "
                        "as --resume asks)")
-    click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} runs; lr {rows[0].lr:.4g}, "
-               f"{rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
+    click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} run{'s' if protocol.runs != 1 else ''}; "
+               f"lr {rows[0].lr:.4g}, {rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
     if any(r.whole_dataset is None for r in rows) and reference is None:
         click.echo("The whole-dataset reference is computed once with `ddtool evaluate SET.h5 --reference` "
                    "and cached (hours on a CPU).")
@@ -420,8 +434,9 @@ def info(set_path) -> None:
         base = e.get("baselines", {})
         extra = "".join(f", {name.replace('_', ' ')} {100 * b['mean']:.2f} ± {100 * b['std']:.2f}"
                         for name, b in base.items())
+        runs = len(e["runs"])
         click.echo(f"  evaluation   {protocol_label(e['protocol'])} on {e['arch']}: {100 * e['mean']:.2f} ± "
-                   f"{100 * e['std']:.2f} over {len(e['runs'])} runs{extra} ({e.get('timestamp', '')})")
+                   f"{100 * e['std']:.2f} over {runs} run{'s' if runs != 1 else ''}{extra} ({e.get('timestamp', '')})")
 
 
 def protocol_label(recorded: dict) -> str:

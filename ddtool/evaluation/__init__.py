@@ -10,11 +10,11 @@ from ddtool.evaluation.baselines import (adopt_recorded_baselines, kept_runs_of_
 from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, evaluate_images
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
 from ddtool.evaluation.sets import EvaluationReport, SetLearning, evaluate_set, kept_runs_of_set
-from ddtool.evaluation.train import fit_network, fresh_network, train_fresh_network
+from ddtool.evaluation.train import fit_network, fresh_network, time_epoch, train_fresh_network
 
 __all__ = [
     "Accuracies", "EvaluationReport", "FinishedRuns", "PROTOCOLS", "Protocol", "SetLearning",
     "adopt_recorded_baselines", "evaluate_images", "evaluate_set", "fit_network", "fresh_network", "get_protocol",
     "kept_runs_of_baselines", "kept_runs_of_set", "random_subset", "random_subset_baseline",
-    "recorded_random_baselines", "train_fresh_network", "whole_dataset_reference",
+    "recorded_random_baselines", "time_epoch", "train_fresh_network", "whole_dataset_reference",
 ]

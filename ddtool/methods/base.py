@@ -67,7 +67,7 @@ class Method(ABC):
 
     def plan(self, ctx: DistillContext) -> list[str]:
         """Human-readable lines: what will run, and roughly how long it should take."""
-        return [f"{self.name}: {ctx.ipc} images per class of {ctx.data.spec.name}"]
+        return [f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''} per class of {ctx.data.spec.name}"]
 
     @abstractmethod
     def distill(self, ctx: DistillContext) -> SyntheticSet: ...

@@ -406,7 +406,7 @@ class SRe2L(Method):
                  f"crop lower bound {c.crop_scale_start} -> {c.crop_scale_end} ({c.crop_schedule}, "
                  f"milestone {c.milestone})")
         return [
-            f"{self.name}: {ctx.ipc} images per class of {data.spec.name}",
+            f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''} per class of {data.spec.name}",
             f"squeeze: {c.teacher_arch} teacher, {c.teacher_epochs} epochs on {data.train_x.shape[0]} "
             f"training images (cached after the first run)",
             f"recover: {len(batches)} {c.batching} batches x {c.iterations} iterations, {bound}",

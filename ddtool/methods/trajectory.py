@@ -42,6 +42,7 @@ from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import BACKENDS, Forward
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
+from ddtool.experts import format_duration
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch
@@ -368,7 +369,48 @@ class TrajectoryMatching(Method):
                f"{', bias-corrected' if c.ema_bias_correction else ''})" if c.ema_decay else ""),
         ]
         lines += describe_expert_plan(expert_config_for(c, ctx), ctx)
+        per_iteration = self.time_iteration(ctx)
+        world = distributed.world_size()
+        lines.append(f"distillation: about {format_duration(per_iteration * c.iterations)} ({c.iterations} iterations "
+                     f"at {per_iteration:.2g} s{f' on each of {world} processes' if world > 1 else ''}, timed here)"
+                     + (f", plus a validation every {c.eval_every} iterations" if c.eval_every else ""))
         return lines
+
+    def time_iteration(self, ctx: DistillContext, steps: int = 3) -> float:
+        """Seconds an outer iteration should take on this device: `steps` inner steps of a
+        stand-in segment (a fresh network's weights for the expert's, random images of the set's
+        size), timed after a warm-up and scaled to syn_steps and this process's segments. The
+        experts are not needed, so a plan can say it before they are trained."""
+        c, spec, device = self.config, ctx.data.spec, ctx.device
+        with seeded(derive_seed(ctx.seed, "timing")):
+            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
+                                 image_size=spec.image_size, **c.arch_options()).to(device)
+        layout = ParamLayout.from_module(net)
+        start = layout.flatten(net).to(device)
+        rng = generator(ctx.seed, "timing")
+        shape = (ctx.ipc * spec.num_classes, spec.channels, spec.image_size, spec.image_size)
+        images = torch.randn(shape, generator=rng).to(device).requires_grad_(True)
+        hard = torch.arange(spec.num_classes, device=device).repeat_interleave(ctx.ipc)
+        dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
+        steps = min(steps, c.syn_steps)
+        backend = get_backend(c.backend)
+
+        def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return layout.functional_forward(net, flat, x)
+
+        def one_segment() -> float:
+            began = time.perf_counter()
+            unroll = Unroll(forward=forward, start=start, steps=self._inner_steps(torch.Size(shape), rng, dsa)[:steps],
+                            targets=[MatchTarget(step=steps, params=start.detach() + 0.01, normaliser=start.new_tensor(1.0))],
+                            augmenter=dsa, momentum=c.ast_inner_momentum)
+            result = backend(unroll, SyntheticBatch(images=images, lr=torch.tensor(c.lr_init, device=device),
+                                                    fixed_targets=hard, label_temperature=c.soft_label_temperature))
+            float(result.loss)  # waits for the device
+            return time.perf_counter() - began
+
+        one_segment()  # warm-up: first calls allocate and pick kernels
+        segments = len(distributed.indices_of_this_rank(c.segments_per_iteration))
+        return one_segment() / steps * c.syn_steps * segments
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
         c = self.config
