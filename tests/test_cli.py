@@ -88,6 +88,8 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
 
     ok(ddtool("show", out, "-o", tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
+    user_error(ddtool("show", out, "-o", tmp_path / "grid.jpg"), "writes a PNG")  # not PNG bytes in a .jpg
+    assert not (tmp_path / "grid.jpg").exists()
 
     ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "r.npz"))
     ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
@@ -254,6 +256,7 @@ def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, f
         assert f.attrs["method"] == "cda"
     info = ok(ddtool("info", out)).stdout
     assert "evaluation   kd (epochs 2, runs 1) on " in info and "over 1 run, random subset" in info  # with its baseline
+    assert "the teacher's soft labels of 2 epochs of augmented views are stored beside them" in info
     # an export cannot hold what kd trains with, and says so
     exported = ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "c.npz"))
     assert "Not exported: the stored soft labels (2 epochs of augmented views) and the teacher network" in \

@@ -145,7 +145,9 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
     if list_presets:
         default = method_cls.default_preset
         for name, cfg in method_cls.presets.items():
-            click.echo(f"{name}{' (default)' if name == default else ''}: {cfg}")
+            click.echo(f"{name}{' (default)' if name == default else ''}: {_changed_settings(cfg)}")
+        click.echo(f"(settings not listed keep the defaults of {method_cls.config_class.__name__}; "
+                   "`--set KEY=VALUE` changes any of them)")
         return
     overrides = parse_overrides(method_cls.config_class, settings)
     if iterations is not None:
@@ -220,6 +222,16 @@ def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int |
     seconds = time_epoch(ipc * data.spec.num_classes, data, protocol=protocol, arch=arch) * protocol.epochs
     return (f": about {format_duration(seconds * protocol.runs)} for its {protocol.runs} runs on {arch}, "
             "and as much again for the random-subset baseline unless it is cached")
+
+
+def _changed_settings(config) -> str:
+    """The settings of a preset that differ from its config class's defaults, as key=value."""
+    import dataclasses
+
+    default = type(config)()
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(default, f.name)]
+    return ", ".join(changed) or "the defaults"
 
 
 def _resume_note(runner, work_dir: Path, resume: bool) -> str | None:
@@ -368,8 +380,10 @@ def _load_set_on_every_rank(path: Path):
 @click.option("--arch", "archs", multiple=True,
               help="Architecture(s) to train, e.g. convnet, resnet18, convnet:width=64 (repeat for "
                    "cross-architecture transfer) [default: the network the set was distilled for].")
-@click.option("--runs", type=click.IntRange(min=1), default=None, help="Fresh networks per architecture.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Fresh networks per architecture [default: the protocol's, 5].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs each network trains [default: the protocol's, e.g. mtt 1000, classic 300].")
 @click.option("--no-baselines", is_flag=True, help="Skip the matched random-subset baseline.")
 @click.option("--reference/--no-reference", default=None,
               help="Compute the whole-dataset reference if it is not cached yet (hours on a CPU) / skip it. "
@@ -419,6 +433,11 @@ def info(set_path) -> None:
     click.echo(f"  method       {sset.method}, IPC {sset.ipc}, seed {sset.seed}")
     click.echo(f"  images       {sset.num_images} x {c}x{h}x{w}")
     labels = sset.label_kind + (f" (temperature {sset.label_temperature:g})" if sset.is_soft else "")
+    stored = sset.extras.get("kd_logits")
+    if stored is not None:  # what the kd protocol trains on: the teacher's labels of each view
+        labels += f"; the teacher's soft labels of {stored.shape[0]} epochs of augmented views are stored beside them"
+    elif sset.teacher is not None:
+        labels += "; its teacher is stored, to label views as the kd protocol trains"
     click.echo(f"  labels       {labels}")
     click.echo(f"  learned lr   {sset.learned_lr:.6g}" if sset.learned_lr is not None else "  learned lr   -")
     click.echo(f"  input space  {sset.preprocessing.describe()}")
@@ -478,6 +497,8 @@ def _setting(value) -> str:
               help="Images shown per class (one row per class).")
 def show(set_path, output, per_class) -> None:
     """Save the images as a PNG grid, one row per class, un-whitened and de-normalised."""
+    if Path(output).suffix.lower() != ".png":
+        raise ConfigError(f"`ddtool show` writes a PNG picture; name the output file .png (got {output}).")
     sset = load_synthetic_set(set_path)
     path = save_grid_png(sset, output, max_per_class=per_class)
     click.echo(f"Wrote {path}")
@@ -561,7 +582,7 @@ def methods_command() -> None:
     """List the distillation methods, their presets and default evaluation protocols."""
     for name in list_methods():
         cls = get_method_class(name)
-        presets = ", ".join(cls.presets) or "-"
+        presets = ", ".join(p + (" (default)" if p == cls.default_preset else "") for p in cls.presets) or "-"
         click.echo(f"{name:<10} protocol {cls.default_protocol:<8} presets: {presets}")
 
 
