@@ -331,6 +331,9 @@ def test_an_output_that_cannot_be_written_is_one_paragraph(tmp_path):
     blocker.write_text("not a folder")
     user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "-o", blocker / "set.h5"),
                "Could not write", str(blocker / "set.h5"))
+    user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "--checkpoint", "best", "-o",
+                      tmp_path / "x.h5"), "--checkpoint applies to another format")
+    assert not (tmp_path / "x.h5").exists()
     assert blocker.read_text() == "not a folder"
 
 

@@ -555,6 +555,11 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft
     normalisation or, with --zca, in its place the ZCA (eps 0.1) fitted on every training
     image's [0, 1] pixels, as MTT and DATM fit it.
     """
+    misplaced = [option for option, applies in (("--checkpoint", checkpoint == "final" or fmt == "mtt"),
+                                                ("--experiment", experiment == 0 or fmt == "dc")) if not applies]
+    if misplaced:  # an option of another format would be silently ignored
+        raise ConfigError(f"{' and '.join(misplaced)} {'applies' if len(misplaced) == 1 else 'apply'} to another "
+                          f"format (--checkpoint: mtt folders; --experiment: dc files), not --format {fmt}.")
     spec = get_spec(dataset)
     preprocessing = None
     if zca:
