@@ -453,6 +453,22 @@ def test_a_store_moved_without_its_folder_counts_no_experts(tmp_path, data):
     assert result.trained == (0, 1) and ExpertStore.open(moved).num_experts == 2
 
 
+def test_an_expert_file_not_yet_indexed_is_indexed_by_the_next_run_not_trained(tmp_path, data):
+    """A kill between an expert file's rename and the index's rewrite: distill's lookup must
+    send the store through run_buffer (whose scan indexes the file) rather than open it as ready."""
+    from ddtool.experts.plan import find_or_plan_store
+    from ddtool.experts.store import read_manifest, write_index_file
+
+    config = tiny_config(experts=2, epochs=1)
+    path, missing = find_or_plan_store(config, tmp_path)
+    run_buffer(config, path, data, progress=False)
+    manifest = read_manifest(path)
+    write_index_file(path, manifest.with_experts(manifest.experts[:1]))  # expert 1's file is there, unindexed
+    assert find_or_plan_store(config, tmp_path) == (path, [1])
+    result = run_buffer(config, path, data, progress=False)
+    assert result.trained == () and ExpertStore.open(path, num_experts=2).num_experts == 2
+
+
 def test_a_failed_merge_leaves_nothing_behind(tmp_path, data, monkeypatch):
     config = tiny_config(experts=3, epochs=1)
     shards = [run_buffer(config, tmp_path / "s.h5", data, shard=Shard(i, 2), progress=False).path for i in (0, 1)]

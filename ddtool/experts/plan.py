@@ -40,8 +40,11 @@ def find_or_plan_store(config: ExpertConfig, cache_dir: str | os.PathLike | None
     A damaged or foreign file at that path raises FormatError (it is not silently replaced).
     """
     path = store_path_for(config, cache_dir)
-    have = stored_experts(config, path)
-    return path, [i for i in range(config.experts) if i not in have]
+    found = inspect_store(config, path)
+    # ready means readable as ExpertStore.open reads it, through the index: a file renamed into
+    # the folder just before a kill, not indexed yet, is "missing" and run_buffer's scan indexes it
+    ready = found.present & found.indexed
+    return path, [i for i in range(config.experts) if i not in ready]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class StoredExperts:
 
     present: frozenset[int]  # experts whose files are in the store's folder, whole and of this configuration
     unreadable: dict[int, Path]  # experts its index lists whose files are missing or unreadable, with the file
+    indexed: frozenset[int] = frozenset()  # experts its index lists
 
 
 def stored_experts(config: ExpertConfig, path: str | os.PathLike) -> set[int]:
@@ -76,7 +80,7 @@ def inspect_store(config: ExpertConfig, path: str | os.PathLike) -> StoredExpert
         )
     present = scan_expert_folder(experts_folder(path), manifest.fingerprint, manifest.epochs)
     unreadable = {r.index: path.parent / r.file for r in manifest.experts if r.index not in present}
-    return StoredExperts(frozenset(present), unreadable)
+    return StoredExperts(frozenset(present), unreadable, frozenset(r.index for r in manifest.experts))
 
 
 @dataclass(frozen=True)
