@@ -356,6 +356,29 @@ def test_a_full_disk_is_a_plain_error_and_keeps_the_existing_file(tmp_path, monk
     assert target.read_bytes() == before  # the set that was there is intact
 
 
+def test_a_file_too_large_to_build_in_memory_is_written_in_place_after_a_room_check(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    import ddtool.storage.atomic as atomic
+
+    monkeypatch.setattr(atomic, "IN_MEMORY_MAX_BYTES", 0)  # every file is "large"
+    built_in_memory = []
+    monkeypatch.setattr(atomic, "write_atomically", lambda *a: built_in_memory.append(a))
+    path = tmp_path / "set.h5"
+    save_synthetic_set(path, make_set(rich=True))
+    append_evaluation(path, {"protocol": {}, "arch": "convnet", "runs": [0.5]})
+    assert built_in_memory == [] and len(load_synthetic_set(path).evaluations) == 2  # rich: one recorded already
+    before = path.read_bytes()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DDToolError, match="disk is full"):
+        append_evaluation(path, {"protocol": {}, "arch": "resnet18", "runs": [0.5]})
+    with pytest.raises(DDToolError, match="disk is full"):
+        save_synthetic_set(tmp_path / "other.h5", make_set())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["set.h5"]
+
+
 # Each write in turn, its temporary file a link to /dev/full: the kernel's own ENOSPC. In a
 # process of its own, because h5py writing to a full disk crashed the interpreter at exit.
 FULL_DISK_WRITES = """

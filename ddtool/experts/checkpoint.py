@@ -34,7 +34,7 @@ class ExpertProgress:
 def save_progress(progress: ExpertProgress, path: Path) -> None:
     # Not dataclasses.asdict: it deep-copies every tensor, the snapshots included.
     record = {f.name: getattr(progress, f.name) for f in fields(progress)}
-    save_torch(record, path)
+    save_torch(record, path, size_hint=progress.snapshots.nbytes)
 
 
 def load_progress(path: Path, *, fingerprint: str, index: int) -> ExpertProgress | None:

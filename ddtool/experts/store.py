@@ -310,7 +310,7 @@ def scan_expert_folder(folder: Path, fingerprint: str, epochs: int) -> dict[int,
 
 def write_expert_file(path: Path, trajectory: Trajectory, fingerprint: str) -> None:
     params = trajectory.params.detach().cpu().to(torch.float32).contiguous().numpy()
-    with atomic_h5(path, libver=_LIBVER) as f:
+    with atomic_h5(path, size_hint=params.nbytes, libver=_LIBVER) as f:
         group = f.create_group("expert")
         group.attrs.update({
             "format": EXPERT_FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,

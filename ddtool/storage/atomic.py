@@ -52,21 +52,52 @@ def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     return Path(path)
 
 
+# Files up to this size are built in memory; larger ones (a big expert, an ImageNet-sized set)
+# would cost their size again in memory, and are written in place after a free-space check.
+IN_MEMORY_MAX_BYTES = 256 * 2**20
+
+
 @contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike, *, update: bool = False, **options: Any) -> Iterator[h5py.File]:
-    """An HDF5 file built in memory, written to `path` atomically when the block ends
-    (nothing is written if it raises). update: start from the file at `path`, opened "r+"."""
-    buffer = io.BytesIO(Path(path).read_bytes() if update else b"")
-    with h5py.File(buffer, "r+" if update else "w", **options) as f:
-        yield f
-    write_atomically(path, buffer.getbuffer())
+def atomic_h5(path: str | os.PathLike, *, update: bool = False, size_hint: int = 0,
+              **options: Any) -> Iterator[h5py.File]:
+    """An HDF5 file written to `path` atomically when the block ends (nothing is written if it
+    raises). update: start from the file at `path`, opened "r+". size_hint: about how many
+    bytes a new file will hold. Built in memory up to IN_MEMORY_MAX_BYTES; a larger one is
+    written to the temporary file directly once the disk is known to have room for it."""
+    path = Path(path)
+    size = path.stat().st_size if update else size_hint
+    if size <= IN_MEMORY_MAX_BYTES:
+        buffer = io.BytesIO(path.read_bytes() if update else b"")
+        with h5py.File(buffer, "r+" if update else "w", **options) as f:
+            yield f
+        write_atomically(path, buffer.getbuffer())
+        return
+    with atomic_path(path) as tmp:
+        _require_room(tmp.parent, size, path)
+        if update:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+" if update else "w", **options) as f:
+            yield f
 
 
-def save_torch(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save(obj) to `path` atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return write_atomically(path, buffer.getbuffer())
+def _require_room(folder: Path, size: int, final: Path) -> None:
+    """The disk-full DDToolError now if `folder`'s disk lacks room for `size` bytes and a margin."""
+    if shutil.disk_usage(folder).free < size * 1.1 + 16 * 2**20:
+        raise _disk_full(final)
+
+
+def save_torch(obj: Any, path: str | os.PathLike, *, size_hint: int = 0) -> Path:
+    """torch.save(obj) to `path` atomically: serialised in memory, or, when `size_hint` (about
+    the bytes of its tensors) exceeds IN_MEMORY_MAX_BYTES, straight to the temporary file once
+    the disk is known to have room."""
+    if size_hint <= IN_MEMORY_MAX_BYTES:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return write_atomically(path, buffer.getbuffer())
+    with atomic_path(path) as tmp:
+        _require_room(tmp.parent, size_hint, Path(path))
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -193,17 +224,20 @@ def _cleanup_on_failure(tmp: Path, final: Path) -> Iterator[None]:
     except OSError as exc:
         _remove(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DDToolError(
-                f"The disk is full: could not write {final}. Nothing was written; "
-                "free some space and run the command again (with --resume, a distillation or an evaluation continues "
-                "from its last checkpoint)."
-            ) from exc
+            raise _disk_full(final) from exc
         if exc.errno in _NOT_WRITABLE:
             raise _not_writable(final, exc) from exc
         raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _disk_full(final: Path) -> DDToolError:
+    return DDToolError(
+        f"The disk is full: could not write {final}. Nothing was written; free some space and run the "
+        "command again (with --resume, a distillation or an evaluation continues from its last checkpoint)."
+    )
 
 
 def _remove(path: Path) -> None:

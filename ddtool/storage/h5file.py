@@ -51,9 +51,16 @@ def save_synthetic_set(path: str | os.PathLike, sset: SyntheticSet) -> Path:
     check_writable(path)  # a refusal names the set, not the lock beside it
     # under append_evaluation's lock: a record being added to the set this replaces must not
     # land in (or be renamed over) the new one
-    with exclusive_lock(_lock_of(path), remove=True), atomic_h5(path) as f:
+    with exclusive_lock(_lock_of(path), remove=True), atomic_h5(path, size_hint=_array_bytes(sset)) as f:
         _write_set(f, sset)
     return path
+
+
+def _array_bytes(sset: SyntheticSet) -> int:
+    """About how many bytes the set's arrays take uncompressed (what its file may need)."""
+    arrays = [sset.images, sset.labels, *sset.extras.values(),
+              *(sset.teacher["state"].values() if sset.teacher is not None else ())]
+    return sum(a.nbytes for a in arrays)
 
 
 def _lock_of(path: Path) -> Path:
