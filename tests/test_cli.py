@@ -432,6 +432,14 @@ def test_import_zca_is_fitted_on_every_training_image_as_mtt_fits_it(tmp_path, f
     pixels = raw.train_images.double() / 255  # MTT whitens pixels, not normalised images
     assert torch.allclose(zca.mean.double(), pixels.reshape(120, -1).mean(dim=0), atol=1e-5)
 
+    # ddtool's own export records its ZCA: imported back as it is, with no flag and no dataset files
+    ok(ddtool("export", tmp_path / "zca.h5", "--format", "npz", "-o", tmp_path / "zca.npz"))
+    ok(ddtool("import", tmp_path / "zca.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+              env_extra={"DDTOOL_DATA": str(tmp_path / "nowhere")}))
+    assert torch.equal(load_synthetic_set(tmp_path / "back.h5").preprocessing.zca.matrix, zca.matrix)
+    user_error(ddtool("import", tmp_path / "zca.npz", "--format", "npz", "--no-zca", "-o", tmp_path / "no.h5"),
+               "ZCA whitening of [0, 1] pixels")  # a flag that contradicts the file's record
+
 
 def test_the_default_protocol_follows_the_sets_method(tmp_path):
     import torch

@@ -595,6 +595,8 @@ def test_import_npz_from_elsewhere(tmp_path):
     np.savez(tmp_path / "soft.npz", images=ref.images.numpy(), labels=one_hot.numpy())
     forced = import_set(tmp_path / "soft.npz", "npz", label_kind="logits", **kwargs)  # the caller knows better
     assert forced.label_kind == "logits"
+    with pytest.raises(FormatError, match="probs, not logits: a label temperature does not apply"):
+        import_set(tmp_path / "soft.npz", "npz", label_temperature=2.0, **kwargs)
 
 
 class NotATensor:  # pickled into a .pt file: weights_only loading must refuse it

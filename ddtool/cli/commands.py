@@ -530,7 +530,9 @@ def export_command(set_path, fmt, output) -> None:
               help="mtt: images/labels/lr tensors (MTT, DATM); dc: a DC-style dict; npz; torch.")
 @click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True,
               help="The dataset the set was distilled from.")
-@click.option("--zca/--no-zca", default=False, help="The images are in ZCA-whitened space.")
+@click.option("--zca/--no-zca", default=None,
+              help="The images are (--zca) or are not (--no-zca) in ZCA-whitened space [default: the file's "
+                   "record of its space, else --no-zca].")
 @click.option("--ipc", type=click.IntRange(min=1), default=None, help="Images per class [default: inferred].")
 @click.option("--experiment", type=int, default=0, show_default=True, help="dc: which experiment of the file.")
 @click.option("--checkpoint", default="final", show_default=True, metavar="final|best|ITERATION",
@@ -551,9 +553,9 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
     The input space is the file's own record where it has one (ddtool's npz and torch
-    exports), else rebuilt from the dataset, so the dataset's files must be found: mean/std
-    normalisation or, with --zca, in its place the ZCA (eps 0.1) fitted on every training
-    image's [0, 1] pixels, as MTT and DATM fit it.
+    exports; --zca/--no-zca, when given, must agree with it), else rebuilt from the dataset,
+    so the dataset's files must be found: mean/std normalisation or, with --zca, in its place
+    the ZCA (eps 0.1) fitted on every training image's [0, 1] pixels, as MTT and DATM fit it.
     """
     misplaced = [option for option, applies in (("--checkpoint", checkpoint == "final" or fmt == "mtt"),
                                                 ("--experiment", experiment == 0 or fmt == "dc")) if not applies]
@@ -561,20 +563,22 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft
         raise ConfigError(f"{' and '.join(misplaced)} {'applies' if len(misplaced) == 1 else 'apply'} to another "
                           f"format (--checkpoint: mtt folders; --experiment: dc files), not --format {fmt}.")
     spec = get_spec(dataset)
-    preprocessing = None
-    if zca:
-        # ddtool's own runs fit the ZCA without their validation images; the published code
-        # fits it on the whole training split, and that is the space the imported images are in
-        # (a file that records its own ZCA keeps it: formats.import_set)
-        preprocessing = prepare(spec.name, data_root, zca=True, val_per_class=0).preprocessing
-    else:
+
+    def space(whitened: bool):
+        if whitened:
+            # ddtool's own runs fit the ZCA without their validation images; the published code
+            # fits it on the whole training split, and that is the space the imported images are in
+            return prepare(spec.name, data_root, zca=True, val_per_class=0).preprocessing
         from ddtool.data import Preprocessing
 
-        preprocessing = Preprocessing(spec.mean, spec.std)
+        return Preprocessing(spec.mean, spec.std)
+
     classes = list(spec.classes) if spec.classes else None
     sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
-                      dataset=spec.name, preprocessing=preprocessing, classes=classes, ipc=ipc, experiment=experiment,
-                      iteration=checkpoint, label_kind=soft_labels, label_temperature=label_temperature)
+                      dataset=spec.name, preprocessing=space(zca) if zca is not None else None,
+                      default_preprocessing=lambda: space(False), classes=classes, ipc=ipc,
+                      experiment=experiment, iteration=checkpoint, label_kind=soft_labels,
+                      label_temperature=label_temperature)
     replaced = _what_is_there(Path(output))  # said, as distill says it in its plan
     save_synthetic_set(output, sset)
     click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"

@@ -164,6 +164,7 @@ def import_set(
     *,
     dataset: str,
     preprocessing: Preprocessing | None = None,
+    default_preprocessing: Callable[[], Preprocessing] | None = None,
     classes: Sequence[str] | None = None,
     ipc: int | None = None,
     label_kind: str | None = None,
@@ -190,6 +191,7 @@ def import_set(
         were made). Required unless the file carries it (npz/torch exports); when both are
         present they must be of one kind (both ZCA, or the same mean/std), and the file's is
         used.
+    default_preprocessing: called for the space when neither the file nor `preprocessing` says it.
     classes: class names; required unless the file carries them.
     ipc: images per class; inferred as N / num_classes when not given.
     label_kind: "logits" or "probs" for soft labels (default: the file's, else "probs" when
@@ -212,15 +214,17 @@ def import_set(
     sources = [str(p) for p in found.pop("sources")]
     where = ", ".join(sources)
     try:
-        return _assemble(found, fmt, sources, dataset=dataset, preprocessing=preprocessing, classes=classes,
-                         ipc=ipc, label_kind=label_kind, label_temperature=label_temperature)
+        return _assemble(found, fmt, sources, dataset=dataset, preprocessing=preprocessing,
+                         default_preprocessing=default_preprocessing, classes=classes, ipc=ipc,
+                         label_kind=label_kind, label_temperature=label_temperature)
     except ConfigError as exc:
         raise FormatError(f"Could not import {where} as a synthetic set ({fmt}): {exc}") from None
 
 
 def _assemble(found: dict[str, Any], fmt: str, sources: list[str], *, dataset: str,
-              preprocessing: Preprocessing | None, classes: Sequence[str] | None, ipc: int | None,
-              label_kind: str | None, label_temperature: float | None) -> SyntheticSet:
+              preprocessing: Preprocessing | None, default_preprocessing: Callable[[], Preprocessing] | None,
+              classes: Sequence[str] | None, ipc: int | None, label_kind: str | None,
+              label_temperature: float | None) -> SyntheticSet:
     """Turn what a reader found into a SyntheticSet, filling in what the caller supplied."""
     where = ", ".join(sources)
     images = _tensor(found["images"], "images", where)  # shape, dtype, NaN: checked by SyntheticSet
@@ -229,6 +233,8 @@ def _assemble(found: dict[str, Any], fmt: str, sources: list[str], *, dataset: s
         raise ConfigError(f"its labels are class ids, not soft scores: a soft-label kind ({label_kind}) "
                           "does not apply.")
     labels, kind = _labels_and_kind(labels, label_kind or found.get("label_kind"), where)
+    if label_temperature is not None and kind != "logits":
+        raise ConfigError(f"its labels are {kind}, not logits: a label temperature does not apply.")
 
     classes = list(classes) if classes is not None else found.get("classes")
     if classes is None:
@@ -240,8 +246,10 @@ def _assemble(found: dict[str, Any], fmt: str, sources: list[str], *, dataset: s
             _check_same_preprocessing(preprocessing, stored_pre)
         preprocessing = stored_pre
     elif preprocessing is None:
-        raise ConfigError("the file does not record its preprocessing; pass the dataset's "
-                          "(mean/std, or the ZCA if the images were made with it).")
+        if default_preprocessing is None:
+            raise ConfigError("the file does not record its preprocessing; pass the dataset's "
+                              "(mean/std, or the ZCA if the images were made with it).")
+        preprocessing = default_preprocessing()
 
     if ipc is None:
         ipc = found.get("ipc")
