@@ -107,10 +107,14 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
     assert "already records this evaluation (record 0" in again and "Recorded in" not in again
     with h5py.File(tmp_path / "back.h5", "r") as f:
         assert list(f["evaluations"]) == ["000"]
+    # ... but a record without the random baseline is not the evaluation that asks for one
+    with_baseline = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
+                              "--data-root", fashion_root, "-q", "--resume")).stdout
+    assert "already records" not in with_baseline and "Recorded in" in with_baseline
     # importing over a set says what it replaced, records included
     again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
                       "--data-root", fashion_root)).stdout
-    assert "replacing the imported:npz set there" in again and "and its 1 evaluation record" in again, again
+    assert "replacing the imported:npz set there" in again and "and its 2 evaluation records" in again, again
 
 
 def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fashion_root):

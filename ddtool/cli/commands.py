@@ -257,11 +257,15 @@ def _refuse_evaluation_options(**given) -> None:
                           f"{'it' if len(named) == 1 else 'them'}; `ddtool evaluate SET.h5` evaluates a saved set later.")
 
 
-def _recorded_evaluation(sset, protocol, arch: str, seed: int) -> int | None:
-    """The index of a record of `sset` made by this very evaluation, if it finished before."""
+def _recorded_evaluation(sset, protocol, arch: str, seed: int, *, baselines: bool, reference: bool) -> int | None:
+    """The index of a record of `sset` made by this very evaluation, if it finished before: the
+    same protocol, seed and network, with the baselines this one asks for."""
     wanted = json.loads(json.dumps(protocol.to_dict()))  # as a record reads back (lists, not tuples)
     for index, record in enumerate(sset.evaluations):
         if record.get("protocol") != wanted or record.get("seed") != seed:
+            continue
+        held = record.get("baselines") or {}
+        if (baselines and "random_subset" not in held) or (reference and "whole_dataset" not in held):
             continue
         try:
             if same_network(str(record.get("arch")), arch):
@@ -309,7 +313,8 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
         f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
     rows = []
     for arch in archs:
-        recorded = _recorded_evaluation(sset, protocol, arch, seed) if resume and record else None
+        recorded = (_recorded_evaluation(sset, protocol, arch, seed, baselines=baselines, reference=reference is True)
+                    if resume and record else None)
         if recorded is not None:
             say(f"{arch}: {path} already records this evaluation (record {recorded}: the same protocol, network "
                 "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again as "
