@@ -343,6 +343,18 @@ def test_baselines_recorded_in_set_files_refill_an_empty_cache(data, trainings, 
     evaluation.random_subset_baseline(data, ipc=1, protocol=mtt, arch="convnet:width=8", seed=5, progress=False)
     assert trainings["networks"] == trained + 2
 
+    # a cache of later training code puts back none of this code's records, and its own records say so
+    import ddtool.evaluation.evaluate as runs_of
+
+    original = runs_of.EVALUATION_REVISION
+    try:
+        runs_of.EVALUATION_REVISION = 2
+        assert evaluation.recorded_random_baselines(load_synthetic_set(path), data) == []
+        assert report.to_record()["evaluation_revision"] == 2
+    finally:
+        runs_of.EVALUATION_REVISION = original
+    assert "evaluation_revision" not in report.to_record()
+
 
 def test_the_newest_record_of_a_baseline_is_the_one_put_back(data):
     key = {"kind": "random_subset", "test": "newest"}

@@ -186,7 +186,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         evaluation = protocol or method_cls.default_protocol
         click.echo(f"  - save to {out}{_replacing(out)}"
                    + ("" if no_eval else f", then evaluate ({evaluation} protocol"
-                      f"{_evaluation_estimate(runner, data, ipc, evaluation, eval_runs, eval_epochs)})"))
+                      f"{_evaluation_estimate(runner, data, ipc, evaluation, eval_runs, eval_epochs, eval_precision)})"))
         click.echo(f"  - checkpoints and log in {work_dir}")
         resume_note = _resume_note(runner, work_dir, resume)
         if resume_note:
@@ -213,9 +213,10 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
                              compile=compile_eval, resume=resume, precision=eval_precision)
 
 
-def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int | None, epochs: int | None) -> str:
+def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int | None, epochs: int | None,
+                         precision: str | None) -> str:
     """", about ... for its N runs" for a plan, timed here; "" for KD protocols (not timed)."""
-    protocol = get_protocol(protocol_name).with_overrides(runs=runs, epochs=epochs)
+    protocol = get_protocol(protocol_name).with_overrides(runs=runs, epochs=epochs, precision=precision)
     if protocol.kd is not None:
         return ""
     arch = runner.student_arch() or "convnet"

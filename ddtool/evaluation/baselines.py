@@ -16,7 +16,8 @@ import torch
 from ddtool import distributed
 from ddtool.data import PreparedData, sample_per_class
 from ddtool.evaluation import kd
-from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
+from ddtool.evaluation.evaluate import (Accuracies, FinishedRuns, data_key, evaluate_images, evaluation_revision,
+                                        kept_runs_where)
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import generator
@@ -199,8 +200,8 @@ def recorded_random_baselines(sset, data: PreparedData) -> list[tuple[str, dict,
     found = []
     for record in sset.evaluations:
         recorded = record.get("baselines", {}).get("random_subset")
-        if recorded is None or "kd" in record["protocol"]:
-            continue
+        if recorded is None or "kd" in record["protocol"] or record.get("evaluation_revision", 1) != evaluation_revision():
+            continue  # (a record of other training code holds other results)
         key = _random_subset_key(data, ipc=sset.ipc, protocol=record["protocol"], arch=record["arch"],
                                  seed=record["seed"], runs=len(recorded["runs"]))
         result = Accuracies(recorded["runs"], recorded.get("seconds", 0.0), recorded.get("compiled"),

@@ -219,6 +219,10 @@ class FinishedRuns:
 EVALUATION_REVISION = 1
 
 
+def evaluation_revision() -> int:
+    return EVALUATION_REVISION
+
+
 def data_key(data: PreparedData) -> dict:
     """What identifies the data an evaluation trains and tests on, for cache keys (with the
     training code's revision, which every such key needs too)."""

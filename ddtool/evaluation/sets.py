@@ -13,7 +13,8 @@ from ddtool.data import PreparedData
 from ddtool.errors import ConfigError
 from ddtool.evaluation import kd
 from ddtool.evaluation.baselines import random_subset_baseline, whole_dataset_reference
-from ddtool.evaluation.evaluate import Accuracies, FinishedRuns, data_key, evaluate_images, kept_runs_where
+from ddtool.evaluation.evaluate import (Accuracies, FinishedRuns, data_key, evaluate_images, evaluation_revision,
+                                        kept_runs_where)
 from ddtool.evaluation.protocols import Protocol
 from ddtool.storage.synthetic_set import teacher_digest
 
@@ -55,6 +56,8 @@ class EvaluationReport:
             "device": self.device,
             "compiled": self.compiled,
             "timestamp": self.timestamp,
+            # from the second revision on, so that a cache of a later one does not adopt its baselines
+            **({"evaluation_revision": evaluation_revision()} if evaluation_revision() != 1 else {}),
             **self.details,
             **self.synthetic.to_dict(),
             "baselines": {

@@ -71,10 +71,12 @@ def left_out_of_export(sset: SyntheticSet) -> list[str]:
     """What a set needs for its own evaluation that no export format holds (the curriculum
     sets' stored views and teacher, without which the kd protocol cannot train on them)."""
     left = []
-    if sset.extras:
-        logits = sset.extras.get("kd_logits")
-        views = f" ({logits.shape[0]} epochs of augmented views)" if logits is not None else ""
-        left.append(f"the stored soft labels{views}")
+    logits = sset.extras.get("kd_logits")
+    if logits is not None:
+        left.append(f"the stored soft labels ({logits.shape[0]} epochs of augmented views)")
+    others = sorted(name for name in sset.extras if not name.startswith("kd_"))
+    if others:
+        left.append(f"the method's arrays {', '.join(others)}")
     if sset.teacher is not None:
         left.append(f"the teacher network ({sset.teacher['arch']})")
     return left
