@@ -29,6 +29,7 @@ Tables (each between `<!-- results:NAME -->` markers in README.md):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -284,7 +285,9 @@ def adopt_recorded_baselines(cells: list[Cell], log) -> int:
         sset = load(cell)
         if sset is None or not any(r.get("baselines", {}).get("random_subset") for r in sset.evaluations):
             continue
-        data_for = (sset.dataset, sset.preprocessing.describe())
+        zca = sset.preprocessing.zca  # describe() names a ZCA's eps, not its fit
+        data_for = (sset.dataset, sset.preprocessing.describe(),
+                    None if zca is None else hashlib.sha256(zca.matrix.cpu().numpy().tobytes()).hexdigest())
         if data_for not in prepared:
             prepared[data_for] = prepare(sset.dataset, None, preprocessing=sset.preprocessing)
         recorded += recorded_random_baselines(sset, prepared[data_for])
