@@ -96,6 +96,18 @@ def test_unknown_method_and_setting_are_config_errors():
         parse_overrides(get_method_class("random").config_class, ("foo=1",))
 
 
+def test_width_and_depth_reach_only_the_networks_that_take_them():
+    # the presets set width=32 for the convnet; `--set arch=resnet18` must not pass it to a
+    # network without a width (it failed at expert training), and the set records the network
+    assert tiny_mtt(arch="resnet18").arch_options() == {}
+    assert tiny_mtt(arch="convnet", depth=2).arch_options() == {"width": 8, "depth": 2}
+    assert trajectory.MTT(tiny_mtt(arch="vgg11")).student_arch() == "vgg11"
+    with pytest.raises(ConfigError, match="Unknown network 'nonet'"):
+        tiny_mtt(arch="nonet")
+    with pytest.raises(ConfigError, match="name the network alone"):
+        tiny_mtt(arch="convnet:width=64")
+
+
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():
     # Start epochs are [0, max): max 3 with 2 matched epochs reaches epoch 4 at most, which
     # 4-epoch experts hold (the config check agrees with the store's).

@@ -45,7 +45,7 @@ from ddtool.methods.base import DistillContext, Method, register_method, require
 from ddtool.experts import format_duration
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.methods.initialisation import representative_indices
-from ddtool.networks import ParamLayout, create_network, format_arch
+from ddtool.networks import ParamLayout, create_network, format_arch, network_options
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
 from ddtool.storage.atomic import atomic_path, save_torch
@@ -150,6 +150,10 @@ class TrajectoryConfig:
                 f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
                 f"(expert_train_epochs={self.expert_train_epochs})."
             )
+        if ":" in self.arch:
+            raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet) and set its "
+                              "options with width=... and depth=....")
+        network_options(self.arch)  # an unknown network fails here, with the known ones listed
         require_finite(self)
         if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
             raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
@@ -165,8 +169,12 @@ class TrajectoryConfig:
         check_precision(self.expert_precision, "expert_precision")
 
     def arch_options(self) -> dict:
-        options = {"width": self.width}
-        if self.depth:
+        """The network's options from width and depth, for the networks that have them: the
+        presets' width applies to the convnet family, and `--set arch=resnet18` must not fail
+        on an option that network does not take."""
+        accepted = network_options(self.arch)
+        options = {"width": self.width} if "width" in accepted else {}
+        if self.depth and "depth" in accepted:
             options["depth"] = self.depth
         return options
 
@@ -361,7 +369,7 @@ class TrajectoryMatching(Method):
         lines = [
             f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''}/class of {ctx.data.spec.name} "
             f"({ctx.ipc * ctx.data.spec.num_classes} images), "
-            f"{c.arch} width {c.width}, {c.iterations} iterations of N={c.syn_steps} student steps against "
+            f"{self.student_arch()}, {c.iterations} iterations of N={c.syn_steps} student steps against "
             f"M={c.expert_epochs} expert epochs, {self.describe_start_epochs()}, "
             f"backend {c.backend}, labels {c.labels}, init {c.init}"
             + (f", {c.segments_per_iteration} segments per iteration" if c.segments_per_iteration > 1 else "")
