@@ -4,6 +4,7 @@ reproducibility, resume, and the stored relabel through the file format."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import StoredSoftLabels, teacher_logits, teacher_network
 from ddtool.methods import curriculum
 from ddtool.methods.base import DistillContext, build_config, get_method_class
+from ddtool.paths import cache_dir
 from ddtool.methods.curriculum import (
     BatchNormMatching, Recover, crop_scale_lower_bound, pixel_range_clamp_, recover_batches,
 )
@@ -261,3 +263,19 @@ def test_plan_names_the_three_steps(tmp_path, data):
     text = "\n".join(lines)
     assert "squeeze" in text and "recover" in text and "relabel" in text and "cosine" in text
     assert curriculum.FASHION_CPU.relabel == "stored"
+
+
+def test_plan_times_each_step_without_training_or_changing_the_run(tmp_path, data, cda_set):
+    cls = get_method_class("cda")
+    method = cls(build_config(cls, "fashion-cpu", TINY))
+    ctx = context(tmp_path, data, seed=3)
+    _, squeeze_line, recover_line, relabel_line = method.plan(ctx)
+    assert "about" in squeeze_line and "timed here" in squeeze_line
+    assert re.search(r"about \d+s \(\d\S* s an iteration, timed here\)", recover_line), recover_line
+    assert re.search(r"stored in the set: about \d+s$", relabel_line), relabel_line
+    per_iteration, per_relabel_epoch = method.time_phases(ctx)
+    assert per_iteration > 0 and per_relabel_epoch > 0
+    # timing trains no teacher, writes no checkpoint and draws from no generator of the run
+    assert not list(cache_dir("teachers").glob("*.pt")) and not ctx.work_dir.exists()
+    assert torch.equal(method.distill(ctx).images, cda_set.images)
+    assert method.plan(ctx)[1].endswith("found in the cache")

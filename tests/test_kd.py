@@ -116,6 +116,14 @@ def test_stored_labels_replay_through_extras(teacher):
     assert StoredSoftLabels.from_extras({}) is None
 
 
+def test_a_plan_times_an_epoch_of_kd_training_as_it_does_hard_labels(data):
+    from ddtool.evaluation.train import time_epoch
+
+    for name in ("kd", "mtt"):
+        seconds = time_epoch(20, data, protocol=get_protocol(name), arch="convnet", arch_options={"width": 8})
+        assert 0 < seconds < 60
+
+
 def test_set_without_labels_or_teacher_cannot_be_kd_evaluated():
     sset = tiny_set(teacher_record=None, extras={})
     with pytest.raises(ConfigError, match="neither stored soft labels nor a teacher"):

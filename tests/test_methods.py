@@ -45,6 +45,15 @@ def test_coresets_pick_real_images_class_by_class(tmp_path, data, method):
         assert match.any() and int(data.train_y[match.nonzero()[0, 0]]) == int(label)
 
 
+def test_feature_selection_plan_times_the_feature_network_until_it_is_cached(tmp_path, data):
+    cls = get_method_class("herding")
+    method = cls(build_config(cls, None, {"feature_width": 8, "feature_epochs": 1}))
+    ctx = context(tmp_path, data, ipc=2)
+    assert re.search(r"about \d+s to train, timed here", method.plan(ctx)[0]), method.plan(ctx)
+    method.distill(ctx)
+    assert "(found in the cache)" in method.plan(ctx)[0]
+
+
 def test_herding_and_kcenter_selection_rules_on_hand_features():
     features = torch.tensor([[0.0, 0.0], [10.0, 0.0], [1.0, 1.0], [-1.0, -1.0], [0.0, 9.0]])
     # mean = (2, 1.8); herding first takes the point closest to it, (1, 1)

@@ -215,9 +215,10 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
 
 def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int | None, epochs: int | None,
                          precision: str | None) -> str:
-    """", about ... for its N runs" for a plan, timed here; "" for KD protocols (not timed)."""
+    """", about ... for its N runs" for a plan, timed here; "" for a set whose teacher runs live
+    at evaluation (its cost is the teacher's, which does not exist yet)."""
     protocol = get_protocol(protocol_name).with_overrides(runs=runs, epochs=epochs, precision=precision)
-    if protocol.kd is not None:
+    if protocol.kd is not None and getattr(runner.config, "relabel", "stored") == "live":
         return ""
     arch = runner.student_arch() or "convnet"
     seconds = time_epoch(ipc * data.spec.num_classes, data, protocol=protocol, arch=arch) * protocol.epochs

@@ -94,19 +94,23 @@ def fit_network(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tenso
 def time_epoch(count: int, data: PreparedData, *, protocol: Protocol, arch: str, arch_options: dict | None = None,
                lr: float = 0.01) -> float:
     """Seconds an epoch of `protocol` on `count` images should take here: a fresh network
-    trained on random images with hard labels, one epoch timed after a warm-up one. (For a
-    plan; KD protocols train on soft labels and are not timed here.)"""
+    trained on random images, one epoch timed after a warm-up one (for a plan). Labels are hard,
+    or under a KD protocol an epoch of stored soft labels (a throw-away network's; a set whose
+    teacher runs live at evaluation costs its forward passes more)."""
     import time
 
     spec, device = data.spec, data.test_x.device
     rng = torch.Generator().manual_seed(0)
     images = torch.randn(count, spec.channels, spec.image_size, spec.image_size, generator=rng).to(device)
-    labels = (torch.arange(count) % spec.num_classes).to(device)
     net = fresh_network(arch, data, seed=0, arch_options=arch_options)
+    labels: torch.Tensor | kd.LabelSource = (torch.arange(count) % spec.num_classes).to(device)
+    if protocol.kd is not None:
+        labels = kd.record_soft_labels(net, images, epochs=1, settings=protocol.kd, allow_flip=spec.flip,
+                                       generator=rng)
     fit_network(net, images, labels, data, protocol=protocol, lr=lr, seed=0, epochs=1)  # warm-up
     began = time.perf_counter()
     fit_network(net, images, labels, data, protocol=protocol, lr=lr, seed=1, epochs=1)
-    accuracy(net, images[:1], labels[:1])  # waits for the device
+    accuracy(net, images[:1], images.new_zeros(1, dtype=torch.long))  # waits for the device
     return time.perf_counter() - began
 
 

@@ -13,10 +13,14 @@ import torch
 from ddtool.data import PreparedData, class_indices, sample_per_class
 from ddtool.errors import ConfigError
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.methods.teacher import RealTrainingRecipe, network_trained_on_real
+from ddtool.experts import format_duration
+from ddtool.methods.teacher import RealTrainingRecipe, network_trained_on_real, real_training_estimate
 from ddtool.networks import network_options
 from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
+
+
+FEATURE_CACHE = "feature-networks"  # the cache folder of herding's and k-center's networks
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,13 @@ class _FeatureSelection(Method):
     presets = {"default": FeatureSelectionConfig()}
 
     def plan(self, ctx: DistillContext) -> list[str]:
-        return [f"{self.name}: train (or load cached) a {self.config.feature_arch} feature network for "
-                f"{self.config.feature_epochs} epochs on {ctx.data.train_x.shape[0]} images, then select "
-                f"{ctx.ipc} per class"]
+        c = self.config
+        seconds = real_training_estimate(ctx.data, feature_recipe(c, ctx.seed), cache=FEATURE_CACHE)
+        return [f"{self.name}: a {c.feature_arch} feature network, {c.feature_epochs} epochs on "
+                f"{ctx.data.train_x.shape[0]} images ("
+                + ("found in the cache" if seconds is None else
+                   f"about {format_duration(seconds)} to train, timed here; cached for later runs")
+                + f"), then select {ctx.ipc} per class in its feature space"]
 
     def select(self, features: torch.Tensor, ipc: int) -> torch.Tensor:
         raise NotImplementedError
@@ -121,10 +129,13 @@ def embed(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) ->
     return torch.cat([net.embed(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
 
 
+def feature_recipe(config: FeatureSelectionConfig, seed: int) -> RealTrainingRecipe:
+    options = {"width": config.feature_width} if "width" in network_options(config.feature_arch) else {}
+    return RealTrainingRecipe(arch=config.feature_arch, options=options, epochs=config.feature_epochs,
+                              lr=config.feature_lr, batch_size=config.feature_batch_size, seed=seed)
+
+
 def feature_network(data: PreparedData, config: FeatureSelectionConfig, *, seed: int, progress: bool) -> torch.nn.Module:
     """A network trained on the real training split (cached), whose embedding ranks images."""
-    options = {"width": config.feature_width} if "width" in network_options(config.feature_arch) else {}
-    recipe = RealTrainingRecipe(arch=config.feature_arch, options=options, epochs=config.feature_epochs,
-                                lr=config.feature_lr, batch_size=config.feature_batch_size, seed=seed)
-    return network_trained_on_real(data, recipe, cache="feature-networks", desc="feature network",
+    return network_trained_on_real(data, feature_recipe(config, seed), cache=FEATURE_CACHE, desc="feature network",
                                    progress=progress, log=lambda message: None).network

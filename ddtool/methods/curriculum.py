@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -41,7 +42,9 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
 from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
-from ddtool.methods.teacher import RealTrainingRecipe, TrainedNetwork, batch_norm_layers, squeeze
+from ddtool.experts import format_duration
+from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_norm_layers, real_training_estimate,
+                                     squeeze, untrained_network)
 from ddtool.networks import network_options
 from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
@@ -399,21 +402,66 @@ class SRe2L(Method):
     def plan(self, ctx: DistillContext) -> list[str]:
         c, data = self.config, ctx.data
         batches = recover_batches(data.spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
+        rounds = math.ceil(len(batches) / (c.parallel_batches or len(batches)))
         protocol = get_protocol(c.relabel_protocol)
         epochs = c.relabel_epochs or protocol.epochs
         n = ctx.ipc * data.spec.num_classes
         bound = (f"crop lower bound {c.crop_scale_end}" if c.crop_schedule == "constant" else
                  f"crop lower bound {c.crop_scale_start} -> {c.crop_scale_end} ({c.crop_schedule}, "
                  f"milestone {c.milestone})")
+        teacher_seconds = real_training_estimate(data, c.teacher_recipe(), cache="teachers")
+        per_iteration, per_relabel_epoch = self.time_phases(ctx)
+        recover_seconds = per_iteration * c.iterations * rounds
         return [
             f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''} per class of {data.spec.name}",
-            f"squeeze: {c.teacher_arch} teacher, {c.teacher_epochs} epochs on {data.train_x.shape[0]} "
-            f"training images (cached after the first run)",
-            f"recover: {len(batches)} {c.batching} batches x {c.iterations} iterations, {bound}",
-            "relabel: " + (f"teacher logits on {epochs} epochs x {n} views ({c.relabel_protocol} views), "
-                                f"stored in the set" if c.relabel == "stored" else
-                                "the teacher is saved with the set and runs live at evaluation"),
+            f"squeeze: {c.teacher_arch} teacher, {c.teacher_epochs} epochs on {data.train_x.shape[0]} training images, "
+            + ("found in the cache" if teacher_seconds is None else
+               f"about {format_duration(teacher_seconds)} (timed here; cached for later runs)"),
+            f"recover: {len(batches)} {c.batching} batches in {rounds} round{'s' if rounds != 1 else ''} x "
+            f"{c.iterations} iterations, {bound}: about {format_duration(recover_seconds)} "
+            f"({per_iteration:.2g} s an iteration, timed here)",
+            "relabel: " + (f"teacher logits on {epochs} epochs x {n} views ({c.relabel_protocol} views), stored in "
+                           f"the set: about {format_duration(per_relabel_epoch * epochs)}" if c.relabel == "stored" else
+                           "the teacher is saved with the set and runs live at evaluation"),
         ]
+
+    def time_phases(self, ctx: DistillContext, steps: int = 3) -> tuple[float, float]:
+        """Seconds (an iteration of the first recover round, an epoch of relabel views) should
+        take on this device: `steps` iterations after a warm-up one, and one epoch of views,
+        against an untrained stand-in of the teacher (as fast as the trained one), so a plan
+        can say them before the teacher exists."""
+        c, data = self.config, ctx.data
+        spec = data.spec
+        teacher = untrained_network(data, c.teacher_recipe()).to(ctx.device).eval().requires_grad_(False)
+        batches = recover_batches(spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
+        members = range(min(c.parallel_batches or len(batches), len(batches)))
+        sizes = [batches[b].numel() for b in members]
+        labels = torch.cat([batches[b] for b in members])
+        batch_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+        def recover_for(iterations: int) -> float:
+            timing = dataclasses.replace(c, iterations=iterations, checkpoint_every=iterations)
+            recover = Recover(teacher, timing, data.preprocessing, image_shape=tuple(data.train_x.shape[1:]),
+                              allow_flip=spec.flip, device=ctx.device)
+            generators = [generator(ctx.seed, "timing", b) for b in members]
+            state = RecoverState(round=0, iteration=0, images=recover.initial_images(generators, sizes),
+                                 optimizer={}, generators=[])
+            began = time.perf_counter()
+            # ends in the last iteration's log line, which reads the loss: the device has finished
+            recover.run_round(state, labels, batch_of, sizes, generators, save=lambda state: None, progress=False,
+                              log=lambda message: None)
+            return time.perf_counter() - began
+
+        recover_for(1)  # warm-up: first calls allocate and pick kernels
+        per_iteration = recover_for(steps) / steps
+        if c.relabel != "stored":
+            return per_iteration, 0.0
+        images = torch.randn(ctx.ipc * spec.num_classes, *data.train_x.shape[1:],
+                             generator=generator(ctx.seed, "timing")).to(ctx.device)
+        began = time.perf_counter()
+        record_soft_labels(teacher, images, epochs=1, settings=get_protocol(c.relabel_protocol).kd,
+                           allow_flip=spec.flip, generator=generator(ctx.seed, "timing"))  # ends on the CPU
+        return per_iteration, time.perf_counter() - began
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
         c, data = self.config, ctx.data

@@ -13,6 +13,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -76,47 +77,83 @@ def _cache_key(data: PreparedData, recipe: RealTrainingRecipe) -> dict:
     }
 
 
+def untrained_network(data: PreparedData, recipe: RealTrainingRecipe) -> nn.Module:
+    """The untrained network of `recipe` (its seed derived from the recipe's), on data's device;
+    as fast as the trained one, so plans time stand-ins of it before it exists."""
+    spec = data.spec
+    with seeded(derive_seed(recipe.seed, "real-network", recipe.arch)):
+        net = create_network(recipe.arch, channels=spec.channels, num_classes=spec.num_classes,
+                             image_size=spec.image_size, **recipe.options)
+    return net.to(data.train_x.device)
+
+
+def _cached_entry(data: PreparedData, recipe: RealTrainingRecipe, cache: str) -> tuple[dict, Path, dict | None]:
+    """(key, cache path, the stored entry when it answers the key; else None)."""
+    key = _cache_key(data, recipe)
+    path = cache_dir(cache) / f"{key_digest(key)}.pt"
+    stored = torch.load(path, map_location=data.train_x.device) if path.exists() else None
+    # an entry for another key (a digest collision) or from before train_seconds was kept is retrained
+    fits = stored is not None and stored.get("key") == key and "train_seconds" in stored
+    return key, path, stored if fits else None
+
+
+def _train_real(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: RealTrainingRecipe,
+                flip: bool, *, epochs: range, progress: bool = False, desc: str = "") -> None:
+    """SGD with momentum and a cosine lr over the recipe's epochs, for the epochs in `epochs`."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    batches = generator(recipe.seed, "real-network-batches")
+    augment = None
+    if recipe.augment:
+        crop_flip = KDSettings(cutmix=False)
+
+        def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return sample_views(x.shape[0], x.shape[2], x.shape[3], crop_flip, flip, gen).render(x)
+
+    for epoch in tqdm(epochs, desc=desc, disable=not progress, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * recipe.lr * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
+        train_epoch(net, images, labels, optimizer=optimizer, batch_size=recipe.batch_size,
+                    generator=batches, augment=augment)
+
+
+def real_training_estimate(data: PreparedData, recipe: RealTrainingRecipe, *, cache: str,
+                           batches: int = 3) -> float | None:
+    """Seconds `network_trained_on_real` should take here to train `recipe`; None when the
+    network is in the cache. Times `batches` training batches after a warm-up batch, on a
+    throw-away network, and scales to the recipe's epochs (for a plan)."""
+    if _cached_entry(data, recipe, cache)[2] is not None:
+        return None
+    net = untrained_network(data, recipe)
+    n_train = data.train_x.shape[0]
+    warm, timed = min(n_train, recipe.batch_size), min(n_train, batches * recipe.batch_size)
+    _train_real(net, data.train_x[:warm], data.train_y[:warm], recipe, data.spec.flip, epochs=range(1))
+    began = time.perf_counter()
+    _train_real(net, data.train_x[:timed], data.train_y[:timed], recipe, data.spec.flip, epochs=range(1))
+    accuracy(net, data.train_x[:1], data.train_y[:1])  # waits for the device
+    return recipe.epochs * n_train * (time.perf_counter() - began) / timed
+
+
 def network_trained_on_real(data: PreparedData, recipe: RealTrainingRecipe, *, cache: str, desc: str,
                             progress: bool = True, log: Callable[[str], None] = print,
                             check: Callable[[nn.Module], None] | None = None) -> TrainedNetwork:
     """The network `recipe` trains on data's training split; loaded from cache_dir(cache) when
     it was trained before with the same data, split, preprocessing and recipe. `check(net)`
     runs on the new network before any training (to refuse an unfit architecture early)."""
-    spec = data.spec
-    device = data.train_x.device
-    with seeded(derive_seed(recipe.seed, "real-network", recipe.arch)):
-        net = create_network(recipe.arch, channels=spec.channels, num_classes=spec.num_classes,
-                             image_size=spec.image_size, **recipe.options)
+    net = untrained_network(data, recipe)
     if check is not None:
         check(net)
-    net = net.to(device)
-    key = _cache_key(data, recipe)
+    key, path, stored = _cached_entry(data, recipe, cache)
     digest = key_digest(key)
-    path = cache_dir(cache) / f"{digest}.pt"
-    if path.exists():
-        stored = torch.load(path, map_location=device)
-        if stored.get("key") == key and "train_seconds" in stored:  # else: an older entry, retrain
-            net.load_state_dict(stored["state"])
-            log(f"{desc}: loaded from the cache ({path}); test accuracy {100 * stored['test_accuracy']:.2f}%")
-            return TrainedNetwork(net.eval().requires_grad_(False), recipe, stored["test_accuracy"], digest,
-                                  stored["train_seconds"])
+    if stored is not None:
+        net.load_state_dict(stored["state"])
+        log(f"{desc}: loaded from the cache ({path}); test accuracy {100 * stored['test_accuracy']:.2f}%")
+        return TrainedNetwork(net.eval().requires_grad_(False), recipe, stored["test_accuracy"], digest,
+                              stored["train_seconds"])
 
-    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
-    batches = generator(recipe.seed, "real-network-batches")
     start = time.perf_counter()
-    augment = None
-    if recipe.augment:
-        crop_flip = KDSettings(cutmix=False)
-
-        def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return sample_views(x.shape[0], x.shape[2], x.shape[3], crop_flip, spec.flip, gen).render(x)
-
-    for epoch in tqdm(range(recipe.epochs), desc=desc, disable=not progress, leave=False):
-        for group in optimizer.param_groups:  # cosine over the epochs
-            group["lr"] = 0.5 * recipe.lr * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
-        train_epoch(net, data.train_x, data.train_y, optimizer=optimizer, batch_size=recipe.batch_size,
-                    generator=batches, augment=augment)
+    _train_real(net, data.train_x, data.train_y, recipe, data.spec.flip, epochs=range(recipe.epochs),
+                progress=progress, desc=desc)
     seconds = time.perf_counter() - start
     test_accuracy = accuracy(net, data.test_x, data.test_y)
     log(f"{desc}: trained {recipe.epochs} epochs on {data.train_x.shape[0]} images in {seconds:.0f} s; "
