@@ -72,18 +72,22 @@ def atomic_h5(path: str | os.PathLike, *, update: bool = False, size_hint: int =
             yield f
         write_atomically(path, buffer.getbuffer())
         return
-    with atomic_path(path) as tmp:
-        _require_room(tmp.parent, size, path)
+    with _with_room_for(size, path) as tmp:
         if update:
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+" if update else "w", **options) as f:
             yield f
 
 
-def _require_room(folder: Path, size: int, final: Path) -> None:
-    """The disk-full DDToolError now if `folder`'s disk lacks room for `size` bytes and a margin."""
-    if shutil.disk_usage(folder).free < size * 1.1 + 16 * 2**20:
-        raise _disk_full(final)
+@contextlib.contextmanager
+def _with_room_for(size: int, path: str | os.PathLike) -> Iterator[Path]:
+    """atomic_path for a file too large to build in memory: its temporary path, once the disk
+    is known to have room for `size` bytes and a margin (else the disk-full DDToolError now,
+    before hours of writing)."""
+    with atomic_path(path) as tmp:
+        if shutil.disk_usage(tmp.parent).free < size * 1.1 + 16 * 2**20:
+            raise _disk_full(Path(path))
+        yield tmp
 
 
 def save_torch(obj: Any, path: str | os.PathLike, *, size_hint: int = 0) -> Path:
@@ -94,8 +98,7 @@ def save_torch(obj: Any, path: str | os.PathLike, *, size_hint: int = 0) -> Path
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         return write_atomically(path, buffer.getbuffer())
-    with atomic_path(path) as tmp:
-        _require_room(tmp.parent, size_hint, Path(path))
+    with _with_room_for(size_hint, path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
@@ -175,8 +178,7 @@ def check_writable(path: str | os.PathLike) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise _not_writable(final, NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder"))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise _not_writable(final, PermissionError(errno.EACCES, "Permission denied"))
+    _require_access(folder, final)
 
 
 def _open_lock(lock: Path):
@@ -202,7 +204,11 @@ def _prepare_folder(final: Path) -> None:
         if exc.errno in (*_NOT_WRITABLE, errno.EEXIST):  # EEXIST: a file where the folder should be
             raise _not_writable(final, exc) from None
         raise
-    if not os.access(final.parent, os.W_OK | os.X_OK):
+    _require_access(final.parent, final)
+
+
+def _require_access(folder: Path, final: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise _not_writable(final, PermissionError(errno.EACCES, "Permission denied"))
 
 
