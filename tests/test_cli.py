@@ -277,6 +277,10 @@ def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
     user_error(ddtool("distill", "--method", "random", "--no-eval", "--eval-precision", "bf16", "--data-root",
                       fashion_root, "-o", tmp_path / "x.h5"), "--eval-precision", "--no-eval")
     assert not (tmp_path / "x.h5").exists()
+    # a kd evaluation of a set without a teacher would fail only after the distillation
+    user_error(ddtool("distill", "--method", "random", "--protocol", "kd", "--data-root", fashion_root, "-o",
+                      tmp_path / "x.h5"), "random sets have no teacher", "sre2l make one")
+    assert not (tmp_path / "x.h5").exists()
     (tmp_path / "empty").mkdir()
     user_error(ddtool("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
                "looked")

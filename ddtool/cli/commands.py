@@ -156,6 +156,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         overrides["backend"] = backend
     config = build_config(method_cls, preset, overrides, ipc=ipc)
     runner = method_cls(config)
+    if not no_eval and protocol is not None:
+        _refuse_kd_without_teacher(method, method_cls, protocol)
     from ddtool.methods.trajectory import TrajectoryMatching
 
     if distributed.world_size() > 1 and not isinstance(runner, TrajectoryMatching):
@@ -211,6 +213,17 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
+
+
+def _refuse_kd_without_teacher(method: str, method_cls, protocol: str) -> None:
+    """A KD protocol trains on a teacher's labels of each view: refuse it now for a method whose
+    sets have no teacher, rather than after the hours of distillation."""
+    if get_protocol(protocol).kd is None or get_protocol(method_cls.default_protocol).kd is not None:
+        return
+    makers = [name for name in list_methods() if get_protocol(get_method_class(name).default_protocol).kd is not None]
+    raise ConfigError(f"The {protocol} protocol trains on a teacher's soft labels, and {method} sets have no teacher "
+                      f"(only {' and '.join(makers)} make one). Choose another --protocol (the method's own is "
+                      f"{method_cls.default_protocol}), or --no-eval.")
 
 
 def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int | None, epochs: int | None,
@@ -519,8 +532,9 @@ def show(set_path, output, per_class) -> None:
 def export_command(set_path, fmt, output) -> None:
     """Write a set as an ImageFolder of PNGs, an npz archive or a torch file.
 
-    The exports hold the images, labels, learned lr, class names and preprocessing; the
-    evaluation records, seed and configuration stay in SET.h5.
+    The exports hold the images, labels, learned lr and class names, and npz and torch also the
+    preprocessing (an ImageFolder holds de-normalised PNGs); the evaluation records, seed and
+    configuration stay in SET.h5.
     """
     sset = load_synthetic_set(set_path)
     path = export_set(sset, output, fmt)

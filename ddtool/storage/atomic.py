@@ -1,10 +1,12 @@
 """Write-then-rename, so that no reader ever sees a half-written file; and the advisory lock
 that makes a read-modify-write of a shared file one step.
 
-HDF5 and torch files are built in memory and reach the disk as plain writes (atomic_h5,
-save_torch): h5py writing to a full disk fails in its close and then crashes the interpreter
-when it closes the file again at exit, and torch.save reports a failed write as a RuntimeError
-without its errno. A plain write's ENOSPC is an OSError that atomic_path turns into a message.
+HDF5 and torch files up to IN_MEMORY_MAX_BYTES are built in memory and reach the disk as
+plain writes (atomic_h5, save_torch): h5py writing to a full disk fails in its close and then
+crashes the interpreter when it closes the file again at exit, and torch.save reports a failed
+write as a RuntimeError without its errno. A plain write's ENOSPC is an OSError that
+atomic_path turns into a message. Larger files would cost their size again in memory: they are
+written to the temporary file directly, once the disk is known to have room for them.
 """
 
 from __future__ import annotations
