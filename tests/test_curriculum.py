@@ -126,9 +126,13 @@ def test_batchnorm_matching_weights_only_the_first_layer():
     assert total == pytest.approx(10.0 * (3.0 + 1.0) + (second_input + 1.0), rel=1e-6)
 
 
-def test_teacher_without_batchnorm_is_refused():
+def test_teacher_without_batchnorm_is_refused(tmp_path, data):
     with pytest.raises(ConfigError, match="BatchNorm"):
         BatchNormMatching(nn.Sequential(nn.Conv2d(1, 1, 1)))
+    # the plan refuses it first, with the networks that would do, before timing anything
+    cls = get_method_class("cda")
+    with pytest.raises(ConfigError, match="'convnet' has no BatchNorm layers.*convnet-bn"):
+        cls(build_config(cls, "fashion-cpu", {**TINY, "teacher_arch": "convnet"})).plan(context(tmp_path, data))
 
 
 # ---------------------------------------------------------------------------- the clamp

@@ -44,7 +44,7 @@ from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
 from ddtool.experts import format_duration
 from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_norm_layers, real_training_estimate,
-                                     squeeze, untrained_network)
+                                     require_batch_norm, squeeze, untrained_network)
 from ddtool.networks import network_options
 from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
@@ -409,8 +409,8 @@ class SRe2L(Method):
         bound = (f"crop lower bound {c.crop_scale_end}" if c.crop_schedule == "constant" else
                  f"crop lower bound {c.crop_scale_start} -> {c.crop_scale_end} ({c.crop_schedule}, "
                  f"milestone {c.milestone})")
+        per_iteration, per_relabel_epoch = self.time_phases(ctx)  # first: it refuses a teacher without BatchNorm
         teacher_seconds = real_training_estimate(data, c.teacher_recipe(), cache="teachers")
-        per_iteration, per_relabel_epoch = self.time_phases(ctx)
         recover_seconds = per_iteration * c.iterations * rounds
         return [
             f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''} per class of {data.spec.name}",
@@ -433,6 +433,7 @@ class SRe2L(Method):
         c, data = self.config, ctx.data
         spec = data.spec
         teacher = untrained_network(data, c.teacher_recipe()).to(ctx.device).eval().requires_grad_(False)
+        require_batch_norm(teacher, c.teacher_arch)
         batches = recover_batches(spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
         members = range(min(c.parallel_batches or len(batches), len(batches)))
         sizes = [batches[b].numel() for b in members]

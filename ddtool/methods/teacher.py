@@ -171,11 +171,13 @@ def batch_norm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNor
 def squeeze(data: PreparedData, recipe: RealTrainingRecipe, *, progress: bool = True,
             log: Callable[[str], None] = print) -> TrainedNetwork:
     """SRe2L's squeeze: the BatchNorm teacher trained on the real training split (cached)."""
-
-    def has_batch_norm(net: nn.Module) -> None:
-        if not batch_norm_layers(net):
-            raise ConfigError(f"The teacher {recipe.arch!r} has no BatchNorm layers, so there are no statistics "
-                              "to recover images from; use a BatchNorm network such as convnet-bn or resnet18-bn.")
-
     return network_trained_on_real(data, recipe, cache="teachers", desc=f"teacher {recipe.arch}",
-                                   progress=progress, log=log, check=has_batch_norm)
+                                   progress=progress, log=log,
+                                   check=lambda net: require_batch_norm(net, recipe.arch))
+
+
+def require_batch_norm(net: nn.Module, arch: str) -> None:
+    """The ConfigError for a teacher without BatchNorm layers, whose statistics recover matches."""
+    if not batch_norm_layers(net):
+        raise ConfigError(f"The teacher {arch!r} has no BatchNorm layers, so there are no statistics "
+                          "to recover images from; use a BatchNorm network such as convnet-bn or resnet18-bn.")
