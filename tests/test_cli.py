@@ -237,6 +237,11 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "then evaluate (datm protocol: about " in result.stdout and "for its 5 runs on convnet:width=32" in \
         result.stdout
     assert not out.exists() and not (cache / "runs").exists() and not (cache / "experts").exists()
+    # the other methods' plans time their networks without leaving one (or a folder for it) behind
+    for method, network in (("cda", "teachers"), ("herding", "feature-networks")):
+        planned = ok(ddtool("distill", "--method", method, "--ipc", 2, "--data-root", fashion_root, "-o", out,
+                            "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
+        assert "timed here" in planned and not (cache / network).exists() and not out.exists(), planned
     assert "checkpoint of these settings" not in result.stdout and "left a checkpoint" not in result.stdout
     # --resume with nothing to resume from says so; a checkpoint a plain rerun would replace is named
     args = ("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out, "--dry-run")

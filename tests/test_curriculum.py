@@ -17,7 +17,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import StoredSoftLabels, teacher_logits, teacher_network
 from ddtool.methods import curriculum
 from ddtool.methods.base import DistillContext, build_config, get_method_class
-from ddtool.paths import cache_dir
+from ddtool.paths import cache_root
 from ddtool.methods.curriculum import (
     BatchNormMatching, Recover, crop_scale_lower_bound, pixel_range_clamp_, recover_batches,
 )
@@ -279,7 +279,9 @@ def test_plan_times_each_step_without_training_or_changing_the_run(tmp_path, dat
     assert re.search(r"stored in the set: about \d+s$", relabel_line), relabel_line
     per_iteration, per_relabel_epoch = method.time_phases(ctx)
     assert per_iteration > 0 and per_relabel_epoch > 0
-    # timing trains no teacher, writes no checkpoint and draws from no generator of the run
-    assert not list(cache_dir("teachers").glob("*.pt")) and not ctx.work_dir.exists()
-    assert torch.equal(method.distill(ctx).images, cda_set.images)
+    # timing trains no teacher, writes nothing and draws from no generator of the run
+    assert not (cache_root() / "teachers").exists() and not ctx.work_dir.exists()
+    made = method.distill(ctx)
+    assert torch.equal(made.images, cda_set.images)
+    assert all(np.array_equal(made.extras[k], cda_set.extras[k]) for k in cda_set.extras)
     assert method.plan(ctx)[1].endswith("found in the cache")

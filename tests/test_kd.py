@@ -116,12 +116,24 @@ def test_stored_labels_replay_through_extras(teacher):
     assert StoredSoftLabels.from_extras({}) is None
 
 
-def test_a_plan_times_an_epoch_of_kd_training_as_it_does_hard_labels(data):
+def test_a_plan_times_an_epoch_of_kd_training_as_it_does_hard_labels(data, monkeypatch):
+    from ddtool.evaluation import kd
     from ddtool.evaluation.train import time_epoch
 
+    trained_on = []
+    fit_student = kd.fit_student
+
+    def spy(student, images, labels, **options):
+        trained_on.append(labels)
+        return fit_student(student, images, labels, **options)
+
+    monkeypatch.setattr(kd, "fit_student", spy)
     for name in ("kd", "mtt"):
         seconds = time_epoch(20, data, protocol=get_protocol(name), arch="convnet", arch_options={"width": 8})
         assert 0 < seconds < 60
+    # the KD epochs (warm-up and timed) train the student on stored views, as a curriculum set's
+    assert len(trained_on) == 2 and all(isinstance(labels, StoredSoftLabels) for labels in trained_on)
+    assert trained_on[0].num_images == 20
 
 
 def test_set_without_labels_or_teacher_cannot_be_kd_evaluated():

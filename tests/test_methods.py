@@ -115,6 +115,8 @@ def test_width_and_depth_reach_only_the_networks_that_take_them():
         tiny_mtt(arch="nonet")
     with pytest.raises(ConfigError, match="name the network alone"):
         tiny_mtt(arch="convnet:width=64")
+    with pytest.raises(ConfigError, match="'convnetd4' has no depth option; drop depth=3"):
+        tiny_mtt(arch="convnetd4", depth=3)
 
 
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():

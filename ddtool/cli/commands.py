@@ -218,9 +218,9 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
 def _refuse_kd_without_teacher(method: str, method_cls, protocol: str) -> None:
     """A KD protocol trains on a teacher's labels of each view: refuse it now for a method whose
     sets have no teacher, rather than after the hours of distillation."""
-    if get_protocol(protocol).kd is None or get_protocol(method_cls.default_protocol).kd is not None:
+    if get_protocol(protocol).kd is None or method_cls.makes_teacher:
         return
-    makers = [name for name in list_methods() if get_protocol(get_method_class(name).default_protocol).kd is not None]
+    makers = [name for name in list_methods() if get_method_class(name).makes_teacher]
     raise ConfigError(f"The {protocol} protocol trains on a teacher's soft labels, and {method} sets have no teacher "
                       f"(only {' and '.join(makers)} make one). Choose another --protocol (the method's own is "
                       f"{method_cls.default_protocol}), or --no-eval.")

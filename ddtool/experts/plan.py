@@ -120,6 +120,11 @@ def estimate_training_time(config: ExpertConfig, data: PreparedData, device: tor
     return TrainingEstimate(experts, config.epochs, n_train, train_ips, per_expert)
 
 
+def format_step(seconds: float) -> str:
+    """One step's time for a plan: "0.13 s" (two digits) under ten seconds, else as format_duration."""
+    return f"{seconds:.2g} s" if seconds < 10 else format_duration(seconds)
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 60:

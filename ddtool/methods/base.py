@@ -59,6 +59,9 @@ class Method(ABC):
     # The file in the run's work folder that --resume continues from (None: the method keeps
     # no checkpoint and always runs from the start).
     checkpoint_name: ClassVar[str | None] = None
+    # Whether its sets carry a teacher (or its soft labels of stored views): only those can be
+    # evaluated under a knowledge-distillation protocol.
+    makes_teacher: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -42,7 +42,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
 from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
-from ddtool.experts import format_duration
+from ddtool.experts import format_duration, format_step
 from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_norm_layers, real_training_estimate,
                                      require_batch_norm, squeeze, untrained_network)
 from ddtool.networks import network_options
@@ -246,6 +246,19 @@ def recover_batches(num_classes: int, ipc: int, batching: str, classes_per_batch
     return [part.clone() for _ in range(ipc) for part in classes.split(chunk)]
 
 
+def recover_rounds(num_batches: int, parallel_batches: int) -> list[list[int]]:
+    """The batch indices recovered together in each round (parallel_batches 0: all at once)."""
+    per_round = parallel_batches or num_batches
+    return [list(range(i, min(i + per_round, num_batches))) for i in range(0, num_batches, per_round)]
+
+
+def round_inputs(batches: list[torch.Tensor], members: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """A round's (images per batch, class of each image, batch of each image)."""
+    sizes = [batches[b].numel() for b in members]
+    labels = torch.cat([batches[b] for b in members])
+    return sizes, labels, torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes))
+
+
 @dataclass
 class RecoverState:
     """The round of batches being recovered; a checkpoint is this plus the finished rounds."""
@@ -378,6 +391,7 @@ class SRe2L(Method):
 
     config_class = CurriculumConfig
     default_protocol = "kd"
+    makes_teacher = True
 
     def student_arch(self) -> str:
         return self.config.student
@@ -402,7 +416,7 @@ class SRe2L(Method):
     def plan(self, ctx: DistillContext) -> list[str]:
         c, data = self.config, ctx.data
         batches = recover_batches(data.spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
-        rounds = math.ceil(len(batches) / (c.parallel_batches or len(batches)))
+        rounds = recover_rounds(len(batches), c.parallel_batches)
         protocol = get_protocol(c.relabel_protocol)
         epochs = c.relabel_epochs or protocol.epochs
         n = ctx.ipc * data.spec.num_classes
@@ -411,15 +425,16 @@ class SRe2L(Method):
                  f"milestone {c.milestone})")
         per_iteration, per_relabel_epoch = self.time_phases(ctx)  # first: it refuses a teacher without BatchNorm
         teacher_seconds = real_training_estimate(data, c.teacher_recipe(), cache="teachers")
-        recover_seconds = per_iteration * c.iterations * rounds
+        # an iteration costs about its images: later rounds may be smaller than the first, timed one
+        recover_seconds = per_iteration * c.iterations * n / sum(batches[b].numel() for b in rounds[0])
         return [
             f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''} per class of {data.spec.name}",
             f"squeeze: {c.teacher_arch} teacher, {c.teacher_epochs} epochs on {data.train_x.shape[0]} training images, "
             + ("found in the cache" if teacher_seconds is None else
                f"about {format_duration(teacher_seconds)} (timed here; cached for later runs)"),
-            f"recover: {len(batches)} {c.batching} batches in {rounds} round{'s' if rounds != 1 else ''} x "
-            f"{c.iterations} iterations, {bound}: about {format_duration(recover_seconds)} "
-            f"({per_iteration:.2g} s an iteration, timed here)",
+            f"recover: {len(batches)} {c.batching} batches in {len(rounds)} round{'s' if len(rounds) != 1 else ''} "
+            f"x {c.iterations} iterations, {bound}: about {format_duration(recover_seconds)} "
+            f"({format_step(per_iteration)} an iteration, timed here)",
             "relabel: " + (f"teacher logits on {epochs} epochs x {n} views ({c.relabel_protocol} views), stored in "
                            f"the set: about {format_duration(per_relabel_epoch * epochs)}" if c.relabel == "stored" else
                            "the teacher is saved with the set and runs live at evaluation"),
@@ -435,10 +450,8 @@ class SRe2L(Method):
         teacher = untrained_network(data, c.teacher_recipe()).to(ctx.device).eval().requires_grad_(False)
         require_batch_norm(teacher, c.teacher_arch)
         batches = recover_batches(spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
-        members = range(min(c.parallel_batches or len(batches), len(batches)))
-        sizes = [batches[b].numel() for b in members]
-        labels = torch.cat([batches[b] for b in members])
-        batch_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        members = recover_rounds(len(batches), c.parallel_batches)[0]
+        sizes, labels, batch_of = round_inputs(batches, members)
 
         def recover_for(iterations: int) -> float:
             timing = dataclasses.replace(c, iterations=iterations, checkpoint_every=iterations)
@@ -448,9 +461,9 @@ class SRe2L(Method):
             state = RecoverState(round=0, iteration=0, images=recover.initial_images(generators, sizes),
                                  optimizer={}, generators=[])
             began = time.perf_counter()
-            # ends in the last iteration's log line, which reads the loss: the device has finished
-            recover.run_round(state, labels, batch_of, sizes, generators, save=lambda state: None, progress=False,
-                              log=lambda message: None)
+            images = recover.run_round(state, labels, batch_of, sizes, generators, save=lambda state: None,
+                                       progress=False, log=lambda message: None)
+            float(images[0, 0, 0, 0])  # waits for the device
             return time.perf_counter() - began
 
         recover_for(1)  # warm-up: first calls allocate and pick kernels
@@ -489,8 +502,7 @@ class SRe2L(Method):
         c, data = self.config, ctx.data
         spec = data.spec
         batches = recover_batches(spec.num_classes, ctx.ipc, c.batching, c.classes_per_batch)
-        per_round = c.parallel_batches or len(batches)
-        rounds = [list(range(i, min(i + per_round, len(batches)))) for i in range(0, len(batches), per_round)]
+        rounds = recover_rounds(len(batches), c.parallel_batches)
         recover = Recover(teacher.network, c, data.preprocessing, image_shape=tuple(data.train_x.shape[1:]),
                           allow_flip=spec.flip, device=ctx.device)
         checkpoint = ctx.work_dir / CHECKPOINT_NAME
@@ -505,7 +517,7 @@ class SRe2L(Method):
 
         for r in range(len(done), len(rounds)):
             members = rounds[r]
-            sizes = [batches[b].numel() for b in members]
+            sizes, labels, batch_of = round_inputs(batches, members)
             generators = [generator(ctx.seed, "recover-batch", b) for b in members]
             if current is not None and current.round == r:  # resuming inside this round
                 for g, saved in zip(generators, current.generators):
@@ -514,8 +526,6 @@ class SRe2L(Method):
             else:
                 current = RecoverState(round=r, iteration=0, images=recover.initial_images(generators, sizes),
                                        optimizer={}, generators=[])
-            labels = torch.cat([batches[b] for b in members])
-            batch_of = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes))
             images = recover.run_round(current, labels, batch_of, sizes, generators, save=save,
                                        progress=ctx.progress, log=ctx.log)
             done.append(images.cpu())

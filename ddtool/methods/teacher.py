@@ -25,7 +25,7 @@ from ddtool.errors import ConfigError
 from ddtool.evaluation.kd import sample_views
 from ddtool.evaluation.protocols import KDSettings
 from ddtool.networks import create_network
-from ddtool.paths import cache_dir, key_digest
+from ddtool.paths import cache_root, key_digest
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage.atomic import save_torch
 from ddtool.training import accuracy, train_epoch
@@ -87,19 +87,23 @@ def untrained_network(data: PreparedData, recipe: RealTrainingRecipe) -> nn.Modu
     return net.to(data.train_x.device)
 
 
-def _cached_entry(data: PreparedData, recipe: RealTrainingRecipe, cache: str) -> tuple[dict, Path, dict | None]:
-    """(key, cache path, the stored entry when it answers the key; else None)."""
+def _cached_entry(data: PreparedData, recipe: RealTrainingRecipe,
+                  cache: str) -> tuple[dict, str, Path, dict | None]:
+    """(key, its digest, cache path, the stored entry when it answers the key; else None).
+    A lookup creates no folder (a plan, a dry run, writes nothing); saving the entry does."""
     key = _cache_key(data, recipe)
-    path = cache_dir(cache) / f"{key_digest(key)}.pt"
+    digest = key_digest(key)
+    path = cache_root() / cache / f"{digest}.pt"
     stored = torch.load(path, map_location=data.train_x.device) if path.exists() else None
     # an entry for another key (a digest collision) or from before train_seconds was kept is retrained
     fits = stored is not None and stored.get("key") == key and "train_seconds" in stored
-    return key, path, stored if fits else None
+    return key, digest, path, stored if fits else None
 
 
 def _train_real(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: RealTrainingRecipe,
                 flip: bool, *, epochs: range, progress: bool = False, desc: str = "") -> None:
-    """SGD with momentum and a cosine lr over the recipe's epochs, for the epochs in `epochs`."""
+    """SGD with momentum and a cosine lr over the recipe's epochs, for the epochs in `epochs`
+    (all of them, or one to time it): the optimiser and batch order start afresh each call."""
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     batches = generator(recipe.seed, "real-network-batches")
@@ -122,7 +126,7 @@ def real_training_estimate(data: PreparedData, recipe: RealTrainingRecipe, *, ca
     """Seconds `network_trained_on_real` should take here to train `recipe`; None when the
     network is in the cache. Times `batches` training batches after a warm-up batch, on a
     throw-away network, and scales to the recipe's epochs (for a plan)."""
-    if _cached_entry(data, recipe, cache)[2] is not None:
+    if _cached_entry(data, recipe, cache)[-1] is not None:
         return None
     net = untrained_network(data, recipe)
     n_train = data.train_x.shape[0]
@@ -143,8 +147,7 @@ def network_trained_on_real(data: PreparedData, recipe: RealTrainingRecipe, *, c
     net = untrained_network(data, recipe)
     if check is not None:
         check(net)
-    key, path, stored = _cached_entry(data, recipe, cache)
-    digest = key_digest(key)
+    key, digest, path, stored = _cached_entry(data, recipe, cache)
     if stored is not None:
         net.load_state_dict(stored["state"])
         log(f"{desc}: loaded from the cache ({path}); test accuracy {100 * stored['test_accuracy']:.2f}%")

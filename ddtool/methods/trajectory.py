@@ -42,7 +42,7 @@ from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import BACKENDS, Forward
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
-from ddtool.experts import format_duration
+from ddtool.experts import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
 from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch, network_options
@@ -151,9 +151,13 @@ class TrajectoryConfig:
                 f"(expert_train_epochs={self.expert_train_epochs})."
             )
         if ":" in self.arch:
-            raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet) and set its "
-                              "options with width=... and depth=....")
-        network_options(self.arch)  # an unknown network fails here, with the known ones listed
+            raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
+                              "arch=convnet-bn); width and depth are settings of their own.")
+        # an unknown network fails here, with the known ones listed; a preset's width is
+        # ignored by networks without one, but a depth is only ever asked for
+        accepted = network_options(self.arch)
+        if self.depth and "depth" not in accepted:
+            raise ConfigError(f"Network {self.arch!r} has no depth option; drop depth={self.depth}.")
         require_finite(self)
         if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
             raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
@@ -380,7 +384,7 @@ class TrajectoryMatching(Method):
         per_iteration = self.time_iteration(ctx)
         world = distributed.world_size()
         lines.append(f"distillation: about {format_duration(per_iteration * c.iterations)} ({c.iterations} iterations "
-                     f"at {per_iteration:.2g} s{f' on each of {world} processes' if world > 1 else ''}, timed here)"
+                     f"at {format_step(per_iteration)}{f' on each of {world} processes' if world > 1 else ''}, timed here)"
                      + (f", plus a validation every {c.eval_every} iterations" if c.eval_every else ""))
         return lines
 

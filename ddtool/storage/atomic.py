@@ -74,7 +74,7 @@ def atomic_h5(path: str | os.PathLike, *, update: bool = False, size_hint: int =
             yield f
         write_atomically(path, buffer.getbuffer())
         return
-    with _with_room_for(size, path) as tmp:
+    with _atomic_path_with_room(size, path) as tmp:
         if update:
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+" if update else "w", **options) as f:
@@ -82,7 +82,7 @@ def atomic_h5(path: str | os.PathLike, *, update: bool = False, size_hint: int =
 
 
 @contextlib.contextmanager
-def _with_room_for(size: int, path: str | os.PathLike) -> Iterator[Path]:
+def _atomic_path_with_room(size: int, path: str | os.PathLike) -> Iterator[Path]:
     """atomic_path for a file too large to build in memory: its temporary path, once the disk
     is known to have room for `size` bytes and a margin (else the disk-full DDToolError now,
     before hours of writing)."""
@@ -100,7 +100,7 @@ def save_torch(obj: Any, path: str | os.PathLike, *, size_hint: int = 0) -> Path
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         return write_atomically(path, buffer.getbuffer())
-    with _with_room_for(size_hint, path) as tmp:
+    with _atomic_path_with_room(size_hint, path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
@@ -210,6 +210,7 @@ def _prepare_folder(final: Path) -> None:
 
 
 def _require_access(folder: Path, final: Path) -> None:
+    """The not-writable DDToolError for `final` unless this user may create files in `folder`."""
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _not_writable(final, PermissionError(errno.EACCES, "Permission denied"))
 
