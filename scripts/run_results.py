@@ -5,6 +5,7 @@ it on fresh networks, and write the tables (into README.md), the plots and synth
     python scripts/run_results.py run --table main --ipc 10     # distil + evaluate what is missing
     python scripts/run_results.py run --table ablation --only ftd datm
     python scripts/run_results.py run --table cross-arch
+    python scripts/run_results.py run --table gpu               # on a machine with CUDA only
     python scripts/run_results.py tables                        # README tables + plots from the files
     python scripts/run_results.py merge OUT/cross-arch/*.h5     # records of copies evaluated elsewhere
 
@@ -24,6 +25,10 @@ Tables (each between `<!-- results:NAME -->` markers in README.md):
   trains it, into synthetic_sets/whole_dataset.json).
 - ablation: the trajectory-matching family at IPC 10, cumulative, all under the mtt protocol.
 - cross-arch: the IPC-10 sets trained on ConvNet, AlexNet, VGG11 and ResNet-18.
+- gpu: the main table's distilling methods with their `fashion-gpu` presets (sized for a GPU:
+  longer experts, wider networks, thousands of iterations), each set and its evaluation made on
+  the GPU `run` finds; `run --table gpu` refuses a machine without CUDA. The coreset rows have
+  no GPU preset (their sets are the same on any hardware), so they are not repeated.
 """
 
 from __future__ import annotations
@@ -74,11 +79,14 @@ class Cell:
     epochs: int | None = None  # None: the protocol's
     archs: tuple[str, ...] = ()  # () : the network the set was distilled for
     baselines: bool = True  # also train the matched random-subset baseline
+    preset: str | None = None  # None: the method's default (its fashion-cpu presets)
     notes: dict = field(default_factory=dict, compare=False)
 
     def distill_command(self) -> list[str]:
         command = ["ddtool", "distill", "--method", self.method, "--ipc", str(self.ipc), "--dataset", DATASET,
                    "--output", str(self.path), "--resume", "--no-eval", "--seed", "0", "--quiet"]
+        if self.preset:
+            command += ["--preset", self.preset]
         for setting in self.settings:
             command += ["--set", setting]
         return command
@@ -150,7 +158,19 @@ def cross_arch_table() -> list[Cell]:
             for c in main_table(ipcs=(10,)) if c.method in ("random", "mtt", "ftd", "datm", "cda")]
 
 
-TABLES = {"main": main_table, "ablation": ablation_table, "cross-arch": cross_arch_table}
+GPU_METHODS = ("mtt", "tesla", "ftd", "datm", "sre2l", "cda")  # the methods with a fashion-gpu preset
+
+
+def gpu_table(ipcs=(1, 10, 50)) -> list[Cell]:
+    # Evaluated under each method's own protocol for as many epochs as that protocol trains
+    # (the curriculum GPU presets store views for the KD protocol's own epochs, not the CPU's 100).
+    return [Cell(key=f"{method}-gpu-ipc{ipc}", label=method, method=method, ipc=ipc, preset="fashion-gpu",
+                 path=SETS / "gpu" / f"{DATASET}_{method}_ipc{ipc}_gpu_seed0.h5")
+            for method in GPU_METHODS for ipc in ipcs]
+
+
+TABLES = {"main": main_table, "ablation": ablation_table, "cross-arch": cross_arch_table, "gpu": gpu_table}
+DEFAULT_TABLES = ("main", "ablation", "cross-arch")  # what a plain `run` makes: a CPU's tables
 
 
 # ---- reading what is done ------------------------------------------------------------------------
@@ -218,7 +238,8 @@ def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
     from ddtool.storage.synthetic_set import to_plain
 
     method_cls = get_method_class(cell.method)
-    config = build_config(method_cls, None, parse_overrides(method_cls.config_class, cell.settings), ipc=cell.ipc)
+    config = build_config(method_cls, cell.preset, parse_overrides(method_cls.config_class, cell.settings),
+                          ipc=cell.ipc)
     if not is_dataclass(config):
         return {}
     stored = sset.config or {}
@@ -410,7 +431,7 @@ def _copy_matching_log(cell: Cell) -> None:
     cls = get_method_class(cell.method)
     if not issubclass(cls.config_class, TrajectoryConfig):
         return
-    config = build_config(cls, None, parse_overrides(cls.config_class, list(cell.settings)), ipc=cell.ipc)
+    config = build_config(cls, cell.preset, parse_overrides(cls.config_class, list(cell.settings)), ipc=cell.ipc)
     # a lookup, so cache_root, not cache_dir (which would create the run's folder)
     log = cache_root() / "runs" / run_fingerprint(cell.method, config, DATASET, cell.ipc, 0) / "log.jsonl"
     if log.exists():
@@ -502,14 +523,15 @@ def render_files() -> str:
     """One line per shipped set: what it is, the command that made it, its recorded evaluations."""
     lines = ["| file | method, IPC | made by | evaluations recorded inside |", "|---|---|---|---|"]
     seen = set()
-    for c in main_table() + ablation_table():
+    for c in main_table() + ablation_table() + gpu_table():
         if c.path in seen or (sset := load(c)) is None:
             continue
         seen.add(c.path)
-        if c.method in ("sre2l", "cda"):
+        if c.method in ("sre2l", "cda") and c.preset is None:
             made = f"`python scripts/run_curriculum_table.py --ipc {c.ipc} --runs 5 --epochs {KD_EPOCHS}`"
         else:
-            made = "`" + " ".join(c.distill_command()[:6] + [f"--set {x}" for x in c.settings]) + "`"
+            preset = ["--preset", c.preset] if c.preset else []
+            made = "`" + " ".join(c.distill_command()[:6] + preset + [f"--set {x}" for x in c.settings]) + "`"
         evaluations = "; ".join(f"{r['protocol']['name']} {r['protocol']['epochs']} ep on {r['arch']}: "
                                 f"{pct(r['mean'], r['std'])} ({len(r['runs'])} runs)" for r in sset.evaluations)
         lines.append(f"| `{c.path.relative_to(SETS)}` | {sset.method}, {sset.ipc} | {made} | {evaluations or '-'} |")
@@ -552,7 +574,14 @@ def render_published(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"main": render_main, "ablation": render_ablation, "cross-arch": render_cross_arch}
+def render_gpu(cells: list[Cell]) -> str:
+    if not any(c.path.exists() for c in cells):
+        return ("No set of this table has been made yet: `python scripts/run_results.py run --table gpu` makes "
+                "them on a machine with CUDA.")
+    return render_main(cells)
+
+
+RENDER = {"main": render_main, "ablation": render_ablation, "cross-arch": render_cross_arch, "gpu": render_gpu}
 
 
 def table_records(name: str, cells: list[Cell]):
@@ -651,13 +680,14 @@ def main() -> None:
                              "them back and resumes (and mirrors the cache there again at its end)")
     parser.add_argument("copies", nargs="*", type=Path,
                         help="merge: evaluated copies of shipped sets (same file name), e.g. from gpu_check.py")
-    parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["main", "ablation", "cross-arch"])
+    parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=list(DEFAULT_TABLES),
+                        help=f"default: {' '.join(DEFAULT_TABLES)} (gpu only when named)")
     parser.add_argument("--ipc", type=int, nargs="+", default=None, help="only these IPCs")
     parser.add_argument("--only", nargs="+", default=None, help="only these cell keys or methods")
     parser.add_argument("--arch", nargs="+", default=None, choices=CROSS_ARCHS,
                         help="cross-arch: evaluate on these networks only (e.g. the ConvNet column on a CPU)")
     parser.add_argument("--reference", action="store_true",
-                        help=f"also train the whole-dataset reference of each main-table cell's protocol and "
+                        help=f"also train the whole-dataset reference of each main- or gpu-table cell's protocol and "
                              f"network, once per pair, into {REFERENCES.relative_to(ROOT)} (30 epochs on "
                              f"55000 images: about half an hour per pair for the width-32 ConvNet on one core)")
     parser.add_argument("--no-plots", dest="make_plots", action="store_false")
@@ -670,6 +700,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if args.action == "run" and "gpu" in args.table:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("the gpu table's sets are distilled with the fashion-gpu presets, sized for a GPU (days "
+                         "on a CPU), and their rows say a GPU made them: run `--table gpu` on a machine with CUDA")
 
     def selected(cells: list[Cell]) -> list[Cell]:
         return [c for c in cells if (args.ipc is None or c.ipc in args.ipc)
@@ -696,7 +732,7 @@ def main() -> None:
                 drift = preset_drift(c, sset) if sset is not None else {}
                 if drift:
                     state += f"; STALE, the preset changed since: {describe_drift(drift)}"
-                print(f"  {c.key:<14} {c.path.relative_to(ROOT)}: {state}")
+                print(f"  {c.key:<16} {c.path.relative_to(ROOT)}: {state}")
         from ddtool.evaluation import kept_runs_of_baselines
 
         for key, runs in kept_runs_of_baselines():
@@ -711,7 +747,7 @@ def main() -> None:
         for name in args.table:
             for c in selected(TABLES[name]()):
                 run_cell(c, say, args.compile, args.arch, args.processes)
-                if args.reference and name == "main":
+                if args.reference and name in ("main", "gpu"):
                     run_reference(c, say, compile=args.compile)
         carry_kept_runs()  # what finished is no longer kept: the carried copies go too
     if args.action == "plan":
@@ -722,10 +758,13 @@ def main() -> None:
             if sset is not None and (drift := preset_drift(c, sset)):
                 print(f"warning: {c.path.relative_to(ROOT)} ({name} table) predates its preset: "
                       f"{describe_drift(drift)}", file=sys.stderr)
-    tables = {name: RENDER[name](TABLES[name]()) + f"\n\n(Generated by `python scripts/run_results.py tables` from "
-              f"the sets' own evaluation records; hardware of the runs (the sets' and their random baselines'): "
-              f"{hardware_note(table_records(name, TABLES[name]()))}; evaluation minutes marked c: networks "
-              f"run through torch.compile, `--compile`.)" for name in TABLES}
+    tables = {}
+    for name in TABLES:
+        records = list(table_records(name, TABLES[name]()))
+        tables[name] = RENDER[name](TABLES[name]()) + (
+            f"\n\n(Generated by `python scripts/run_results.py tables` from the sets' own evaluation records; "
+            f"hardware of the runs (the sets' and their random baselines'): {hardware_note(records)}; evaluation "
+            f"minutes marked c: networks run through torch.compile, `--compile`.)" if records else "")
     tables["published"] = render_published(main_table()) + "\n\n(Generated by `python scripts/run_results.py " \
         "tables`; published numbers from each paper's own protocol, ddtool's under the protocol named.)"
     written = write_readme(tables)

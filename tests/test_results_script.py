@@ -302,3 +302,39 @@ def test_a_bf16_evaluation_is_not_a_cell_of_the_float32_tables(tmp_path, results
     bf16["protocol"]["precision"] = "bf16"
     append_evaluation(path, bf16)  # newer, but trained at another precision
     assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)
+
+
+def test_gpu_table_distils_with_the_gpu_presets_and_refuses_a_cpu(tmp_path, results):
+    import dataclasses
+    import subprocess
+
+    import torch
+
+    from ddtool.methods.base import build_config, get_method_class
+
+    cells = results.gpu_table()
+    assert {c.method for c in cells} == set(results.GPU_METHODS) and {c.ipc for c in cells} == {1, 10, 50}
+    assert not {c.path for c in cells} & {c.path for name in ("main", "ablation") for c in results.TABLES[name]()}
+    cell = next(c for c in cells if c.key == "datm-gpu-ipc50")
+    command = cell.distill_command()
+    assert command[command.index("--preset") + 1] == "fashion-gpu"
+    # a set made with the GPU preset is up to date; one made with the CPU preset is not that cell
+    for preset, drifts in (("fashion-gpu", False), ("fashion-cpu", True)):
+        config = dataclasses.asdict(build_config(get_method_class("datm"), preset, {}, ipc=50))
+        sset = make_set(channels=1, size=6)
+        sset.method, sset.config = "datm", {**config, "seconds": 1.0}
+        path = tmp_path / f"{preset}.h5"
+        save_synthetic_set(path, sset)
+        made_as = dataclasses.replace(cell, path=path)
+        assert bool(results.preset_drift(made_as, results.load(made_as))) is drifts
+    absent = [dataclasses.replace(c, path=tmp_path / f"{c.key}.h5") for c in cells]
+    assert "No set of this table has been made yet" in results.render_gpu(absent)
+    sset = make_set(channels=1, size=6)
+    sset.method, sset.config = absent[0].method, {"seconds": 600.0}
+    save_synthetic_set(absent[0].path, sset)
+    append_evaluation(absent[0].path, _record("mtt", 1000, 5, "convnet", 0.8))
+    table = results.render_gpu(absent)
+    assert "80.00 ± 0.00" in table and "not run" in table
+    if not torch.cuda.is_available():  # a CPU would take days over the GPU presets: refused at once
+        done = subprocess.run([sys.executable, str(SCRIPT), "run", "--table", "gpu"], capture_output=True, text=True)
+        assert done.returncode == 2 and "machine with CUDA" in done.stderr
