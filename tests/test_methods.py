@@ -119,6 +119,24 @@ def test_width_and_depth_reach_only_the_networks_that_take_them():
         tiny_mtt(arch="convnetd4", depth=3)
 
 
+def test_a_width_the_user_gives_a_network_without_one_is_refused():
+    # every preset carries a width, ignored by networks without one; the user's own is refused,
+    # not silently dropped (--set arch=resnet18 --set width=64 trained the same ResNet)
+    from ddtool.methods.base import parse_overrides
+
+    def config(method: str, *pairs: str):
+        cls = get_method_class(method)
+        return build_config(cls, "fashion-cpu", parse_overrides(cls.config_class, pairs), ipc=10)
+
+    assert config("mtt", "arch=resnet18").arch_options() == {}  # the preset's width=32 is not the user's
+    assert config("mtt", "arch=convnet", "width=64").arch_options() == {"width": 64}
+    with pytest.raises(ConfigError, match="network 'resnet18' has no width option: drop width=64"):
+        config("datm", "arch=resnet18", "width=64")
+    assert config("cda", "teacher_arch=resnet18-bn").teacher_recipe().options == {}
+    with pytest.raises(ConfigError, match="teacher network 'resnet18-bn' has no width option: drop teacher_width=64"):
+        config("sre2l", "teacher_arch=resnet18-bn", "teacher_width=64")
+
+
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():
     # Start epochs are [0, max): max 3 with 2 matched epochs reaches epoch 4 at most, which
     # 4-epoch experts hold (the config check agrees with the store's).

@@ -174,7 +174,14 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
     if unknown:
         settings = f"its settings: {', '.join(sorted(valid))}" if valid else "it has no settings"
         raise ConfigError(f"Method {method_cls.name!r} has no setting {', '.join(unknown)}; {settings}.")
-    return dataclasses.replace(base, **overrides)
+    config = dataclasses.replace(base, **overrides)
+    # A preset's setting that the chosen network ignores (every preset carries a width) is fine;
+    # the same setting given by the user would be silently dropped, so it is refused.
+    unused = config.unused_settings() if hasattr(config, "unused_settings") else {}
+    given = [name for name in overrides if name in unused]
+    if given:
+        raise ConfigError("; ".join(f"{unused[name]}: drop {name}={overrides[name]}" for name in given) + ".")
+    return config
 
 
 def require_finite(config: Any) -> None:

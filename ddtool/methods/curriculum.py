@@ -123,6 +123,13 @@ class CurriculumConfig:
         if get_protocol(self.relabel_protocol).kd is None:
             raise ConfigError(f"relabel_protocol {self.relabel_protocol!r} is not a knowledge-distillation protocol.")
 
+    def unused_settings(self) -> dict[str, str]:
+        """{setting: why} for the settings the chosen teacher ignores (build_config refuses them
+        when given explicitly)."""
+        if "width" in network_options(self.teacher_arch):
+            return {}
+        return {"teacher_width": f"teacher network {self.teacher_arch!r} has no width option"}
+
     def teacher_recipe(self) -> RealTrainingRecipe:
         options = {"width": self.teacher_width} if self.teacher_width and "width" in network_options(
             self.teacher_arch) else {}

@@ -154,7 +154,8 @@ class TrajectoryConfig:
             raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
                               "arch=convnet-bn); width and depth are settings of their own.")
         # an unknown network fails here, with the known ones listed; a preset's width is
-        # ignored by networks without one, but a depth is only ever asked for
+        # ignored by networks without one (a user's is refused: unused_settings), but a depth
+        # is only ever asked for
         accepted = network_options(self.arch)
         if self.depth and "depth" not in accepted:
             raise ConfigError(f"Network {self.arch!r} has no depth option; drop depth={self.depth}.")
@@ -171,6 +172,11 @@ class TrajectoryConfig:
         if not 0 < self.min_lr_factor < 1 < self.max_lr_growth:
             raise ConfigError("Need 0 < min_lr_factor < 1 < max_lr_growth.")
         check_precision(self.expert_precision, "expert_precision")
+
+    def unused_settings(self) -> dict[str, str]:
+        """{setting: why} for the settings the chosen network ignores (build_config refuses them
+        when given explicitly)."""
+        return {} if "width" in network_options(self.arch) else {"width": f"network {self.arch!r} has no width option"}
 
     def arch_options(self) -> dict:
         """The network's options from width and depth, for the networks that have them: the
