@@ -187,13 +187,17 @@ def find_evaluation(cell: Cell, sset, arch: str | None):
     from ddtool.evaluation import get_protocol
 
     name = _protocol_name(cell, sset)
-    epochs = cell.epochs or get_protocol(name).epochs
+    named = get_protocol(name)
+    epochs = cell.epochs or named.epochs
     arch = arch or _distilled_for(sset)
     for record in reversed(sset.evaluations):
         protocol = record.get("protocol", {})
-        # the tables are of float32 training; a user's bf16 evaluation of a shipped set is not a cell
+        # the tables are of float32 training on the set's own labels; a user's bf16 or
+        # --hard-labels evaluation of a shipped set is not a cell
         if (protocol.get("name") == name and protocol.get("epochs") == epochs and len(record.get("runs", [])) == RUNS
-                and protocol.get("precision", "fp32") == "fp32" and _same_arch(record.get("arch"), arch)):
+                and protocol.get("precision", "fp32") == "fp32"
+                and protocol.get("soft_labels", named.soft_labels) == named.soft_labels
+                and _same_arch(record.get("arch"), arch)):
             return record
     return None
 

@@ -396,6 +396,27 @@ def test_evaluate_refuses_to_record_into_a_file_whose_set_was_replaced(tmp_path,
     assert list(kept.glob("*/run-*.json"))  # the runs wait for a resume on the restored file
 
 
+def test_hard_labels_trains_a_soft_set_on_its_classes_and_says_so(tmp_path, fashion_root):
+    import torch
+
+    from ddtool.storage import load_synthetic_set
+
+    path = tmp_path / "soft.h5"
+    logits = torch.nn.functional.one_hot(torch.arange(10).repeat_interleave(2), 10).float() * 3
+    _fashion_set(path, labels=logits, label_kind="logits", method="datm")
+    args = ("--protocol", "classic", "--runs", 1, "--epochs", 1, "--no-baselines", "--data-root", fashion_root, "-q")
+    assert "soft labels" in ok(ddtool("evaluate", path, *args)).stdout
+    assert "hard labels" in ok(ddtool("evaluate", path, *args, "--hard-labels")).stdout
+    soft, hard = load_synthetic_set(path).evaluations
+    assert soft["labels"] == "soft" and soft["protocol"]["soft_labels"] is True
+    assert hard["labels"] == "hard" and hard["protocol"]["soft_labels"] is False
+    assert "soft_labels False" in ok(ddtool("info", path)).stdout  # not passed off as the classic protocol
+    before = path.read_bytes()
+    user_error(ddtool("evaluate", path, "--protocol", "kd", "--hard-labels", "--runs", 1, "--epochs", 1,
+                      "--no-baselines", "--data-root", fashion_root, "-q"), "--hard-labels", "teacher")
+    assert path.read_bytes() == before
+
+
 def _save_like_mtt(folder, it, images, labels, lr=None):
     """What MTT/DATM's distill.py writes: torch.save of the (grad-requiring) tensors' .cpu()."""
     import torch

@@ -312,12 +312,18 @@ def _what_is_there(path: Path) -> str | None:
 def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True,
-                         compile: bool = False, resume: bool = False, precision: str | None = None) -> None:
+                         compile: bool = False, resume: bool = False, precision: str | None = None,
+                         hard_labels: bool = False) -> None:
     sset = _load_set_on_every_rank(path)
     # what was evaluated, to refuse recording into the file if another set replaces it meanwhile
     evaluated_content = sset.content_digest()
     archs = archs or [sset.config.get("student_arch") or "convnet"]
-    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision)
+    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision,
+                                                          soft_labels=False if hard_labels else None)
+    if hard_labels and protocol.kd is not None:
+        raise ConfigError(f"--hard-labels: the {protocol.name} protocol trains on a teacher's soft labels of each "
+                          "view, not on the set's labels; choose a protocol without a teacher (mtt, datm, classic, "
+                          "classic-dsa).")
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
     if baselines:  # the random baseline draws IPC real images a class: refuse now, not after the set's runs
         check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), sset.ipc)
@@ -421,12 +427,16 @@ def _load_set_on_every_rank(path: Path):
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted evaluation with the same settings: the runs it finished (kept in the "
                    "cache as each ends) are taken, the others trained.")
+@click.option("--hard-labels", is_flag=True,
+              help="Train on the class of each image (the argmax of a soft-labelled set's labels) instead of its "
+                   "soft labels, e.g. to judge a DATM set's images apart from its labels. Part of the protocol: "
+                   "recorded. Not with a KD protocol, whose labels are a teacher's.")
 @_data_root
 @_seed
 @_device
 @_quiet
 def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, compile_networks,
-             precision, resume, data_root, seed, device, quiet) -> None:
+             precision, resume, hard_labels, data_root, seed, device, quiet) -> None:
     """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
     beside the matched random-subset baseline and the whole-dataset reference (both computed
     once under the same protocol and cached), and record everything in the file.
@@ -438,7 +448,8 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
     _evaluate_and_record(path, protocol or default_protocol(sset), list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
-                         record=not no_record, compile=compile_networks, resume=resume, precision=precision)
+                         record=not no_record, compile=compile_networks, resume=resume, precision=precision,
+                         hard_labels=hard_labels)
 
 
 # ---- info / show / export / import ----------------------------------------------------------
