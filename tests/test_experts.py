@@ -385,6 +385,26 @@ def test_foreign_and_corrupt_files_are_format_errors(tmp_path):
             ExpertStore.open(path)
 
 
+def test_a_damaged_epoch_row_is_a_format_error_not_silent_weights(tmp_path, reference_store):
+    import shutil
+
+    store_path = tmp_path / "store.h5"
+    shutil.copy(reference_store, store_path)
+    shutil.copytree(reference_store.with_suffix(".experts"), tmp_path / "store.experts")
+    expert_file = tmp_path / "store.experts" / "expert-00001.h5"
+    with h5py.File(expert_file, "r") as f:
+        chunk = f["expert/params"].id.get_chunk_info_by_coord((2, 0))
+    raw = bytearray(expert_file.read_bytes())
+    raw[chunk.byte_offset + chunk.size // 2] ^= 0x01  # one bit of one weight of epoch 2
+    expert_file.write_bytes(raw)
+    with ExpertStore.open(reference_store) as reference:
+        intact = reference.params(1, 1)
+    with ExpertStore.open(store_path) as store:
+        assert torch.equal(store.params(1, 1), intact)  # the other rows read as they were
+        with pytest.raises(FormatError, match="Epoch 2 of expert 1 could not be read .* damaged"):
+            store.params(1, 2)
+
+
 def test_cache_lookup_finds_a_store_by_configuration(tmp_path, data):
     config = tiny_config(experts=2, epochs=1)
     path, missing = find_or_plan_store(config, tmp_path)

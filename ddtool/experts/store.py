@@ -5,7 +5,8 @@ On disk a store `NAME.h5` is an index file plus a folder `NAME.experts/` of one 
     NAME.h5                      attrs: format "ddtool.expert_store", schema_version, manifest
                                         (JSON), and structured copies of its main fields
                                  /experts/<i>  -> external link to NAME.experts/expert-<i>.h5:/expert
-    NAME.experts/expert-00007.h5 /expert/params (E+1, P) float32, chunks (1, P)
+    NAME.experts/expert-00007.h5 /expert/params (E+1, P) float32, chunks (1, P), each with a
+                                        Fletcher-32 checksum (files written before 2026-12-06: none)
                                  /expert attrs: format "ddtool.expert", fingerprint, index, seed,
                                         final train/test accuracy; per-epoch loss/accuracy datasets
 
@@ -117,7 +118,12 @@ class ExpertStore:
         dataset = self._dataset(expert)
         if not 0 <= epoch <= self.epochs:
             raise ConfigError(f"Epoch {epoch} is outside the experts' trajectories (0..{self.epochs}).")
-        row = torch.from_numpy(dataset[epoch])
+        try:
+            row = torch.from_numpy(dataset[epoch])
+        except OSError as exc:  # HDF5 checks each row's checksum as it reads it
+            raise FormatError(f"Epoch {epoch} of expert {expert} could not be read from {dataset.file.filename} "
+                              f"({exc}): the file is damaged. Delete it; `ddtool buffer` with the same settings "
+                              "trains that expert again.") from None
         return row if device is None else row.to(device)
 
     def segment(self, expert: int, start: int, length: int,
@@ -318,8 +324,9 @@ def write_expert_file(path: Path, trajectory: Trajectory, fingerprint: str) -> N
             "train_accuracy": trajectory.train_accuracy, "test_accuracy": trajectory.test_accuracy,
         })
         # One chunk per epoch row: a reader of epoch t touches exactly one chunk. No compression:
-        # trained float32 weights barely compress and segments are read at random.
-        group.create_dataset("params", data=params, chunks=(1, params.shape[1]))
+        # trained float32 weights barely compress and segments are read at random. The checksum
+        # costs little and makes a damaged row an error, not weights silently matched against.
+        group.create_dataset("params", data=params, chunks=(1, params.shape[1]), fletcher32=True)
         group.create_dataset("epoch_loss", data=np.asarray(trajectory.epoch_loss, np.float64))
         group.create_dataset("epoch_train_accuracy", data=np.asarray(trajectory.epoch_accuracy, np.float64))
         evaluations = np.asarray(trajectory.evaluations, np.float64).reshape(-1, 2)
