@@ -302,6 +302,10 @@ def test_a_bf16_evaluation_is_not_a_cell_of_the_float32_tables(tmp_path, results
     bf16["protocol"]["precision"] = "bf16"
     append_evaluation(path, bf16)  # newer, but trained at another precision
     assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)
+    hard = _record("mtt", 1000, 5, "convnet", 0.95)
+    hard["protocol"]["soft_labels"] = False  # `ddtool evaluate --hard-labels`: not the set's own labels
+    append_evaluation(path, hard)
+    assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)
 
 
 def test_gpu_table_distils_with_the_gpu_presets_and_refuses_a_cpu(tmp_path, results):
@@ -338,7 +342,3 @@ def test_gpu_table_distils_with_the_gpu_presets_and_refuses_a_cpu(tmp_path, resu
     if not torch.cuda.is_available():  # a CPU would take days over the GPU presets: refused at once
         done = subprocess.run([sys.executable, str(SCRIPT), "run", "--table", "gpu"], capture_output=True, text=True)
         assert done.returncode == 2 and "machine with CUDA" in done.stderr
-    hard = _record("mtt", 1000, 5, "convnet", 0.95)
-    hard["protocol"]["soft_labels"] = False  # `ddtool evaluate --hard-labels`: not the set's own labels
-    append_evaluation(path, hard)
-    assert results.find_evaluation(cell, results.load(cell), None)["mean"] == pytest.approx(0.70)
