@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import ddtool.experts.execution as execution_module
 import ddtool.experts.runner as runner_module
 import ddtool.experts.train as train_module
 from ddtool.errors import ConfigError, DDToolError, FormatError
@@ -22,7 +23,9 @@ from ddtool.experts import (
     GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, merge_shards, read_manifest,
     run_buffer, train_expert,
 )
+from ddtool.experts.execution import ExpertExecution, plan_execution
 from ddtool.experts.losses import expert_loss, input_gradient_penalty
+from ddtool.experts.store import experts_folder
 
 from conftest import tiny_prepared  # tests/conftest.py: tiny datasets through the real pipeline
 
@@ -576,3 +579,61 @@ def test_buffer_help_names_the_store_files_and_the_presets_experts():
         for method, preset, ipc in runs:
             wanted = expert_config_for(build_config(get_method_class(method), preset, {}, ipc=ipc), ctx)
             assert config.fingerprint() == wanted.fingerprint() and config.experts == wanted.experts, (flags, method)
+
+
+# -- how a machine trains a buffer: workers, threads, compilation ------------------------------------
+
+
+def test_experts_trained_side_by_side_in_worker_processes_equal_one_at_a_time(tmp_path, data, reference_store):
+    # the same threads in each: an expert is a pure function of (configuration, index), wherever it runs
+    serial = run_buffer(reference_config(), tmp_path / "one.h5", data, progress=False,
+                        execution=ExpertExecution(workers=1, threads=1))
+    result = run_buffer(reference_config(), tmp_path / "two.h5", data, progress=False,
+                        execution=ExpertExecution(workers=2, threads=1))
+    assert result.trained == (0, 1, 2)
+    assert_same_store(result.path, serial.path)
+    assert_same_store(result.path, reference_store)  # tests run one thread a process (conftest)
+
+
+def test_a_worker_failure_keeps_the_finished_experts_and_resumes(tmp_path, data, reference_store):
+    path = tmp_path / "store.h5"
+    # expert 1's file cannot be written: a folder is in its way
+    blocker = experts_folder(path) / "expert-00001.h5"
+    blocker.mkdir(parents=True)
+    with pytest.raises(DDToolError, match="expert-00001"):
+        run_buffer(reference_config(), path, data, progress=False, execution=ExpertExecution(workers=2, threads=1))
+    blocker.rmdir()
+    result = run_buffer(reference_config(), path, data, progress=False,
+                        execution=ExpertExecution(workers=2, threads=1))
+    # whatever finished before the failure was kept (which expert finishes first varies)
+    assert 1 in result.trained and sorted(result.trained + result.skipped) == [0, 1, 2]
+    assert_same_store(path, reference_store)
+
+
+def test_the_execution_follows_the_machine_and_the_experts_length(monkeypatch):
+    monkeypatch.setattr(execution_module, "available_cores", lambda: 2)
+    cpu = torch.device("cpu")
+    long = tiny_config(experts=3, epochs=20)
+    # full-length experts on 54,000 images: two at a time, one thread each, compiled
+    assert plan_execution(long, cpu, 54_000) == ExpertExecution(workers=2, threads=1, compile=True)
+    # a single expert gets both cores
+    assert plan_execution(tiny_config(experts=1, epochs=20), cpu, 54_000) == ExpertExecution(1, 0, True)
+    # short ones (tests, quick runs) are not worth a process or a compilation
+    assert plan_execution(long, cpu, 1_000) == ExpertExecution(1, 0, False)
+    # the choice never depends on how many experts are left, so a resumed expert runs as it began
+    assert plan_execution(long, cpu, 54_000, compile=False, workers=1) == ExpertExecution(1, 0, False)
+    # AST's input-gradient penalty differentiates twice, which torch.compile refuses
+    penalised = tiny_config(experts=3, epochs=20, ast_input_grad_penalty=2.0)
+    assert plan_execution(penalised, cpu, 54_000).compile is False
+    with pytest.raises(ConfigError, match="compile"):
+        plan_execution(penalised, cpu, 54_000, compile=True)
+
+
+def test_compiled_expert_training_follows_eager_training(data):
+    config = tiny_config(experts=1, epochs=2, arch_options={"width": 8, "depth": 1})  # depth 1: a quick compile
+    eager = train_module.train_expert(config, 0, data)
+    compiled = train_module.train_expert(config, 0, data, compile=True)
+    assert compiled.params.shape == eager.params.shape
+    torch.testing.assert_close(compiled.params[0], eager.params[0], rtol=0, atol=0)  # the same initialisation
+    # the same training fused into other kernels: rounding apart, not another trajectory
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-4, atol=1e-5)

@@ -522,3 +522,28 @@ def test_run_fingerprints_stay_put_when_settings_are_added():
         assert run_fingerprint(method, config, "fashion-mnist", 10, 0) == fingerprint
         bf16 = dataclasses.replace(config, expert_precision="bf16")
         assert run_fingerprint(method, bf16, "fashion-mnist", 10, 0) != fingerprint
+
+
+def test_the_auto_backend_takes_bptt_where_its_graph_fits_and_the_set_records_the_choice(tmp_path, data,
+                                                                                     monkeypatch):
+    used = []
+    real = trajectory.get_backend
+    monkeypatch.setattr(trajectory, "get_backend", lambda name: used.append(name) or real(name))
+    method = trajectory.MTT(tiny_mtt(iterations=2))
+    assert method.config.backend == "auto"
+    ctx = context(tmp_path, data)
+    chosen = method.choose_backend(ctx)
+    assert chosen.name == "bptt" and "fits" in chosen.describe()
+    sset = method.distill(ctx)
+    assert used == ["bptt"] and sset.config["backend"] == "bptt"  # what computed it, not "auto"
+    # the measured graph, N times over, against a quarter of the memory installed
+    need = 3 * method._bptt_step_bytes(ctx)
+    assert need > 0
+    monkeypatch.setattr(trajectory, "device_memory", lambda device: 4 * need - 4)
+    tight = trajectory.MTT(tiny_mtt(iterations=2))
+    assert tight.choose_backend(ctx).name == "exact"
+    assert "would pass a quarter" in tight.choose_backend(ctx).reason
+    # an explicit backend is used as it is; auto runs keep the fingerprint of the exact runs they replace
+    assert trajectory.MTT(tiny_mtt(backend="exact")).choose_backend(ctx).name == "exact"
+    assert run_fingerprint("mtt", tiny_mtt(), "fashion-mnist", 1, 0) == \
+        run_fingerprint("mtt", tiny_mtt(backend="exact"), "fashion-mnist", 1, 0)

@@ -14,6 +14,7 @@ from ddtool.data import prepare
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
 from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
+from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
 from ddtool.experts.plan import estimate_training_time, format_duration, inspect_store, store_path_for
 from ddtool.experts.runner import Shard, merge_shards, run_buffer
 from ddtool.experts.store import ExpertStore, experts_folder, read_manifest
@@ -89,8 +90,13 @@ _STORE_FILES = ("the index file NAME.h5 and, beside it, the folder NAME.experts/
                            "$DDTOOL_CACHE or ~/.cache/ddtool",
               help=f"The expert store to write or extend: {_STORE_FILES}.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=1), show_default="a CPU's cores, for long enough experts",
+              help="Experts trained at once on a CPU, each in its own process with its share of the cores.")
+@click.option("--compile/--no-compile", "compile_", default=None, show_default="on a CPU, for long enough experts",
+              help="Train through torch.compile (the same maths, other rounding; about a minute to compile).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the time estimate, train nothing.")
-def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, **settings) -> None:
+def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, compile_, dry_run,
+           **settings) -> None:
     """Train expert trajectories (for mtt, tesla, datm, ftd) into an HDF5 store.
 
     Experts already in the store are skipped and an interrupted expert resumes from its last
@@ -133,8 +139,9 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, 
     if world > 1:
         say(f"  torchrun: {world} processes; expert i on rank i mod {world}, each rank into its shard store "
             f"beside the store (*.shard-<rank>-of-{world}.h5), merged into the store by rank 0")
+    execution = plan_execution(config, target, training_images(config, data), compile=compile_, workers=workers)
     say(f"  already stored: {len(mine) - len(missing)}; to train: {len(missing)} on {target}"
-        + (f" (at most {busiest} per rank)" if world > 1 else ""))
+        + (f" (at most {busiest} per rank)" if world > 1 else "") + f", {execution.describe()}")
     unreadable = sorted(i for i in stored.unreadable if i in mine)
     if unreadable:
         say(f"  missing: the index {path} lists experts {_indices(unreadable)} whose files are missing or "
@@ -142,15 +149,15 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, dry_run, 
             f"moved or copied without its folder {experts_folder(path).name}/, move that folder to "
             f"{experts_folder(path)} to keep them.")
     if missing and distributed.is_main():
-        estimate = estimate_training_time(config, data, target, busiest)
+        estimate = estimate_training_time(config, data, target, busiest, execution=execution)
         say(f"  {estimate.train_images:,} training images (validation split excluded); "
-            f"measured {estimate.images_per_second:,.0f} images/s")
+            f"measured {estimate.images_per_second:,.0f} images/s an expert{UNCOMPILED_NOTE if execution.compile else ''}")
         say(f"  estimated time: {format_duration(estimate.total_seconds)} "
             f"({format_duration(estimate.seconds_per_expert)} per expert)")
     if dry_run:
         return
 
-    result = run_buffer(config, store, data, target, shard=parts, progress=True)
+    result = run_buffer(config, store, data, target, shard=parts, progress=True, execution=execution)
     if not distributed.is_main():
         return
     with ExpertStore.open(result.path) as done:

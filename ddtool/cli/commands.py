@@ -107,8 +107,10 @@ def _file_safe_name(dataset: str) -> str:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one setting of the method's configuration (repeatable).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Shortcut for --set iterations=N.")
-@click.option("--backend", type=click.Choice(["exact", "bptt", "tesla"]), default=None,
-              help="Gradient backend of trajectory matching (exact: constant memory and exact; default).")
+@click.option("--backend", type=click.Choice(["auto", "exact", "bptt", "tesla"]), default=None,
+              help="Gradient backend of trajectory matching: bptt (fastest; memory grows with N), exact (the "
+                   "same gradient in constant memory), tesla (TESLA's first-order rule). Default auto: bptt when "
+                   "its memory fits in a quarter of the device's, else exact; the plan says which.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Where to save the set [default: synthetic_sets/<dataset>_<method>_ipc<N>_seed<S>.h5].")
 @click.option("--resume", is_flag=True,

@@ -13,6 +13,7 @@ import click
 
 from ddtool import __version__, distributed
 from ddtool.errors import DDToolError
+from ddtool.memory import keep_freed_memory
 
 
 # Every --seed option's range. Seeds are stored as int64 (HDF5 attributes, torch generators): a
@@ -82,4 +83,5 @@ def _register_commands() -> None:
 def main() -> None:
     _register_commands()
     signal.signal(signal.SIGTERM, _terminate)
+    keep_freed_memory()  # a command computes for long and exits: see ddtool.memory
     cli(prog_name="ddtool")

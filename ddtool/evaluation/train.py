@@ -17,7 +17,7 @@ from ddtool.evaluation import kd
 from ddtool.evaluation.protocols import Protocol
 from ddtool.networks import create_network
 from ddtool.seeding import derive_seed, generator, seeded
-from ddtool.training import accuracy, train_epoch
+from ddtool.training import CompiledNetwork, accuracy, train_epoch
 
 
 def train_fresh_network(
@@ -47,7 +47,7 @@ def train_fresh_network(
     inductor cache, about a minute cold); results differ from eager only by rounding."""
     net = fresh_network(arch, data, seed, arch_options)
     if compile:
-        net = _Compiled(net)
+        net = CompiledNetwork(net)
     fit_network(net, images, targets, data, protocol=protocol, lr=lr, seed=seed, epochs=epochs,
                 batch_size=batch_size, on_epoch=on_epoch)
     held_x, held_y = held_out if held_out is not None else (data.test_x, data.test_y)
@@ -112,16 +112,3 @@ def time_epoch(count: int, data: PreparedData, *, protocol: Protocol, arch: str,
     fit_network(net, images, labels, data, protocol=protocol, lr=lr, seed=1, epochs=1)
     accuracy(net, images[:1], images.new_zeros(1, dtype=torch.long))  # waits for the device
     return time.perf_counter() - began
-
-
-class _Compiled(torch.nn.Module):
-    """A network through torch.compile with static shapes (a set has at most two batch sizes,
-    the test split one more), fed inputs with canonical strides: a one-channel batch leaves
-    DSA with either stride on its channel axis, and each would be compiled anew."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = torch.compile(net, dynamic=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.new_empty(x.shape).copy_(x))

@@ -7,6 +7,8 @@ experts 0..K-1; `ddtool buffer` / `run_buffer` on the same path adds the missing
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from ddtool.data import PreparedData
 from ddtool.experts.config import ExpertConfig
+from ddtool.experts.execution import ExpertExecution, plan_execution, torch_threads
 from ddtool.experts.manifest import raise_if_differences, settings_differences
 from ddtool.experts.store import experts_folder, read_manifest, scan_expert_folder
 from ddtool.experts.train import build_setup, run_epoch, training_split
@@ -88,20 +91,32 @@ class TrainingEstimate:
     experts: int
     epochs: int
     train_images: int
-    images_per_second: float  # training throughput (augmentation and SAM's second pass included)
+    images_per_second: float  # one expert's training throughput (augmentation and SAM's second pass included)
     seconds_per_expert: float  # E epochs plus the final accuracy measurement
+    workers: int = 1  # experts trained at once
 
     @property
     def total_seconds(self) -> float:
-        return self.experts * self.seconds_per_expert
+        return math.ceil(self.experts / self.workers) * self.seconds_per_expert
 
 
 def estimate_training_time(config: ExpertConfig, data: PreparedData, device: torch.device | str,
-                           experts: int, *, batches: int = 3) -> TrainingEstimate:
+                           experts: int, *, batches: int = 3,
+                           execution: ExpertExecution | None = None) -> TrainingEstimate:
     """Time `batches` training batches (after one warm-up batch) and one evaluation pass of the
-    same images with a throw-away network, and scale up to `experts` full experts."""
+    same images with a throw-away network, and scale up to `experts` full experts trained
+    `execution.workers` at a time with its threads (None: plan_execution's choice). Always
+    timed uncompiled (compiling takes longer than the timing): a compiled run is faster."""
     device = torch.device(device)
     images, labels = training_split(config, data, device)
+    execution = plan_execution(config, device, images.shape[0]) if execution is None else execution
+    with torch_threads(execution.threads):
+        estimate = _time_training(config, data, device, images, labels, batches)
+    return dataclasses.replace(estimate, experts=experts, workers=execution.workers)
+
+
+def _time_training(config: ExpertConfig, data: PreparedData, device: torch.device, images: torch.Tensor,
+                   labels: torch.Tensor, batches: int) -> TrainingEstimate:
     n_train, n_test = images.shape[0], data.test_x.shape[0]
     # Expert 0's network, trained on a few batches and thrown away: only its speed matters,
     # and nothing global (RNG, files) is touched.
@@ -117,7 +132,7 @@ def estimate_training_time(config: ExpertConfig, data: PreparedData, device: tor
     accuracy(setup.model, images[:timed], labels[:timed])
     eval_ips = timed / max(time.perf_counter() - started, 1e-9)
     per_expert = config.epochs * n_train / train_ips + (n_train + n_test) / eval_ips
-    return TrainingEstimate(experts, config.epochs, n_train, train_ips, per_expert)
+    return TrainingEstimate(1, config.epochs, n_train, train_ips, per_expert)
 
 
 def format_step(seconds: float) -> str:

@@ -14,8 +14,10 @@ processes) resumes each rank's shard; experts already merged into the store are 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,14 @@ from ddtool import distributed
 from ddtool.data import PreparedData
 from ddtool.errors import ConfigError, DDToolError, FormatError
 from ddtool.experts.config import ExpertConfig
+from ddtool.experts.execution import ExpertExecution, plan_execution, torch_threads
 from ddtool.experts.manifest import (
     ExpertRecord, StoreManifest, build_manifest, merge_differences, raise_if_differences,
 )
 from ddtool.experts.plan import stored_experts
 from ddtool.experts.store import StoreWriter, experts_folder, read_expert_record, read_manifest
-from ddtool.experts.train import expert_layout, train_expert, training_split
+from ddtool.memory import keep_freed_memory, keeping_freed_memory
+from ddtool.experts.train import Trajectory, expert_layout, train_expert, training_split
 from ddtool.storage.atomic import write_atomically
 from ddtool.training import EpochStats
 
@@ -82,24 +86,28 @@ def run_buffer(
     device: torch.device | str = "cpu",
     shard: Shard | tuple[int, int] | None = None,
     progress: bool = True,
+    execution: ExpertExecution | None = None,
 ) -> BufferResult:
     """Train this shard's experts 0..config.experts-1 that the store lacks, adding each to it
     as soon as it is complete.
 
     `shard=None` means all experts: in one process, or, under torchrun, split over the ranks
     and merged into `store_path` by rank 0 (every rank returns once the merged store is
-    complete). An explicit `shard` trains only that shard, in this process."""
+    complete). An explicit `shard` trains only that shard, in this process. `execution`: how
+    many experts at once, threads, compiled (None: `plan_execution`'s choice for the machine)."""
     device = torch.device(device)
     if shard is None and distributed.world_size() > 1:
-        return _run_over_ranks(config, Path(store_path), data, device, progress)
+        return _run_over_ranks(config, Path(store_path), data, device, progress, execution)
     shard = Shard() if shard is None else shard if isinstance(shard, Shard) else Shard(*shard)
-    return _train_shard(config, shard.store_path(Path(store_path)), data, device, shard, progress)
+    return _train_shard(config, shard.store_path(Path(store_path)), data, device, shard, progress,
+                        execution=execution)
 
 
 def _train_shard(config: ExpertConfig, path: Path, data: PreparedData, device: torch.device, shard: Shard,
-                 progress: bool, merged: frozenset[int] = frozenset()) -> BufferResult:
+                 progress: bool, merged: frozenset[int] = frozenset(),
+                 execution: ExpertExecution | None = None) -> BufferResult:
     """Train the experts of `shard` missing from its store at `path` (and from `merged`, the
-    experts already in the store the shards are merged into)."""
+    experts already in the store the shards are merged into); `execution` None: plan_execution's."""
     split = training_split(config, data, device)
     manifest = build_manifest(config, data, expert_layout(config, data), train_images=split[0].shape[0])
     writer = StoreWriter.open(path, manifest)
@@ -108,30 +116,109 @@ def _train_shard(config: ExpertConfig, path: Path, data: PreparedData, device: t
     skipped = tuple(i for i in mine if i in done)
     todo = [i for i in mine if i not in done]
 
-    with ExitStack() as bars:
+    execution = plan_execution(config, device, split[0].shape[0]) if execution is None else execution
+    if execution.workers > 1 and len(todo) > 1:
+        _train_in_workers(config, data, device, split, writer, todo, len(mine), len(skipped), execution, progress)
+        return BufferResult(path, tuple(todo), skipped)
+    with ExitStack() as bars, torch_threads(execution.threads):
         report = _Progress(bars, len(mine), len(skipped), config.epochs) if progress else None
         for index in todo:
             on_epoch = report.start_expert(index) if report else None
             try:
                 trajectory = train_expert(config, index, data, device, checkpoint=writer.checkpoint_path(index),
-                                          on_epoch=on_epoch, split=split)
+                                          on_epoch=on_epoch, split=split, compile=execution.compile)
                 writer.add(trajectory)
             except DDToolError:
                 raise  # names the expert already (the CLI adds the rank)
             except Exception:
-                # A crash keeps its own message and traceback; under torchrun the ranks' output is
-                # interleaved, so say which expert on which rank it was, and that nothing is lost.
-                print(f"ddtool: expert {index}{distributed.where()} failed. The experts finished so far and this "
-                      f"one's last finished epoch are kept in {writer.folder}; run the same command again to "
-                      "resume.", file=sys.stderr, flush=True)
+                _say_kept(index, writer)
                 raise
             if report:
                 report.finish_expert(trajectory.test_accuracy)
     return BufferResult(path, tuple(todo), skipped)
 
 
+def _say_kept(index: int, writer: StoreWriter) -> None:
+    # A crash keeps its own message and traceback; under torchrun the ranks' output is
+    # interleaved, so say which expert on which rank it was, and that nothing is lost.
+    print(f"ddtool: expert {index}{distributed.where()} failed. The experts finished so far and this "
+          f"one's last finished epoch are kept in {writer.folder}; run the same command again to "
+          "resume.", file=sys.stderr, flush=True)
+
+
+# Worker processes' end of the progress channel (set by _start_worker in each worker).
+_events = None
+
+
+def _start_worker(events, threads: int, keep_memory: bool) -> None:
+    global _events
+    _events = events
+    torch.set_num_threads(threads)
+    if keep_memory:  # as the parent process (a command) does: see ddtool.memory
+        keep_freed_memory()
+
+
+def _worker_train(config: ExpertConfig, index: int, data: PreparedData, device: torch.device, checkpoint: Path,
+                  split: tuple[torch.Tensor, torch.Tensor], compile: bool) -> Trajectory:
+    def on_epoch(done: int, stats: EpochStats, seconds: float) -> None:
+        _events.put((index, done, stats, seconds))
+
+    return train_expert(config, index, data, device, checkpoint=checkpoint, on_epoch=on_epoch, split=split,
+                        compile=compile)
+
+
+def _train_in_workers(config: ExpertConfig, data: PreparedData, device: torch.device,
+                      split: tuple[torch.Tensor, torch.Tensor], writer: StoreWriter, todo: list[int], total: int,
+                      done: int, execution: ExpertExecution, progress: bool) -> None:
+    """Train the experts `todo` in `execution.workers` processes, adding each to the store as it
+    completes (in any order: an expert is a pure function of its index). Tensors reach the
+    workers through shared memory; a failure stops the others, keeping their last epochs."""
+    context = torch.multiprocessing.get_context("spawn")
+    events = context.Queue()
+    pool = ProcessPoolExecutor(execution.workers, mp_context=context, initializer=_start_worker,
+                               initargs=(events, execution.threads, keeping_freed_memory()))
+    running = {pool.submit(_worker_train, config, index, data, device, writer.checkpoint_path(index), split,
+                           execution.compile): index for index in todo}
+    try:
+        with ExitStack() as bars:
+            report = _WorkersProgress(bars, total, done, config.epochs * len(todo), execution.workers) \
+                if progress else None
+            while running:
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(events, report)
+                for future in finished:
+                    index = running.pop(future)
+                    try:
+                        trajectory = future.result()
+                    except DDToolError:
+                        raise
+                    except Exception:
+                        _say_kept(index, writer)
+                        raise
+                    writer.add(trajectory)
+                    if report:
+                        report.finish_expert(trajectory.test_accuracy)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((pool._processes or {}).values()):  # no public way to stop a running task
+            process.terminate()
+        for process in list((pool._processes or {}).values()):
+            process.join()
+        events.close()
+
+
+def _drain(events, report: "_WorkersProgress | None") -> None:
+    while True:
+        try:
+            index, done, stats, seconds = events.get_nowait()
+        except queue.Empty:
+            return
+        if report:
+            report.epoch(index, done, stats, seconds)
+
+
 def _run_over_ranks(config: ExpertConfig, store: Path, data: PreparedData, device: torch.device,
-                    progress: bool) -> BufferResult:
+                    progress: bool, execution: ExpertExecution | None) -> BufferResult:
     """The whole buffer under torchrun: rank r is shard r/world, then rank 0 merges."""
     shards = [Shard(r, distributed.world_size()) for r in range(distributed.world_size())]
     # Read by every rank before any rank can change it: rank 0 writes the store only after the
@@ -140,7 +227,7 @@ def _run_over_ranks(config: ExpertConfig, store: Path, data: PreparedData, devic
     mine = shards[distributed.rank()]
     # One set of progress bars (rank 0's shard): the ranks share one terminal.
     result = _train_shard(config, mine.store_path(store), data, device, mine, progress and distributed.is_main(),
-                          merged)
+                          merged, execution)
     reports = distributed.gather_objects(result)  # returns when every rank's shard is complete
     if distributed.is_main():
         paths = [s.store_path(store) for s in shards]
@@ -270,6 +357,28 @@ class _Progress:
             self.epoch_bar.set_postfix(loss=f"{stats.loss:.3f}", img_s=f"{stats.images / max(seconds, 1e-9):,.0f}")
 
         return on_epoch
+
+    def finish_expert(self, test_accuracy: float) -> None:
+        self.experts.update(1)
+        self.experts.set_postfix(last_test_acc=f"{test_accuracy:.4f}")
+
+
+class _WorkersProgress:
+    """Two tqdm bars for experts trained side by side: experts, and epochs over all of them."""
+
+    def __init__(self, bars: ExitStack, total: int, done: int, epochs: int, workers: int):
+        self.experts = bars.enter_context(tqdm(total=total, initial=done, desc="experts", unit="expert",
+                                               position=0, dynamic_ncols=True))
+        self.epoch_bar = bars.enter_context(tqdm(total=epochs, desc=f"epochs ({workers} experts at a time)",
+                                                 unit="epoch", position=1, leave=False, dynamic_ncols=True))
+        self.seen: dict[int, int] = {}
+
+    def epoch(self, index: int, done: int, stats: EpochStats, seconds: float) -> None:
+        # a resumed expert's first report counts its earlier epochs too
+        self.epoch_bar.update(done - self.seen.get(index, 0))
+        self.seen[index] = done
+        self.epoch_bar.set_postfix(expert=index, loss=f"{stats.loss:.3f}",
+                                   img_s=f"{stats.images / max(seconds, 1e-9):,.0f}")
 
     def finish_expert(self, test_accuracy: float) -> None:
         self.experts.update(1)

@@ -28,7 +28,7 @@ from ddtool.experts.losses import expert_loss
 from ddtool.experts.optim import build_optimizer
 from ddtool.networks import ParamLayout, create_network
 from ddtool.seeding import derive_seed, generator
-from ddtool.training import EpochStats, accuracy, train_epoch
+from ddtool.training import CompiledNetwork, EpochStats, accuracy, train_epoch
 
 # on_epoch(epoch_number_done, stats, seconds): progress reporting.
 EpochCallback = Callable[[int, EpochStats, float], None]
@@ -51,6 +51,7 @@ class ExpertSetup:
     """Everything one expert's training needs, built the same way for training and for timing."""
 
     model: nn.Module
+    trainer: nn.Module  # what training calls: the model, or the model through torch.compile
     layout: ParamLayout
     optimizer: torch.optim.Optimizer
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
@@ -78,7 +79,7 @@ def dsa_flip(config: ExpertConfig, data: PreparedData) -> bool:
 
 
 def build_setup(config: ExpertConfig, index: int, data: PreparedData, device: torch.device,
-                split: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExpertSetup:
+                split: tuple[torch.Tensor, torch.Tensor] | None = None, compile: bool = False) -> ExpertSetup:
     spec = data.spec
     model = create_network(
         config.arch, channels=spec.channels, num_classes=spec.num_classes, image_size=spec.image_size,
@@ -91,7 +92,14 @@ def build_setup(config: ExpertConfig, index: int, data: PreparedData, device: to
     )
     augment = DSA(DSAConfig(flip=dsa_flip(config, data))) if config.augment else None
     images, labels = split if split is not None else training_split(config, data, device)
-    return ExpertSetup(model, ParamLayout.from_module(model), optimizer, augment, images, labels)
+    trainer = CompiledNetwork(model) if compile else model
+    return ExpertSetup(model, trainer, ParamLayout.from_module(model), optimizer, augment, images, labels)
+
+
+def can_compile(config: ExpertConfig) -> bool:
+    """Whether this expert's training can run through torch.compile: not when its loss
+    differentiates twice (AST's input-gradient penalty), which compiled graphs refuse."""
+    return config.ast_input_grad_penalty == 0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -104,7 +112,7 @@ def run_epoch(config: ExpertConfig, setup: ExpertSetup, seed: int, epoch: int,
     """Epoch `epoch` (0-based) of an expert with seed `seed`: its lr, its loss, its random stream."""
     set_lr(setup.optimizer, config.lr_at(epoch))
     return train_epoch(
-        setup.model,
+        setup.trainer,
         setup.images if images is None else images,
         setup.labels if labels is None else labels,
         optimizer=setup.optimizer,
@@ -125,16 +133,19 @@ def train_expert(
     checkpoint: Path | None = None,
     on_epoch: EpochCallback | None = None,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
+    compile: bool = False,
 ) -> Trajectory:
     """Train expert `index` of `config` for config.epochs epochs.
 
     With `checkpoint`, progress is saved there (atomically) after every epoch and a matching
     checkpoint found there is resumed from: the result is bit-identical on CPU to an
-    uninterrupted run. `split` passes a precomputed `training_split` (shared across experts).
+    uninterrupted run (run with the same `compile` and thread count). `split` passes a
+    precomputed `training_split` (shared across experts). `compile`: train through
+    torch.compile (the same maths, other rounding; see `can_compile`).
     """
     device = torch.device(device)
     seed = expert_seed(config, index)
-    setup = build_setup(config, index, data, device, split)
+    setup = build_setup(config, index, data, device, split, compile)
     fingerprint = config.fingerprint()
     progress = load_progress(checkpoint, fingerprint=fingerprint, index=index) if checkpoint else None
     snapshots = torch.empty(config.epochs + 1, setup.layout.total, dtype=torch.float32)

@@ -11,6 +11,7 @@ from ddtool.experts import (
     format_duration,
     run_buffer,
 )
+from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
 from ddtool.methods.base import DistillContext
 
 
@@ -44,9 +45,12 @@ def describe_expert_plan(expert_config: ExpertConfig, ctx: DistillContext) -> li
     line = f"experts: {expert_config.experts} x {expert_config.epochs} epochs of {expert_config.describe()}"
     if not missing:
         return [line + f", found in {path}"]
-    estimate = estimate_training_time(expert_config, ctx.data, ctx.device, len(missing))
-    return [line + f"; {len(missing)} to train first (about {format_duration(estimate.total_seconds)} at "
-                   f"{estimate.images_per_second:.0f} images/s), cached in {path}"]
+    execution = plan_execution(expert_config, ctx.device, training_images(expert_config, ctx.data))
+    estimate = estimate_training_time(expert_config, ctx.data, ctx.device, len(missing), execution=execution)
+    note = UNCOMPILED_NOTE if execution.compile else ""
+    return [line + f"; {len(missing)} to train first, {execution.describe()} (about "
+                   f"{format_duration(estimate.total_seconds)} at {estimate.images_per_second:.0f} images/s an "
+                   f"expert{note}), cached in {path}"]
 
 
 def open_experts(expert_config: ExpertConfig, ctx: DistillContext) -> ExpertStore:
