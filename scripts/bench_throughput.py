@@ -37,17 +37,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a subprocess with sys.path[0] = the tree: times one outer iteration `repeats` times.
-_MATCHING_PROBE = r"""
+# Both probes' start: argv = tree, width, threads, ...; ddtool from the tree, the process set
+# up as that tree's command line sets it up.
+_PRELUDE = r"""
 import json, sys, time, types, torch
-tree, width, steps, repeats, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tree, width, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, tree)
 if threads:
     torch.set_num_threads(threads)
 try:
-    from ddtool.memory import keep_freed_memory  # what the command line sets up (newer trees)
+    from ddtool.memory import keep_freed_memory  # newer trees
     keep_freed_memory()
 except ImportError:
     pass
+"""
+
+_MATCHING_PROBE = _PRELUDE + r"""
+steps, repeats = int(sys.argv[4]), int(sys.argv[5])
 from ddtool.augment import DSA, DSAConfig
 from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.methods.trajectory import TrajectoryConfig, TrajectoryMatching
@@ -105,17 +111,8 @@ else:
 """
 
 # One worker: train on `images` Fashion-MNIST images (batch 256, DSA) after a warm-up epoch.
-_EXPERT_PROBE = r"""
-import json, sys, time, torch
-tree, width, images, threads, compile_ = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-sys.path.insert(0, tree)
-if threads:
-    torch.set_num_threads(threads)
-try:
-    from ddtool.memory import keep_freed_memory
-    keep_freed_memory()
-except ImportError:
-    pass
+_EXPERT_PROBE = _PRELUDE + r"""
+images, compile_ = int(sys.argv[4]), sys.argv[5] == "1"
 from ddtool.data import prepare
 from ddtool.experts.config import ExpertConfig
 from ddtool.experts.train import build_setup, run_epoch
@@ -134,17 +131,14 @@ print(json.dumps({"images_per_second": images / (time.perf_counter() - began), "
 
 
 def _run(code: str, *args) -> dict:
-    env = {**os.environ, "PYTHONPATH": ""}
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                         cwd=tempfile.gettempdir())
-    if out.returncode:
-        raise SystemExit(f"probe failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _finish(_start(code, *args))
 
 
 def _start(code: str, *args) -> subprocess.Popen:
+    # ddtool comes from the tree the probe puts first on sys.path, not from PYTHONPATH or the cwd
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+                            stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
+                            env={**os.environ, "PYTHONPATH": ""})
 
 
 def _finish(process: subprocess.Popen) -> dict:
@@ -159,7 +153,7 @@ def matching(trees: dict[str, Path], width: int, steps: int, repeats: int, round
     defaults = {}
     for _ in range(rounds):  # taking turns, a fresh process each
         for name, tree in trees.items():
-            result = _run(_MATCHING_PROBE, tree, width, steps, repeats, threads)
+            result = _run(_MATCHING_PROBE, tree, width, threads, steps, repeats)
             defaults[name] = result.pop("default_backend")
             for key, seconds in result.items():
                 runs[name].setdefault(key, []).extend(seconds)
@@ -174,7 +168,7 @@ def experts(trees: dict[str, Path], width: int, images: int, epochs: int, rounds
     for _ in range(rounds):
         for name, tree in trees.items():
             plan = out[name]["plan"]
-            workers = [_start(_EXPERT_PROBE, tree, width, images, plan["threads"], int(plan["compile"]))
+            workers = [_start(_EXPERT_PROBE, tree, width, plan["threads"], images, int(plan["compile"]))
                        for _ in range(plan["workers"])]
             results = [_finish(w) for w in workers]
             out[name]["rates"].append(sum(r["images_per_second"] for r in results))

@@ -545,8 +545,13 @@ def test_cli_buffer_merge_of_a_moved_store_and_its_dry_run(tmp_path, fashion_roo
     plan = run(*args, "--out", "moved/b.h5", "--dry-run")
     assert plan.returncode == 0, plan.stderr
     assert "already stored: 0; to train: 2" in plan.stdout
+    assert "on cpu, one at a time, not compiled" in plan.stdout  # too short to be worth either
     assert "lists experts 0, 1 whose files are missing" in plan.stdout and "b.experts/" in plan.stdout
     assert not (tmp_path / "moved" / "b.experts").exists()  # a dry run writes nothing
+    chosen = run(*args, "--out", "moved/b.h5", "--dry-run", "--workers", "2", "--compile")
+    assert chosen.returncode == 0, chosen.stderr
+    assert "2 at a time" in chosen.stdout and "compiled" in chosen.stdout and "not compiled" not in chosen.stdout
+    assert "timed uncompiled" in chosen.stdout
 
 
 def test_buffer_help_names_the_store_files_and_the_presets_experts():

@@ -36,8 +36,8 @@ from ddtool.experts.manifest import (
 )
 from ddtool.experts.plan import stored_experts
 from ddtool.experts.store import StoreWriter, experts_folder, read_expert_record, read_manifest
-from ddtool.memory import keep_freed_memory, keeping_freed_memory
 from ddtool.experts.train import Trajectory, expert_layout, train_expert, training_split
+from ddtool.memory import keep_freed_memory, keeping_freed_memory
 from ddtool.storage.atomic import write_atomically
 from ddtool.training import EpochStats
 

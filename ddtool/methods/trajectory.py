@@ -91,7 +91,7 @@ class TrajectoryConfig:
     max_start_epoch: int = 10
     batch_syn: int = 0  # 0: the whole synthetic set at every inner step
     # auto: bptt where its memory (N steps' activations, measured) fits in a quarter of the
-    # device's memory, else exact; both give the same gradient (bptt is ~1.25x faster on a CPU)
+    # device's memory, else exact; both give the same gradient (exact costs ~1.34x bptt on a CPU)
     backend: str = "auto"
     augment: bool = True  # DSA inside the unroll
     # (expert, start epoch) segments matched per outer iteration; their gradients (images, labels,
@@ -886,8 +886,8 @@ class MTT(TrajectoryMatching):
 class TESLA(TrajectoryMatching):
     """TESLA: constant-memory matching with the target expert's soft labels.
 
-    The gradient backend is the exact adjoint by default (same memory as TESLA's rule, and
-    exact); `backend="tesla"` reproduces the published first-order rule.
+    The gradient is exact by default (bptt where its graph fits, else the adjoint sweep, whose
+    memory is that of TESLA's rule); `backend="tesla"` reproduces the published first-order rule.
     """
 
     presets = {name: dataclasses.replace(cfg, labels="expert_soft")
