@@ -9,6 +9,7 @@ stepped through a closure (so SAM/GSAM, which evaluate the loss twice, plug in u
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
@@ -147,6 +148,9 @@ class CompiledNetwork(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
+        # inductor's C++ toolchain probe warns "No CUDA runtime is found" on every CPU-only
+        # machine, in the middle of the progress bars; it says nothing about the CPU build
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.net = torch.compile(net, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
