@@ -437,14 +437,20 @@ class TrajectoryMatching(Method):
         self._backend_choice = ((ctx.ipc, ctx.device), choice)
         return choice
 
+    def _stand_in_network(self, ctx: DistillContext) -> tuple[torch.nn.Module, ParamLayout]:
+        """A fresh student network on the run's device, for plans that measure before any
+        expert exists (seeded apart from the run's own draws)."""
+        c, spec = self.config, ctx.data.spec
+        with seeded(derive_seed(ctx.seed, "timing")):
+            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
+                                 image_size=spec.image_size, **c.arch_options()).to(ctx.device)
+        return net, ParamLayout.from_module(net)
+
     def _bptt_step_bytes(self, ctx: DistillContext) -> int:
         """Bytes of the tensors one inner step's double-backward graph keeps alive (bptt keeps
         N of them), counted over one stand-in step with autograd's saved-tensor hooks."""
         c, spec, device = self.config, ctx.data.spec, ctx.device
-        with seeded(derive_seed(ctx.seed, "timing")):
-            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
-                                 image_size=spec.image_size, **c.arch_options()).to(device)
-        layout = ParamLayout.from_module(net)
+        net, layout = self._stand_in_network(ctx)
         rng = generator(ctx.seed, "timing")
         count = c.batch_syn or ctx.ipc * spec.num_classes
         images = torch.randn(count, spec.channels, spec.image_size, spec.image_size, generator=rng).to(device)
@@ -473,10 +479,7 @@ class TrajectoryMatching(Method):
         size), timed after a warm-up and scaled to syn_steps and this process's segments. The
         experts are not needed, so a plan can say it before they are trained."""
         c, spec, device = self.config, ctx.data.spec, ctx.device
-        with seeded(derive_seed(ctx.seed, "timing")):
-            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
-                                 image_size=spec.image_size, **c.arch_options()).to(device)
-        layout = ParamLayout.from_module(net)
+        net, layout = self._stand_in_network(ctx)
         start = layout.flatten(net).to(device)
         rng = generator(ctx.seed, "timing")
         shape = (ctx.ipc * spec.num_classes, spec.channels, spec.image_size, spec.image_size)
