@@ -206,6 +206,11 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     with h5py.File(out, "r") as f:
         assert f["images"].shape == (10, 1, 28, 28)
         learned_lr = float(f["learned_lr"][()])
+        timings = json.loads(f.attrs["timings"])
+    # the experts it trained count as experts, at their recorded time; the rest is distillation
+    assert set(timings) == {"experts_s", "distill_s", "total_s", "hardware"}
+    assert timings["experts_s"] > 0 and timings["distill_s"] > 0 and timings["hardware"]
+    assert timings["total_s"] == pytest.approx(timings["experts_s"] + timings["distill_s"], abs=0.11)
     # The run's log (in the cache's work folder) records α after each update; the set must hold
     # the last one, which has moved from α₀ = 0.01 (the preset's lr_init): a set that saved α₀,
     # or any positive number, would pass a mere "> 0".
@@ -222,6 +227,21 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     [store] = (cache / "experts").glob("*.h5")
     manifest = read_manifest(store)
     assert len(manifest.experts) == 1 and manifest.epochs == 2
+
+
+def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_path, fashion_root):
+    out = tmp_path / "b.h5"
+    common = ("--ipc", 1, "--data-root", fashion_root, "-o", out, "--set", "width=8")
+    planned = ok(ddtool("distill", "--method", "datm", *common, "--budget", "20m", "--dry-run")).stdout
+    assert "- budget 20m 00s for experts and distillation (evaluation not included): " in planned
+    assert " outer iterations at about " in planned and "stopping early if the budget runs out" in planned
+    assert not out.exists()
+    user_error(ddtool("distill", "--method", "random", *common[:-2], "--budget", "5m"), "--budget sizes the runs of")
+    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "5m", "--iterations", 9),
+               "--budget sizes iterations itself")
+    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "2s"), "too small for a useful mtt run", "--budget")
+    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "soon"), "Cannot read the duration")
+    assert not out.exists()
 
 
 def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

@@ -15,7 +15,8 @@ from ddtool.device import resolve_device
 from ddtool.errors import ConfigError
 from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
 from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
-from ddtool.experts.plan import estimate_training_time, format_duration, inspect_store, store_path_for
+from ddtool.durations import format_duration
+from ddtool.experts.plan import estimate_training_time, inspect_store, store_path_for
 from ddtool.experts.runner import Shard, merge_shards, run_buffer
 from ddtool.experts.store import ExpertStore, experts_folder, read_manifest
 from ddtool.training import PRECISIONS

@@ -22,18 +22,15 @@ from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol, time_epoch
-from ddtool.experts import format_duration
+from ddtool.durations import format_duration
 from ddtool.methods.base import (
-    DistillContext,
     build_config,
     get_method_class,
     list_methods,
     parse_overrides,
-    resolve_preset,
-    run_fingerprint,
 )
 from ddtool.networks import create_network, same_network
-from ddtool.paths import cache_root
+from ddtool.run import prepare_distill
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
     EXPORT_FORMATS,
@@ -107,6 +104,10 @@ def _file_safe_name(dataset: str) -> str:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one setting of the method's configuration (repeatable).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Shortcut for --set iterations=N.")
+@click.option("--budget", metavar="DURATION", default=None,
+              help="Wall-clock budget for experts and distillation (e.g. 30m, 1h30m; evaluation not included): "
+                   "the plan times this machine and sizes the experts and iterations to fit, and the run stops "
+                   "in time with its set saved (trajectory methods).")
 @click.option("--backend", type=click.Choice(["auto", "exact", "bptt", "tesla"]), default=None,
               help="Gradient backend of trajectory matching: bptt (fastest; memory grows with N), exact (the "
                    "same gradient in constant memory), tesla (TESLA's first-order rule). Default auto: bptt when "
@@ -130,7 +131,7 @@ def _file_safe_name(dataset: str) -> str:
 @_seed
 @_device
 @_quiet
-def distill(method, ipc, dataset, data_root, preset, settings, iterations, backend, output, resume, no_eval,
+def distill(method, ipc, dataset, data_root, preset, settings, iterations, budget, backend, output, resume, no_eval,
             protocol, eval_runs, eval_epochs, compile_eval, eval_precision, list_presets, dry_run, seed, device,
             quiet) -> None:
     """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
@@ -156,64 +157,47 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, backe
         overrides["iterations"] = iterations
     if backend is not None:
         overrides["backend"] = backend
-    config = build_config(method_cls, preset, overrides, ipc=ipc)
-    runner = method_cls(config)
     if not no_eval and protocol is not None:
         _refuse_kd_without_teacher(method, method_cls, protocol)
-    from ddtool.methods.trajectory import TrajectoryMatching
-
-    if distributed.world_size() > 1 and not isinstance(runner, TrajectoryMatching):
+    if distributed.world_size() > 1 and not method_cls.splits_over_processes:
         raise ConfigError(f"Method {method!r} does not split its work over torchrun processes; only the trajectory "
                           "methods (mtt, tesla, datm, ftd) do. Run it as one process (`ddtool distill ...` without "
                           "torchrun); `torchrun ... -m ddtool evaluate SET.h5` spreads its evaluation.")
-    torch_device = distributed.device_for_rank(resolve_device(device))
-    spec = get_spec(dataset)
-    data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
+    build_config(method_cls, preset, overrides, ipc=ipc)  # a wrong setting fails before the data loads
+    run = prepare_distill(method, ipc, dataset=dataset, data_root=data_root, preset=preset, settings=overrides,
+                          budget=budget, seed=seed, device=device, resume=resume, progress=not quiet,
+                          log=lambda m: click.echo(m, err=True))
+    data, runner = run.data, run.method
     if runner.draws_real_images or not no_eval:  # the evaluation's random baseline draws them too
         check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), ipc)
     out = Path(output) if output else _default_output(data.spec.name, method, ipc, seed)
     if distributed.is_main():
         check_writable(out)  # now, not after the hours the distillation takes
-    work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
-    ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
-                         resume=resume, progress=not quiet, log=lambda m: click.echo(m, err=True))
     if distributed.is_main():  # the plan measures expert-training speed: once is enough
         click.echo("Plan:")
-        click.echo(f"  - data: {data.spec.name} from {data.source or 'memory'}: {len(data.train_y):,} training images "
-                   f"({len(data.val_y):,} more held out for validation), {len(data.test_y):,} test images")
-        chosen = resolve_preset(method_cls, preset, ipc)
-        if chosen is not None:
-            changed = f", with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
-            click.echo(f"  - preset {chosen}{changed}")
-        for line in runner.plan(ctx):
-            click.echo(f"  - {line}")
+        lines = run.plan()
         evaluation = protocol or method_cls.default_protocol
-        click.echo(f"  - save to {out}{_replacing(out)}"
-                   + ("" if no_eval else f", then evaluate ({evaluation} protocol"
-                      f"{_evaluation_estimate(runner, data, ipc, evaluation, eval_runs, eval_epochs, eval_precision)})"))
-        click.echo(f"  - checkpoints and log in {work_dir}")
-        resume_note = _resume_note(runner, work_dir, resume)
+        lines.insert(-1, f"save to {out}{_replacing(out)}"
+                     + ("" if no_eval else f", then evaluate ({evaluation} protocol"
+                        f"{_evaluation_estimate(runner, data, ipc, evaluation, eval_runs, eval_epochs, eval_precision)})"))
+        resume_note = _resume_note(runner, run.work_dir, resume)
         if resume_note:
-            click.echo(f"  - {resume_note}")
+            lines.append(resume_note)
         if distributed.world_size() > 1:
-            click.echo(f"  - {distributed.world_size()} processes (torchrun): rank 0 writes every file")
+            lines.append(f"{distributed.world_size()} processes (torchrun): rank 0 writes every file")
+        for line in lines:
+            click.echo(f"  - {line}")
     if dry_run:
         click.echo("Dry run: nothing distilled or written.")
         return
-    work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sset = runner.distill(ctx)
-    # a resumed run counts the outer iterations its interrupted processes ran as well
-    sset.config["seconds"] = round(time.perf_counter() - started + sset.config.pop("seconds_before_resume", 0.0), 1)
-    sset.config["device"] = str(torch_device)
-    if distributed.world_size() > 1:
-        sset.config["processes"] = distributed.world_size()
+    sset = run.distill()
     if distributed.is_main():
         save_synthetic_set(out, sset)
     say(f"Saved {sset.num_images} images ({ipc}/class) to {out} in {time.perf_counter() - started:.0f} s.")
     if not no_eval:
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
-                             data_root, torch_device, quiet, baselines=True, reference=None, epochs=eval_epochs,
+                             data_root, run.ctx.device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
 
 

@@ -14,7 +14,7 @@ from ddtool.experts.config import ExpertConfig
 from ddtool.experts.manifest import ExpertRecord, StoreManifest
 from ddtool.experts.optim import GSAM, SAM, build_optimizer
 from ddtool.experts.plan import (
-    TrainingEstimate, default_cache_dir, estimate_training_time, find_or_plan_store, format_duration, format_step,
+    TrainingEstimate, default_cache_dir, estimate_training_time, find_or_plan_store,
     store_path_for,
 )
 from ddtool.experts.runner import BufferResult, Shard, merge_shards, run_buffer
@@ -24,6 +24,6 @@ from ddtool.experts.train import Trajectory, train_expert
 __all__ = [
     "BufferResult", "ExpertConfig", "ExpertRecord", "ExpertStore", "GSAM", "SAM", "Shard", "StoreManifest",
     "TrainingEstimate", "Trajectory", "build_optimizer", "default_cache_dir", "estimate_training_time",
-    "find_or_plan_store", "format_duration", "format_step", "merge_shards", "read_manifest", "run_buffer",
+    "find_or_plan_store", "merge_shards", "read_manifest", "run_buffer",
     "store_path_for", "train_expert",
 ]

@@ -29,6 +29,7 @@ class ExpertProgress:
     epoch_loss: list[float] = field(default_factory=list)
     epoch_accuracy: list[float] = field(default_factory=list)
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test accuracy)
+    seconds: float = 0.0  # wall-clock of the epochs done, over every process that trained them
 
 
 def save_progress(progress: ExpertProgress, path: Path) -> None:

@@ -40,6 +40,15 @@ class ExpertRecord:
     train_accuracy: float
     test_accuracy: float
     file: str  # relative to the store's index file
+    # Wall-clock of its training and how many experts trained side by side meanwhile; None for
+    # experts trained before stores recorded it.
+    seconds: float | None = None
+    side_by_side: int = 1
+
+    def share_of_wall_clock(self) -> float | None:
+        """The part of a machine's wall-clock this expert took: its seconds over the experts that
+        shared the machine with it (what a set made from it reports as its experts' time)."""
+        return None if self.seconds is None else self.seconds / self.side_by_side
 
 
 @dataclass(frozen=True)

@@ -133,22 +133,3 @@ def _time_training(config: ExpertConfig, data: PreparedData, device: torch.devic
     eval_ips = timed / max(time.perf_counter() - started, 1e-9)
     per_expert = config.epochs * n_train / train_ips + (n_train + n_test) / eval_ips
     return TrainingEstimate(1, config.epochs, n_train, train_ips, per_expert)
-
-
-def format_step(seconds: float) -> str:
-    """One step's time for a plan: "0.13 s" (two digits) under ten seconds, else as format_duration."""
-    return f"{seconds:.2g} s" if seconds < 10 else format_duration(seconds)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"

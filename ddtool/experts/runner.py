@@ -126,7 +126,8 @@ def _train_shard(config: ExpertConfig, path: Path, data: PreparedData, device: t
             on_epoch = report.start_expert(index) if report else None
             try:
                 trajectory = train_expert(config, index, data, device, checkpoint=writer.checkpoint_path(index),
-                                          on_epoch=on_epoch, split=split, compile=execution.compile)
+                                          on_epoch=on_epoch, split=split, compile=execution.compile,
+                                          side_by_side=_processes_on_this_machine())
                 writer.add(trajectory)
             except DDToolError:
                 raise  # names the expert already (the CLI adds the rank)
@@ -136,6 +137,12 @@ def _train_shard(config: ExpertConfig, path: Path, data: PreparedData, device: t
             if report:
                 report.finish_expert(trajectory.test_accuracy)
     return BufferResult(path, tuple(todo), skipped)
+
+
+def _processes_on_this_machine() -> int:
+    """The experts training at once here when each process trains one: torchrun's processes on
+    this node (LOCAL_WORLD_SIZE), else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if distributed.world_size() > 1 else 1
 
 
 def _say_kept(index: int, writer: StoreWriter) -> None:
@@ -159,12 +166,12 @@ def _start_worker(events, threads: int, keep_memory: bool) -> None:
 
 
 def _worker_train(config: ExpertConfig, index: int, data: PreparedData, device: torch.device, checkpoint: Path,
-                  split: tuple[torch.Tensor, torch.Tensor], compile: bool) -> Trajectory:
+                  split: tuple[torch.Tensor, torch.Tensor], compile: bool, side_by_side: int) -> Trajectory:
     def on_epoch(done: int, stats: EpochStats, seconds: float) -> None:
         _events.put((index, done, stats, seconds))
 
     return train_expert(config, index, data, device, checkpoint=checkpoint, on_epoch=on_epoch, split=split,
-                        compile=compile)
+                        compile=compile, side_by_side=side_by_side)
 
 
 def _train_in_workers(config: ExpertConfig, data: PreparedData, device: torch.device,
@@ -178,7 +185,7 @@ def _train_in_workers(config: ExpertConfig, data: PreparedData, device: torch.de
     pool = ProcessPoolExecutor(execution.workers, mp_context=context, initializer=_start_worker,
                                initargs=(events, execution.threads, keeping_freed_memory()))
     running = {pool.submit(_worker_train, config, index, data, device, writer.checkpoint_path(index), split,
-                           execution.compile): index for index in todo}
+                           execution.compile, min(execution.workers, len(todo))): index for index in todo}
     try:
         with ExitStack() as bars:
             report = _WorkersProgress(bars, total, done, config.epochs * len(todo), execution.workers) \

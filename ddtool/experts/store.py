@@ -8,7 +8,9 @@ On disk a store `NAME.h5` is an index file plus a folder `NAME.experts/` of one 
     NAME.experts/expert-00007.h5 /expert/params (E+1, P) float32, chunks (1, P), each with a
                                         Fletcher-32 checksum (files written before 2026-12-06: none)
                                  /expert attrs: format "ddtool.expert", fingerprint, index, seed,
-                                        final train/test accuracy; per-epoch loss/accuracy datasets
+                                        final train/test accuracy, training seconds and
+                                        side_by_side (experts trained at once meanwhile);
+                                        per-epoch loss/accuracy datasets
 
 Why a folder: an expert is either complete in the store or absent. Each expert file is
 written under a temporary name and renamed, and the small index file is rewritten the same
@@ -322,6 +324,7 @@ def write_expert_file(path: Path, trajectory: Trajectory, fingerprint: str) -> N
             "format": EXPERT_FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
             "index": trajectory.index, "seed": np.int64(trajectory.seed), "epochs": params.shape[0] - 1,
             "train_accuracy": trajectory.train_accuracy, "test_accuracy": trajectory.test_accuracy,
+            "seconds": trajectory.seconds, "side_by_side": trajectory.side_by_side,
         })
         # One chunk per epoch row: a reader of epoch t touches exactly one chunk. No compression:
         # trained float32 weights barely compress and segments are read at random. The checksum
@@ -349,7 +352,9 @@ def read_expert_record(path: Path, fingerprint: str, epochs: int) -> ExpertRecor
                 raise FormatError(f"{path} does not hold {epochs + 1} snapshots.")
             return ExpertRecord(index=int(a["index"]), seed=int(a["seed"]),
                                 train_accuracy=float(a["train_accuracy"]),
-                                test_accuracy=float(a["test_accuracy"]), file=path.name)
+                                test_accuracy=float(a["test_accuracy"]), file=path.name,
+                                seconds=float(a["seconds"]) if "seconds" in a else None,
+                                side_by_side=int(a.get("side_by_side", 1)))
     except OSError as exc:
         raise FormatError(f"{path} is not a readable HDF5 file ({exc}).") from None
 
@@ -395,7 +400,8 @@ def write_index_file(path: Path, manifest: StoreManifest) -> None:
 
 def _record(trajectory: Trajectory, file: str) -> ExpertRecord:
     return ExpertRecord(index=trajectory.index, seed=trajectory.seed, train_accuracy=trajectory.train_accuracy,
-                        test_accuracy=trajectory.test_accuracy, file=file)
+                        test_accuracy=trajectory.test_accuracy, file=file, seconds=trajectory.seconds,
+                        side_by_side=trajectory.side_by_side)
 
 
 def _text(value: Any) -> str | None:

@@ -44,6 +44,10 @@ class Trajectory:
     epoch_loss: list[float]  # mean training loss of each epoch (free by-products of training)
     epoch_accuracy: list[float]  # running training accuracy of each epoch (augmented batches)
     evaluations: list[tuple[int, float]]  # (epoch, test accuracy) when eval_every > 0
+    # Wall-clock of its training epochs (resumed sessions included), and how many experts
+    # trained side by side meanwhile (sharing the machine): what the expert cost.
+    seconds: float = 0.0
+    side_by_side: int = 1
 
 
 @dataclass
@@ -134,6 +138,7 @@ def train_expert(
     on_epoch: EpochCallback | None = None,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
     compile: bool = False,
+    side_by_side: int = 1,
 ) -> Trajectory:
     """Train expert `index` of `config` for config.epochs epochs.
 
@@ -141,7 +146,8 @@ def train_expert(
     checkpoint found there is resumed from: the result is bit-identical on CPU to an
     uninterrupted run (run with the same `compile` and thread count). `split` passes a
     precomputed `training_split` (shared across experts). `compile`: train through
-    torch.compile (the same maths, other rounding; see `can_compile`).
+    torch.compile (the same maths, other rounding; see `can_compile`). `side_by_side`: how
+    many experts train at once on this machine, recorded with the expert's wall-clock.
     """
     device = torch.device(device)
     seed = expert_seed(config, index)
@@ -167,6 +173,7 @@ def train_expert(
                 f"was stored. Lower the learning rate (--lr {config.lr:g}) or the AST penalty, then rerun."
             )
         snapshots[epoch + 1] = setup.layout.flatten(setup.model, torch.float32).cpu()
+        progress.seconds += time.perf_counter() - started
         progress.epoch_loss.append(stats.loss)
         progress.epoch_accuracy.append(stats.accuracy)
         done = epoch + 1
@@ -193,6 +200,8 @@ def train_expert(
         epoch_loss=list(progress.epoch_loss),
         epoch_accuracy=list(progress.epoch_accuracy),
         evaluations=list(progress.evaluations),
+        seconds=progress.seconds,
+        side_by_side=side_by_side,
     )
 
 

@@ -40,6 +40,12 @@ class DistillContext:
     progress: bool = True
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set by the method as it runs, for the set's timings: the recorded wall-clock seconds of
+    # the experts it used (0: none; None: not recorded), the part of this process's time spent
+    # training them, and the seconds earlier, interrupted processes spent on a resumed run.
+    experts_s: float | None = 0.0
+    experts_trained_s: float = 0.0
+    resumed_s: float = 0.0
 
 
 class Method(ABC):
@@ -62,6 +68,10 @@ class Method(ABC):
     # Whether its sets carry a teacher (or its soft labels of stored views): only those can be
     # evaluated under a knowledge-distillation protocol.
     makes_teacher: ClassVar[bool] = False
+    # Whether `ddtool distill --budget` can size its runs (ddtool.methods.budget).
+    fits_budget: ClassVar[bool] = False
+    # Whether a run can split its work over torchrun processes.
+    splits_over_processes: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):
@@ -144,7 +154,7 @@ def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> s
 # Config fields added after runs were made with their classes, and the default they take:
 # left out of run fingerprints while at it. (Fields added before this list existed changed
 # the fingerprints of the runs of their time.)
-_ADDED_LATER = {"expert_precision": "fp32"}
+_ADDED_LATER = {"expert_precision": "fp32", "eval_networks": 1, "budget_s": 0.0}
 
 
 def list_methods() -> list[str]:

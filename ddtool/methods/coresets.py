@@ -13,7 +13,7 @@ import torch
 from ddtool.data import PreparedData, class_indices, sample_per_class
 from ddtool.errors import ConfigError
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.experts import format_duration
+from ddtool.durations import format_duration
 from ddtool.methods.teacher import RealTrainingRecipe, network_trained_on_real, real_training_estimate
 from ddtool.networks import network_options
 from ddtool.seeding import generator

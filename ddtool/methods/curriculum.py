@@ -42,7 +42,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
 from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
-from ddtool.experts import format_duration, format_step
+from ddtool.durations import format_duration, format_step
 from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_norm_layers, real_training_estimate,
                                      require_batch_norm, squeeze, untrained_network)
 from ddtool.networks import network_options

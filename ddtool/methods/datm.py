@@ -24,6 +24,7 @@ from ddtool.methods.trajectory import (
     FASHION_IPC_CHANGES,
     TrajectoryConfig,
     TrajectoryMatching,
+    start_epochs_below,
     with_ipc_variants,
 )
 from ddtool.seeding import generator
@@ -106,6 +107,14 @@ class DATM(TrajectoryMatching):
                                                   max_start_epoch=50, lr_img=100, lr_lr=1e-4, batch_syn=500, depth=4),
                                  lr_label=10.0),
     }, DATM_IPC_CHANGES)
+    # A budgeted run's window: from a fifth of the trajectory, growing over all its iterations
+    # to four fifths (the IPC-10 variant's [0, 4) -> [0, 16) on 20-epoch experts).
+    budget_window_start_share = 0.2
+
+    def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
+        final = start_epochs_below(self.budget_start_share, epochs, base.expert_epochs)
+        start = min(final, start_epochs_below(self.budget_window_start_share, epochs, base.expert_epochs))
+        return {"max_start_epoch": start, "max_start_epoch_final": final, "window_grow_iterations": iterations}
 
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:
         c = self.config

@@ -3,14 +3,16 @@ the missing experts (saying so, with an estimate), then check the store fits the
 
 from __future__ import annotations
 
+import time
+
 from ddtool.experts import (
     ExpertConfig,
     ExpertStore,
     estimate_training_time,
     find_or_plan_store,
-    format_duration,
     run_buffer,
 )
+from ddtool.durations import format_duration
 from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
 from ddtool.methods.base import DistillContext
 
@@ -57,8 +59,18 @@ def open_experts(expert_config: ExpertConfig, ctx: DistillContext) -> ExpertStor
     path, missing = find_or_plan_store(expert_config)
     if missing:
         ctx.log(f"Training {len(missing)} expert(s) into {path} (resumable; reused by later runs).")
+        started = time.perf_counter()
         run_buffer(expert_config, path, ctx.data, ctx.device, progress=ctx.progress)
+        ctx.experts_trained_s += time.perf_counter() - started
     store = ExpertStore.open(path, num_experts=expert_config.experts)
     store.check_compatible(ctx.data.spec.name, expert_config.arch, expert_config.arch_options,
                            ctx.data.preprocessing)
     return store
+
+
+def experts_wall_clock(store: ExpertStore) -> float | None:
+    """What the store's experts (those this run uses) cost to train, in seconds of a machine's
+    wall-clock as recorded when they were trained; None if one was trained before stores
+    recorded it."""
+    shares = [store.record(i).share_of_wall_clock() for i in range(store.num_experts)]
+    return None if any(share is None for share in shares) else sum(shares)

@@ -43,8 +43,8 @@ from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import BACKENDS, Forward
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
-from ddtool.experts import format_duration, format_step
-from ddtool.methods.experts import describe_expert_plan, expert_config_for, open_experts
+from ddtool.durations import format_duration, format_step
+from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
 from ddtool.methods.initialisation import representative_indices
 from ddtool.networks import ParamLayout, create_network, format_arch, network_options
 from ddtool.seeding import derive_seed, generator, seeded
@@ -125,11 +125,16 @@ class TrajectoryConfig:
     checkpoint_every: int = 50
     eval_every: int = 0  # validation evaluation period (0: only the final set)
     eval_epochs: int = 300
+    eval_networks: int = 1  # fresh networks each validation trains (their mean accuracy counts)
     max_rollbacks: int = 5
+    # A wall-clock budget in seconds for the set's whole cost (0: none): the recorded training
+    # time of the experts it uses (cached ones too) plus distillation. The outer loop stops
+    # before an iteration that would pass it; `ddtool distill --budget` sizes the run to it.
+    budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("experts", "expert_train_epochs", "syn_steps", "expert_epochs", "iterations",
-                    "checkpoint_every", "eval_epochs", "segments_per_iteration")
+                    "checkpoint_every", "eval_epochs", "eval_networks", "segments_per_iteration")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
@@ -166,6 +171,8 @@ class TrajectoryConfig:
         require_finite(self)
         if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
             raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
+        if self.budget_s < 0:
+            raise ConfigError(f"budget_s must be >= 0 (0: no budget), got {self.budget_s}.")
         if self.max_rollbacks < 0:
             raise ConfigError(f"max_rollbacks must be >= 0 (0: stop at the first divergence), got {self.max_rollbacks}.")
         if not self.soft_label_temperature > 0:
@@ -303,6 +310,7 @@ class MatchingState:
     best: dict | None = None  # {"iteration", "images", "lr", "label_logits"} of the best validation score
     extra: dict = dataclasses.field(default_factory=dict)  # subclass state (e.g. FTD's EMA)
     elapsed: float = 0.0  # seconds of outer iterations up to this state, over every process that ran them
+    budget_spent: bool = False  # the loop stopped here at its budget: a resumed run goes no further
 
     def clone(self) -> "MatchingState":
         return copy.deepcopy(self)
@@ -390,6 +398,16 @@ class TrajectoryMatching(Method):
         return ema.clone()
 
     # ---- the loop --------------------------------------------------------------------------
+    fits_budget = True
+    splits_over_processes = True
+    # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
+    budget_start_share = 0.8
+
+    def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
+        """The matching settings of a budgeted run on `epochs`-epoch experts over `iterations`
+        outer iterations: start epochs spread in proportion to the trajectory's length."""
+        return {"max_start_epoch": start_epochs_below(self.budget_start_share, epochs, base.expert_epochs)}
+
     def describe_start_epochs(self) -> str:
         low, high = self.start_epoch_range(0)
         return f"start epochs [{low}, {high})"
@@ -522,6 +540,8 @@ class TrajectoryMatching(Method):
             ctx = dataclasses.replace(ctx, log=lambda message: None, progress=False)
         data, device = ctx.data, ctx.device
         experts = open_experts(expert_config_for(c, ctx), ctx)
+        ctx.experts_s = experts_wall_clock(experts)
+        distill_started = time.perf_counter()
         spec = data.spec
         with seeded(derive_seed(ctx.seed, "student")):
             net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
@@ -570,7 +590,17 @@ class TrajectoryMatching(Method):
         my_segments = distributed.indices_of_this_rank(c.segments_per_iteration)
         bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
         it = state.iteration
+        last_seconds = 0.0
         while it < c.iterations:
+            if state.budget_spent or (c.budget_s and self._budget_spent(
+                    ctx, resumed_after + time.perf_counter() - distill_started, last_seconds)):
+                ctx.log(f"Budget of {format_duration(c.budget_s)} reached: stopping after {it} of {c.iterations} "
+                        "iterations.")
+                state.budget_spent = True
+                state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+                if distributed.is_main():
+                    self._save_checkpoint(checkpoint, state)
+                break
             started = time.perf_counter()
             segments = self._draw_segments(ctx.seed, it, experts)
             result = self._mean_over_segments(
@@ -620,14 +650,21 @@ class TrajectoryMatching(Method):
                 last_good = self._snapshot(state, images, lr, label_logits, optimizers)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
+            last_seconds = time.perf_counter() - started
         bar.close()
         sset = self._final_set(ctx, state, relabel)
-        # what earlier, interrupted processes spent on this run, for the time the set reports
-        sset.config["seconds_before_resume"] = round(resumed_after, 1)
+        ctx.resumed_s = resumed_after  # what earlier, interrupted processes spent on this run
         sset.config["backend"] = chosen.name  # the one that computed it, "auto" resolved
         return sset
 
     # ---- pieces of the loop -----------------------------------------------------------------
+    def _budget_spent(self, ctx: DistillContext, distill_seconds: float, next_iteration: float) -> bool:
+        """Whether another outer iteration (taking about `next_iteration` seconds, the last one's)
+        would pass the budget, counting the experts' recorded time and `distill_seconds` so far.
+        Decided by rank 0 for all, so every process stops at the same iteration."""
+        spent = (ctx.experts_s or 0.0) + distill_seconds + next_iteration
+        return bool(distributed.broadcast_object(spent > self.config.budget_s))
+
     def _draw_segments(self, seed: int, iteration: int, experts: ExpertStore) -> list[Segment]:
         """All of this iteration's segments, each from its own generator. Every rank draws all of
         them (two integers each) so that rank 0 can log what the others match."""
@@ -783,12 +820,16 @@ class TrajectoryMatching(Method):
         if data.val_x.shape[0] == 0:
             return
         score = None
-        if distributed.is_main():  # one network to train: rank 0 trains it, the others wait for its score
+        if distributed.is_main():  # few networks to train: rank 0 trains them, the others wait for the score
             protocol = get_protocol(self.default_protocol)
-            score = train_fresh_network(self.images_to_save(state), self._eval_targets(state, relabel), data,
-                                        protocol=protocol, lr=float(state.lr.detach()), arch=self.student_arch(),
-                                        seed=derive_seed(ctx.seed, "validation", state.iteration),
-                                        epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
+            images, targets = self.images_to_save(state), self._eval_targets(state, relabel)
+            scores = [train_fresh_network(images, targets, data, protocol=protocol, lr=float(state.lr.detach()),
+                                          arch=self.student_arch(), seed=derive_seed(ctx.seed, "validation",
+                                                                                     state.iteration, *run),
+                                          epochs=self.config.eval_epochs, held_out=(data.val_x, data.val_y))
+                      # network 0 keeps the seed a single validation network always had
+                      for run in [()] + [(n,) for n in range(1, self.config.eval_networks)]]
+            score = sum(scores) / len(scores)
         score = distributed.broadcast_object(score)  # so every rank keeps the same best state
         ctx.log(f"Iteration {state.iteration}: validation accuracy {100 * score:.2f}%")
         if score > state.best_val:
@@ -864,6 +905,12 @@ class TrajectoryMatching(Method):
             return None
         raw = torch.load(io.BytesIO(payload), map_location=device, weights_only=False)
         return MatchingState(**raw)
+
+
+def start_epochs_below(share: float, epochs: int, span: int) -> int:
+    """The bound `share` of the way along `epochs`-epoch experts, at least 1 and at most what
+    `span`-epoch segments allow (the last start epoch plus span within the trajectory)."""
+    return max(1, min(round(share * epochs), epochs - span + 1))
 
 
 def perturb_conv_weights(params: torch.Tensor, layout: ParamLayout, scale: float,

@@ -132,6 +132,8 @@ def _write_set(f: h5py.File, sset: SyntheticSet) -> None:
             "config": dumps(sset.config, "config"),
         }
     )
+    if sset.timings is not None:
+        f.attrs["timings"] = dumps(sset.timings, "timings")
     _write_array(f, "images", sset.images.cpu().numpy())
     _write_array(f, "labels", sset.labels.cpu().numpy())
     if sset.learned_lr is not None:
@@ -270,6 +272,7 @@ def _read_fields(f: h5py.File, path: Path) -> dict[str, Any]:
         "evaluations": [_read_record(g) for _, g in sorted(f.get("evaluations", {}).items(), key=_by_index)],
         "extras": {name: ds[()] for name, ds in f.get("extras", {}).items()},
         "teacher": _read_teacher(f["teacher"]) if "teacher" in f else None,
+        "timings": json.loads(attrs["timings"]) if "timings" in attrs else None,
         "created": _text(attrs["created"]),
         "ddtool_version": _text(attrs["ddtool_version"]),
     }

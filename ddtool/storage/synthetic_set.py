@@ -56,6 +56,9 @@ class SyntheticSet:
     extras: method-specific numeric arrays (e.g. per-view soft labels of SRe2L/CDA).
     teacher: optional {"arch": str, "options": dict, "state": {name: Tensor}}, a network saved
         with the set so that a knowledge-distillation evaluation can run it live.
+    timings: what making the set cost in wall-clock, {"experts_s", "distill_s", "total_s",
+        "hardware"} (experts_s: the recorded training time of the experts it used, also when
+        they came from the cache; None where unknown); None for sets that do not record it.
 
     The size rule: with hard labels N must equal ipc * num_classes (what "images per class"
     means). Soft-label sets are not tied to it (e.g. several views per image), so only
@@ -81,6 +84,7 @@ class SyntheticSet:
     evaluations: list[dict] = field(default_factory=list)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     teacher: dict | None = None
+    timings: dict | None = None
     created: str = field(default_factory=now_iso)
     ddtool_version: str = ddtool.__version__
 
@@ -152,6 +156,8 @@ class SyntheticSet:
         self.extras = {name: _extra_array(name, value) for name, value in dict(self.extras).items()}
         if self.teacher is not None:
             self.teacher = _normalize_teacher(self.teacher)
+        if self.timings is not None:
+            self.timings = _require_dict(to_plain(self.timings, "timings"), "timings")
 
     def _validate_metadata(self) -> None:
         for name in ("dataset", "method", "created", "ddtool_version"):

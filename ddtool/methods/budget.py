@@ -1,0 +1,126 @@
+"""Sizing a trajectory-matching run to a wall-clock budget.
+
+The budget bounds what the set costs: the recorded training time of the experts it uses
+(cached experts count what they cost when they were trained, so a run makes the same set
+whether or not its experts were cached) plus distillation. The rule, measured on this
+machine before any work:
+
+- experts: as many as train at once here (at least 2), their epochs E filling EXPERT_SHARE of
+  the budget (E at most MAX_EXPERT_EPOCHS; a budget with room beyond that trains more experts,
+  a round of them at a time, up to MAX_EXPERTS); expert speed is timed uncompiled, so compiled
+  experts finish early;
+- matching: start epochs spread over the trajectory in proportion to E (the method's
+  `budget_settings`), so longer experts are matched further along;
+- distillation: as many outer iterations as the rest of the budget holds at the timed speed of
+  one, after INIT_SECONDS for loading the experts and initialising; the outer loop also stops
+  before an iteration that would pass the budget (the `budget_s` setting), so a slower machine
+  than timed still ends in time, with its set checkpointed and saved.
+
+A budget too small for MIN_EXPERT_EPOCHS-epoch experts and MIN_ITERATIONS iterations is refused,
+naming the least that works. The shares were chosen on the validation split
+(scripts/sweep_budget.py; docs/budget.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ddtool.durations import format_duration, format_step
+from ddtool.errors import ConfigError
+from ddtool.experts import ExpertStore, estimate_training_time, find_or_plan_store
+from ddtool.experts.execution import plan_execution, training_images
+from ddtool.methods.base import DistillContext
+from ddtool.methods.experts import expert_config_for, experts_wall_clock
+
+EXPERT_SHARE = 0.3  # of the budget, for training experts
+MAX_EXPERT_EPOCHS = 20  # longer budgets train more experts instead
+MAX_EXPERTS = 20
+MIN_EXPERT_EPOCHS = 4
+MIN_ITERATIONS = 50
+INIT_SECONDS = 20.0  # loading the experts, initialising the images (correct-only: scoring a pool), saving
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    seconds: float  # the budget
+    config: Any  # the method's configuration sized to it
+    experts_s: float  # the experts' cost: recorded (cached) or estimated (to train)
+    experts_cached: bool
+    iteration_s: float  # one outer iteration, timed here
+    workers: int  # experts trained at once
+
+    @property
+    def distill_s(self) -> float:
+        return self.seconds - self.experts_s
+
+    def describe(self) -> list[str]:
+        c = self.config
+        experts = (f"{c.experts} experts x {c.expert_train_epochs} epochs, "
+                   + (f"cached (recorded {format_duration(self.experts_s)})" if self.experts_cached else
+                      f"about {format_duration(self.experts_s)} to train, {self.workers} at a time"))
+        return [f"budget {format_duration(self.seconds)} for experts and distillation (evaluation not included): "
+                f"{experts}; then {c.iterations} outer iterations at about {format_step(self.iteration_s)} each "
+                f"in the {format_duration(self.distill_s)} left, stopping early if the budget runs out"]
+
+
+def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
+    """`method` (a TrajectoryMatching) with its configuration sized to `seconds` on this machine."""
+    base = method.config
+    span = base.expert_epochs
+    probe = _sized(method, base, 2, MAX_EXPERT_EPOCHS, 1, seconds)
+    expert_config = expert_config_for(probe, ctx)
+    images = training_images(expert_config, ctx.data)
+    execution = plan_execution(expert_config, ctx.device, images)
+    workers = execution.workers
+    timing = estimate_training_time(dataclasses.replace(expert_config, epochs=1), ctx.data, ctx.device, 1,
+                                    execution=execution)
+    epoch_s = images / timing.images_per_second
+    final_s = max(timing.seconds_per_expert - epoch_s, 0.0)  # the final accuracy pass
+
+    def experts_cost(experts: int, epochs: int) -> float:
+        return math.ceil(experts / workers) * (epochs * epoch_s + final_s)
+
+    experts = max(2, workers)
+    share = EXPERT_SHARE * seconds
+    epochs = min(MAX_EXPERT_EPOCHS, int((share / math.ceil(experts / workers) - final_s) / epoch_s))
+    while (epochs == MAX_EXPERT_EPOCHS and experts + workers <= MAX_EXPERTS
+           and experts_cost(experts + workers, epochs) <= share):
+        experts += workers
+    least_epochs = max(MIN_EXPERT_EPOCHS, span + 2)
+    sized = _sized(method, base, experts, max(epochs, least_epochs), 1, seconds)
+    iteration_s = type(method)(sized).time_iteration(ctx)
+    least = max(experts_cost(experts, least_epochs) / EXPERT_SHARE,
+                experts_cost(experts, least_epochs) + MIN_ITERATIONS * iteration_s + INIT_SECONDS)
+    if epochs < least_epochs or seconds < least:
+        raise ConfigError(
+            f"A budget of {format_duration(seconds)} is too small for a useful {method.name} run here: it needs "
+            f"{experts} experts of at least {least_epochs} epochs (about {format_step(epoch_s)} an epoch, "
+            f"{workers} at a time) and {MIN_ITERATIONS} outer iterations (about {format_step(iteration_s)} each). "
+            f"Give at least --budget {math.ceil(least / 60)}m."
+        )
+    experts_s, cached = experts_cost(experts, epochs), False
+    path, missing = find_or_plan_store(expert_config_for(sized, ctx))
+    if not missing:
+        with ExpertStore.open(path, num_experts=experts) as store:
+            recorded = experts_wall_clock(store)
+        if recorded is not None:
+            experts_s, cached = recorded, True
+    iterations = int((seconds - experts_s - INIT_SECONDS) / iteration_s)
+    if iterations < MIN_ITERATIONS:
+        raise ConfigError(
+            f"A budget of {format_duration(seconds)} leaves {format_duration(seconds - experts_s)} after the "
+            f"experts ({format_duration(experts_s)}{', as recorded when they were trained' if cached else ''}): "
+            f"fewer than {MIN_ITERATIONS} outer iterations of about {format_step(iteration_s)}. Give at least "
+            f"--budget {math.ceil((experts_s + MIN_ITERATIONS * iteration_s + INIT_SECONDS) / 60)}m."
+        )
+    config = _sized(method, base, experts, epochs, iterations, seconds)
+    return BudgetPlan(seconds, config, experts_s, cached, iteration_s, workers)
+
+
+def _sized(method, base, experts: int, epochs: int, iterations: int, seconds: float):
+    return dataclasses.replace(base, experts=experts, expert_train_epochs=epochs, iterations=iterations,
+                               budget_s=float(seconds), **method.budget_settings(epochs, iterations, base))
+

@@ -1,0 +1,152 @@
+"""A distillation run: the one place where a method, its configuration, the data, the run's
+work folder, a time budget and the set's timings come together. `ddtool distill`, the Python
+API and the scripts all go through `prepare_distill` and `DistillRun.distill`.
+
+    run = prepare_distill("datm", ipc=10, budget="30m")
+    print("\\n".join(run.plan()))      # what will run, timed on this machine
+    sset = run.distill()               # a SyntheticSet with .timings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ddtool import distributed
+from ddtool.data import PreparedData, prepare
+from ddtool.data.registry import get_spec
+from ddtool.device import describe_hardware, resolve_device
+from ddtool.durations import parse_duration
+from ddtool.errors import ConfigError
+from ddtool.methods.base import (
+    DistillContext, Method, build_config, get_method_class, resolve_preset, run_fingerprint,
+)
+from ddtool.paths import cache_root
+from ddtool.storage import SyntheticSet
+from ddtool.storage.atomic import write_atomically
+
+BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
+
+
+@dataclass
+class DistillRun:
+    """A prepared run: configuration resolved (and sized to the budget), data loaded."""
+
+    method: Method
+    preset: str | None  # the preset the configuration started from, as resolved for the IPC
+    overrides: dict[str, Any]
+    ctx: DistillContext
+    budget: Any | None = None  # ddtool.methods.budget.BudgetPlan
+    budget_reused: bool = False  # the plan of the interrupted run this one resumes
+
+    @property
+    def data(self) -> PreparedData:
+        return self.ctx.data
+
+    @property
+    def config(self) -> Any:
+        return self.method.config
+
+    @property
+    def work_dir(self) -> Path:
+        return self.ctx.work_dir
+
+    def plan(self) -> list[str]:
+        """What the run will do, one line per part, with its time measured on this machine."""
+        data = self.data
+        lines = [f"data: {data.spec.name} from {data.source or 'memory'}: {len(data.train_y):,} training images "
+                 f"({len(data.val_y):,} more held out for validation), {len(data.test_y):,} test images"]
+        if self.preset is not None:
+            changed = ", ".join(f"{k}={v}" for k, v in self.overrides.items())
+            lines.append(f"preset {self.preset}" + (f", with {changed}" if changed else ""))
+        if self.budget is not None:
+            lines += self.budget.describe()
+            if self.budget_reused:
+                lines.append("the budget's sizing is the interrupted run's (--resume), not measured again")
+        lines += self.method.plan(self.ctx)
+        lines.append(f"checkpoints and log in {self.work_dir}")
+        return lines
+
+    def distill(self) -> SyntheticSet:
+        """Run the method; the set comes back with its timings (see SyntheticSet.timings)."""
+        if distributed.is_main():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            if self.budget is not None:
+                write_atomically(self.work_dir / BUDGET_PLAN,
+                                 json.dumps(dataclasses.asdict(self.config), indent=1).encode())
+        ctx = self.ctx
+        started = time.perf_counter()
+        sset = self.method.distill(ctx)
+        wall = time.perf_counter() - started + ctx.resumed_s
+        distill_s = wall - ctx.experts_trained_s
+        sset.config["seconds"] = round(wall, 1)
+        sset.config["device"] = str(ctx.device)
+        if distributed.world_size() > 1:
+            sset.config["processes"] = distributed.world_size()
+        experts_s = ctx.experts_s
+        sset.timings = {"experts_s": None if experts_s is None else round(experts_s, 1),
+                        "distill_s": round(distill_s, 1),
+                        "total_s": None if experts_s is None else round(experts_s + distill_s, 1),
+                        "hardware": describe_hardware(ctx.device)}
+        return sset
+
+
+def prepare_distill(method: str = "mtt", ipc: int = 10, *, dataset: str = "fashion-mnist",
+                    data_root: str | None = None, preset: str | None = None,
+                    settings: dict[str, Any] | None = None, budget: str | float | None = None, seed: int = 0,
+                    device: str | torch.device = "auto", resume: bool = False, progress: bool = True,
+                    log: Callable[[str], None] = print) -> DistillRun:
+    """Resolve a run: the method's preset (its variant for `ipc`) with `settings` applied, the
+    data, the work folder; with `budget` (seconds, or a text such as "30m"), the configuration
+    sized to it on this machine (trajectory methods). Nothing is trained or written."""
+    method_cls = get_method_class(method)
+    overrides = dict(settings or {})
+    config = build_config(method_cls, preset, overrides, ipc=ipc)
+    budget_s = None if budget is None else parse_duration(budget)
+    if budget_s is not None:
+        if not method_cls.fits_budget:
+            able = _methods_that_fit_budgets()
+            raise ConfigError(f"--budget sizes the runs of {', '.join(able)}; {method} has no settings to size "
+                              "(drop --budget, or choose one of those methods).")
+        sized_by_budget = {"experts", "expert_train_epochs", "iterations", "budget_s"} & set(overrides)
+        if sized_by_budget:
+            raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
+                              f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
+        config = dataclasses.replace(config, budget_s=float(budget_s))
+    torch_device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
+    spec = get_spec(dataset)
+    data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
+    work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
+    ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
+                         resume=resume, progress=progress, log=log)
+    run = DistillRun(method_cls(config), resolve_preset(method_cls, preset, ipc), overrides, ctx)
+    if budget_s is not None:
+        _size_to_budget(run, budget_s)
+    return run
+
+
+def _size_to_budget(run: DistillRun, seconds: float) -> None:
+    from ddtool.methods.budget import fit_budget
+
+    method_cls = type(run.method)
+    saved = run.work_dir / BUDGET_PLAN
+    plan = fit_budget(run.method, run.ctx, seconds)
+    if run.ctx.resume and saved.exists():
+        # the interrupted run's sizing, so that it continues on the same experts and schedule
+        config = method_cls.config_class(**json.loads(saved.read_text()))
+        plan = dataclasses.replace(plan, config=config)
+        run.budget_reused = True
+    run.method = method_cls(plan.config)
+    run.budget = plan
+
+
+def _methods_that_fit_budgets() -> list[str]:
+    from ddtool.methods.base import list_methods
+
+    return [name for name in list_methods() if get_method_class(name).fits_budget]

@@ -1,0 +1,138 @@
+"""Wall-clock budgets: durations, the experts' recorded cost, a set's timings, sizing a run to a
+budget and stopping it in time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import h5py
+import pytest
+import torch
+from conftest import tiny_prepared
+
+from ddtool.durations import parse_duration
+from ddtool.errors import ConfigError
+from ddtool.experts import ExpertConfig, ExpertStore, read_manifest, run_buffer
+from ddtool.experts.manifest import ExpertRecord
+from ddtool.methods import budget, datm, trajectory
+from ddtool.methods.base import DistillContext
+from ddtool.methods.experts import expert_config_for
+from ddtool.storage import load_synthetic_set, save_synthetic_set
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_prepared(per_class=6)
+
+
+def context(tmp_path, data, resume=False):
+    return DistillContext(data=data, ipc=1, seed=0, device=torch.device("cpu"), work_dir=tmp_path / "run",
+                          resume=resume, progress=False, log=lambda m: None)
+
+
+def tiny(**changes) -> trajectory.TrajectoryConfig:
+    base = dict(width=8, experts=2, expert_train_epochs=3, syn_steps=2, expert_epochs=1, max_start_epoch=2,
+                iterations=40, checkpoint_every=5)
+    return trajectory.TrajectoryConfig(**{**base, **changes})
+
+
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h30m", 5400), ("1.5h", 5400), ("90s", 90),
+                                           ("45", 2700), (" 2 h 5 m ", 7500), ("1d", 86400), (120, 120)])
+def test_durations_read_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "30x", "m30", "0m", "-5m", "1h-5m", "inf", 0, -3.0])
+def test_unreadable_or_empty_durations_are_refused(text):
+    with pytest.raises(ConfigError, match="duration"):
+        parse_duration(text)
+
+
+def test_experts_record_their_wall_clock_and_old_records_read_as_unknown(tmp_path, data):
+    config = ExpertConfig(arch="convnet", arch_options={"width": 8}, experts=2, epochs=2, batch_size=16)
+    path = tmp_path / "store.h5"
+    run_buffer(config, path, data, "cpu", progress=False)
+    records = read_manifest(path).experts
+    assert [r.side_by_side for r in records] == [1, 1]
+    assert all(r.seconds > 0 and r.share_of_wall_clock() == r.seconds for r in records)
+    with ExpertStore.open(path) as store:
+        assert store.record(1).seconds == records[1].seconds
+    # a manifest written before experts recorded their time
+    old = {k: v for k, v in dataclasses.asdict(records[0]).items() if k not in ("seconds", "side_by_side")}
+    assert ExpertRecord(**old).share_of_wall_clock() is None
+    assert ExpertRecord(**{**old, "seconds": 90.0, "side_by_side": 3}).share_of_wall_clock() == 30.0
+
+
+def test_a_set_reports_its_experts_and_distillation_time_and_keeps_it_on_disk(tmp_path, data):
+    config = tiny(iterations=3)
+    ctx = context(tmp_path, data)
+    sset = trajectory.MTT(config).distill(ctx)
+    with ExpertStore.open(_store_of(config, ctx)) as store:
+        recorded = sum(store.record(i).seconds for i in range(config.experts))
+    assert ctx.experts_s == pytest.approx(recorded) and ctx.experts_trained_s >= recorded
+    sset.timings = {"experts_s": 1.5, "distill_s": 2.0, "total_s": 3.5, "hardware": "test CPU"}
+    save_synthetic_set(tmp_path / "s.h5", sset)
+    assert load_synthetic_set(tmp_path / "s.h5").timings == sset.timings
+    with h5py.File(tmp_path / "s.h5", "r") as f:  # plain h5py reads it as JSON text
+        assert json.loads(f.attrs["timings"])["total_s"] == 3.5
+    sset.timings = None
+    save_synthetic_set(tmp_path / "t.h5", sset)
+    assert load_synthetic_set(tmp_path / "t.h5").timings is None
+
+
+def _store_of(config, ctx):
+    from ddtool.experts import find_or_plan_store
+
+    return find_or_plan_store(expert_config_for(config, ctx))[0]
+
+
+class FakeClock:
+    """time.perf_counter for the trajectory module: each reading one second later."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_the_outer_loop_stops_before_passing_its_budget_and_resumes_no_further(tmp_path, data, monkeypatch):
+    ctx = context(tmp_path, data)
+    trajectory.MTT(tiny(iterations=1)).distill(ctx)  # trains the experts (their recorded time is real)
+    experts_s = ctx.experts_s
+    config = tiny(budget_s=experts_s + 30.0)
+    monkeypatch.setattr(trajectory, "time", FakeClock())
+    ctx = context(tmp_path / "b", data)
+    sset = trajectory.MTT(config).distill(ctx)
+    log = [json.loads(line) for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    done = len(log)
+    assert 0 < done < config.iterations
+    spent = ctx.experts_s + sum(r["seconds"] for r in log)
+    assert spent <= config.budget_s
+    checkpoint = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["iteration"] == done  # the stop is checkpointed
+    # --resume finds the budget spent and saves the same set without another iteration
+    again = trajectory.MTT(config).distill(context(tmp_path / "b", data, resume=True))
+    assert torch.equal(again.images, sset.images)
+    assert len((tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()) == done
+
+
+def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_that_works(tmp_path, data):
+    ctx = context(tmp_path, data)
+    method = datm.DATM(datm.DATMConfig(**{**dataclasses.asdict(tiny()), "labels": "learned"}))
+    plan = budget.fit_budget(method, ctx, 3600)
+    c = plan.config
+    assert c.budget_s == 3600 and c.experts >= 2 and c.expert_train_epochs == budget.MAX_EXPERT_EPOCHS
+    assert c.experts <= budget.MAX_EXPERTS
+    # the window grows from a fifth of the trajectory to four fifths, over all the iterations
+    assert (c.max_start_epoch, c.max_start_epoch_final, c.window_grow_iterations) == (4, 16, c.iterations)
+    assert c.iterations >= budget.MIN_ITERATIONS
+    assert plan.experts_s + budget.INIT_SECONDS + c.iterations * plan.iteration_s <= 3600
+    assert "budget 1h 00m" in plan.describe()[0]
+    with pytest.raises(ConfigError, match=r"too small .* Give at least --budget \d+m"):
+        budget.fit_budget(method, ctx, 5)
+    # MTT spreads its start epochs over four fifths of the experts
+    mtt = budget.fit_budget(trajectory.MTT(tiny()), ctx, 3600).config
+    assert mtt.max_start_epoch == 16 and mtt.expert_train_epochs == 20
