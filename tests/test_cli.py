@@ -211,6 +211,8 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     assert set(timings) == {"experts_s", "distill_s", "total_s", "hardware"}
     assert timings["experts_s"] > 0 and timings["distill_s"] > 0 and timings["hardware"]
     assert timings["total_s"] == pytest.approx(timings["experts_s"] + timings["distill_s"], abs=0.11)
+    described = ok(ddtool("info", out)).stdout
+    assert "  cost         " in described and "(experts " in described and ", distillation " in described
     # The run's log (in the cache's work folder) records α after each update; the set must hold
     # the last one, which has moved from α₀ = 0.01 (the preset's lr_init): a set that saved α₀,
     # or any positive number, would pass a mere "> 0".
@@ -549,8 +551,17 @@ def test_an_ipc_beyond_the_smallest_class_is_refused_before_any_work(tmp_path, f
     ok(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run", "--no-eval"))
 
 
-def test_the_plan_says_when_saving_replaces_a_set(tmp_path, fashion_root):
+def test_distill_replaces_a_set_only_when_asked_and_its_plan_says_so(tmp_path, fashion_root):
     out = tmp_path / "r.h5"
     args = ("distill", "--method", "random", "--ipc", 1, "--data-root", fashion_root, "-o", out, "--no-eval", "-q")
     assert "replacing" not in ok(ddtool(*args)).stdout
-    assert f"save to {out} (replacing the random set there, made " in ok(ddtool(*args, "--dry-run")).stdout
+    made = out.read_bytes()
+    # refused before any work, the set and its records left as they were
+    for refused in (ddtool(*args, "--seed", 1), ddtool(*args, "--dry-run")):
+        message = " ".join(user_error(refused).stderr.split())  # unwrapped
+        assert f"{out} holds the random set there, made " in message and "give --overwrite to replace it" in message
+    assert out.read_bytes() == made
+    planned = ok(ddtool(*args, "--overwrite", "--dry-run")).stdout
+    assert f"save to {out} (replacing the random set there, made " in planned
+    ok(ddtool(*args, "--overwrite", "--seed", 1))
+    assert out.read_bytes() != made
