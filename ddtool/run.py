@@ -20,15 +20,18 @@ import torch
 
 from ddtool import distributed
 from ddtool.data import PreparedData, prepare
+from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.data.registry import get_spec
 from ddtool.device import describe_hardware, resolve_device
 from ddtool.durations import parse_duration
 from ddtool.errors import ConfigError
+from ddtool.evaluation import EvaluationReport, evaluate_set, get_protocol
 from ddtool.methods.base import (
     DistillContext, Method, build_config, get_method_class, resolve_preset, run_fingerprint,
 )
+from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
-from ddtool.storage import SyntheticSet
+from ddtool.storage import SyntheticSet, append_evaluation, load_synthetic_set
 from ddtool.storage.atomic import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
@@ -150,3 +153,103 @@ def _methods_that_fit_budgets() -> list[str]:
     from ddtool.methods.base import list_methods
 
     return [name for name in list_methods() if get_method_class(name).fits_budget]
+
+
+# ---- evaluating a saved set ---------------------------------------------------------------
+def evaluate_file(path: str | Path, *, protocol: str | None = None, archs: list[str] | None = None,
+                  runs: int | None = None, epochs: int | None = None, seed: int = 0, data_root: str | None = None,
+                  device: str | torch.device = "auto", baselines: bool = True, reference: bool | None = None,
+                  record: bool = True, compile: bool = False, resume: bool = False, precision: str | None = None,
+                  hard_labels: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> list[EvaluationReport]:
+    """Train fresh networks on the set saved at `path`, one report per network in `archs` (the
+    network it was distilled for by default), each beside its matched baselines, and record
+    each in the file unless `record` is False. `protocol` None: the set's own (`default_protocol`).
+    With `resume`, an evaluation the file already records (same protocol, network and seed) is
+    not run again, and an interrupted one takes the runs it finished."""
+    path = Path(path)
+    device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
+    sset = _load_set_on_every_rank(path)
+    # what was evaluated, to refuse recording into the file if another set replaces it meanwhile
+    evaluated_content = sset.content_digest()
+    archs = list(archs or [sset.config.get("student_arch") or "convnet"])
+    chosen = get_protocol(protocol or default_protocol(sset)).with_overrides(
+        epochs=epochs, runs=runs, precision=precision, soft_labels=False if hard_labels else None)
+    if hard_labels and chosen.kd is not None:
+        raise ConfigError(f"--hard-labels: the {chosen.name} protocol trains on a teacher's soft labels of each "
+                          "view, not on the set's labels; choose a protocol without a teacher (mtt, datm, classic, "
+                          "classic-dsa).")
+    data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
+    if baselines:  # the random baseline draws IPC real images a class: refuse now, not after the set's runs
+        check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), sset.ipc)
+    for arch in archs:  # a misspelt network fails now, not after the first network's hours
+        create_network(arch, channels=data.spec.channels, num_classes=data.spec.num_classes,
+                       image_size=data.spec.image_size)
+    log(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
+        f"{chosen.name!r} protocol: {chosen.runs} fresh network{'s' if chosen.runs != 1 else ''} x "
+        f"{chosen.epochs} epochs.")
+    reports = []
+    for arch in archs:
+        recorded = (recorded_evaluation(sset, chosen, arch, seed, baselines=baselines, reference=reference is True)
+                    if resume and record else None)
+        if recorded is not None:
+            log(f"{arch}: {path} already records this evaluation (record {recorded}: the same protocol, network "
+                "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again as "
+                "a new record.")
+            continue
+        report = evaluate_set(sset, data, protocol=chosen, arch=arch, seed=seed, baselines=baselines,
+                              reference=reference, progress=progress, compile=compile, resume=resume,
+                              keep_runs=True)
+        if record and distributed.is_main():
+            append_evaluation(path, report.to_record(), expected_content=evaluated_content)
+        # each rank kept the set's runs for a resume until now (rank 0 has recorded them)
+        distributed.barrier()
+        report.release_kept_runs()
+        reports.append(report)
+    return reports
+
+
+def default_protocol(sset: SyntheticSet) -> str:
+    """The protocol a set is judged under unless told otherwise: the one its method's own sets
+    are (the published evaluation), also for a set made elsewhere whose method is known."""
+    method = sset.method
+    if method.startswith("imported:"):
+        fmt = method.partition(":")[2]
+        original = sset.config.get("original")  # an npz/torch export of a ddtool set names its method
+        if isinstance(original, dict) and isinstance(original.get("method"), str):
+            method = original["method"]
+        elif fmt == "mtt":
+            # MTT, TESLA and FTD save hard labels in this format; DATM alone saves soft logits.
+            method = "datm" if sset.is_soft else "mtt"
+        else:
+            method = fmt
+    try:
+        return get_method_class(method).default_protocol
+    except ConfigError:  # a method ddtool does not know (DC, DSA, another tool's)
+        # only the MTT family learns an lr, and its sets are judged under the mtt protocol
+        return "mtt" if sset.learned_lr is not None else "classic"
+
+
+def recorded_evaluation(sset: SyntheticSet, protocol, arch: str, seed: int, *, baselines: bool,
+                        reference: bool) -> int | None:
+    """The index of a record of `sset` made by this very evaluation, if it finished before: the
+    same protocol, seed and network, with the baselines this one asks for."""
+    wanted = json.loads(json.dumps(protocol.to_dict()))  # as a record reads back (lists, not tuples)
+    for index, record in enumerate(sset.evaluations):
+        if record.get("protocol") != wanted or record.get("seed") != seed:
+            continue
+        held = record.get("baselines") or {}
+        if (baselines and "random_subset" not in held) or (reference and "whole_dataset" not in held):
+            continue
+        try:
+            if same_network(str(record.get("arch")), arch):
+                return index
+        except ConfigError:  # a record of a network this version no longer knows
+            continue
+    return None
+
+
+def _load_set_on_every_rank(path: Path) -> SyntheticSet:
+    """The set at `path` as rank 0 reads it, on every rank (under torchrun the other ranks
+    need not see rank 0's file system, and cannot read a file rank 0 is still writing)."""
+    return distributed.broadcast_object(load_synthetic_set(path) if distributed.is_main() else None)

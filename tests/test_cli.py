@@ -500,7 +500,7 @@ def test_import_zca_is_fitted_on_every_training_image_as_mtt_fits_it(tmp_path, f
 def test_the_default_protocol_follows_the_sets_method(tmp_path):
     import torch
 
-    from ddtool.cli.commands import default_protocol
+    from ddtool.run import default_protocol
 
     def protocol_of(method, **fields):
         return default_protocol(_fashion_set(tmp_path / f"{len(list(tmp_path.iterdir()))}.h5", method=method,

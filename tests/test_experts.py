@@ -53,8 +53,10 @@ def reference_config() -> ExpertConfig:
 def store_contents(path: Path) -> dict:
     """Everything a store says, for equality between runs: manifest and every trajectory."""
     with ExpertStore.open(path) as store:
-        # Where each expert's file lives depends on the store's name, nothing else does.
-        manifest = replace(store.manifest, experts=tuple(replace(r, file="") for r in store.manifest.experts))
+        # Where each expert's file lives depends on the store's name, and what it cost on the
+        # machine and the load; nothing else does.
+        manifest = replace(store.manifest, experts=tuple(replace(r, file="", seconds=None, side_by_side=1)
+                                                         for r in store.manifest.experts))
         params = {i: np.stack([store.params(i, e).numpy() for e in range(store.epochs + 1)])
                   for i in store.expert_indices}
     return {"manifest": manifest.to_json(), "params": params}
@@ -598,6 +600,9 @@ def test_experts_trained_side_by_side_in_worker_processes_equal_one_at_a_time(tm
     assert result.trained == (0, 1, 2)
     assert_same_store(result.path, serial.path)
     assert_same_store(result.path, reference_store)  # tests run one thread a process (conftest)
+    # each records that it shared the machine with another, so its cost is half its wall-clock
+    assert [r.side_by_side for r in read_manifest(result.path).experts] == [2, 2, 2]
+    assert [r.side_by_side for r in read_manifest(serial.path).experts] == [1, 1, 1]
 
 
 def test_a_worker_failure_keeps_the_finished_experts_and_resumes(tmp_path, data, reference_store):

@@ -21,7 +21,7 @@ from ddtool.data import DEFAULT_DATASET, get_spec, list_specs, load_raw, locate,
 from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol, time_epoch
+from ddtool.evaluation import PROTOCOLS, get_protocol, time_epoch
 from ddtool.durations import format_duration
 from ddtool.methods.base import (
     build_config,
@@ -29,13 +29,11 @@ from ddtool.methods.base import (
     list_methods,
     parse_overrides,
 )
-from ddtool.networks import create_network, same_network
-from ddtool.run import prepare_distill
+from ddtool.run import default_protocol, evaluate_file, prepare_distill
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,
-    append_evaluation,
     export_set,
     import_set,
     load_synthetic_set,
@@ -261,24 +259,6 @@ def _refuse_evaluation_options(**given) -> None:
                           f"{'it' if len(named) == 1 else 'them'}; `ddtool evaluate SET.h5` evaluates a saved set later.")
 
 
-def _recorded_evaluation(sset, protocol, arch: str, seed: int, *, baselines: bool, reference: bool) -> int | None:
-    """The index of a record of `sset` made by this very evaluation, if it finished before: the
-    same protocol, seed and network, with the baselines this one asks for."""
-    wanted = json.loads(json.dumps(protocol.to_dict()))  # as a record reads back (lists, not tuples)
-    for index, record in enumerate(sset.evaluations):
-        if record.get("protocol") != wanted or record.get("seed") != seed:
-            continue
-        held = record.get("baselines") or {}
-        if (baselines and "random_subset" not in held) or (reference and "whole_dataset" not in held):
-            continue
-        try:
-            if same_network(str(record.get("arch")), arch):
-                return index
-        except ConfigError:  # a record of a network this version no longer knows
-            continue
-    return None
-
-
 def _refuse_to_replace(path: Path, *, overwrite: bool, resume: bool) -> None:
     """A file already at the output path is not replaced unless asked (--overwrite), or the run
     that saves there is being continued (--resume)."""
@@ -307,47 +287,15 @@ def _what_is_there(path: Path) -> str | None:
 
 
 # ---- evaluate -------------------------------------------------------------------------------
-def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None, runs: int | None, seed: int,
+def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str] | None, runs: int | None, seed: int,
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True,
                          compile: bool = False, resume: bool = False, precision: str | None = None,
                          hard_labels: bool = False) -> None:
-    sset = _load_set_on_every_rank(path)
-    # what was evaluated, to refuse recording into the file if another set replaces it meanwhile
-    evaluated_content = sset.content_digest()
-    archs = archs or [sset.config.get("student_arch") or "convnet"]
-    protocol = get_protocol(protocol_name).with_overrides(epochs=epochs, runs=runs, precision=precision,
-                                                          soft_labels=False if hard_labels else None)
-    if hard_labels and protocol.kd is not None:
-        raise ConfigError(f"--hard-labels: the {protocol.name} protocol trains on a teacher's soft labels of each "
-                          "view, not on the set's labels; choose a protocol without a teacher (mtt, datm, classic, "
-                          "classic-dsa).")
-    data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=device)
-    if baselines:  # the random baseline draws IPC real images a class: refuse now, not after the set's runs
-        check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), sset.ipc)
-    for arch in archs:  # a misspelt network fails now, not after the first network's hours
-        create_network(arch, channels=data.spec.channels, num_classes=data.spec.num_classes,
-                       image_size=data.spec.image_size)
-    say(f"Evaluating {path} ({sset.method}, IPC {sset.ipc}, {sset.label_kind} labels) under the "
-        f"{protocol.name!r} protocol: {protocol.runs} fresh network{'s' if protocol.runs != 1 else ''} x {protocol.epochs} epochs.")
-    rows = []
-    for arch in archs:
-        recorded = (_recorded_evaluation(sset, protocol, arch, seed, baselines=baselines, reference=reference is True)
-                    if resume and record else None)
-        if recorded is not None:
-            say(f"{arch}: {path} already records this evaluation (record {recorded}: the same protocol, network "
-                "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again as "
-                "a new record.")
-            continue
-        report = evaluate_set(sset, data, protocol=protocol, arch=arch, seed=seed, baselines=baselines,
-                              reference=reference, progress=not quiet, compile=compile, resume=resume,
-                              keep_runs=True)
-        if record and distributed.is_main():
-            append_evaluation(path, report.to_record(), expected_content=evaluated_content)
-        # each rank kept the set's runs for a resume until now (rank 0 has recorded them)
-        distributed.barrier()
-        report.release_kept_runs()
-        rows.append(report)
+    rows = evaluate_file(path, protocol=protocol_name, archs=archs, runs=runs, epochs=epochs, seed=seed,
+                         data_root=data_root, device=device, baselines=baselines, reference=reference, record=record,
+                         compile=compile, resume=resume, precision=precision, hard_labels=hard_labels,
+                         progress=not quiet, log=say)
     if not distributed.is_main() or not rows:
         return
     click.echo(f"\n{'architecture':<24} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
@@ -360,40 +308,14 @@ def _evaluate_and_record(path: Path, protocol_name: str, archs: list[str] | None
             click.echo(f"({r.arch}: run{'s' if len(r.synthetic.resumed) > 1 else ''} "
                        f"{', '.join(map(str, r.synthetic.resumed))} of the set taken from the interrupted evaluation, "
                        "as --resume asks)")
-    click.echo(f"(test accuracy %, final epoch, mean ± std over {protocol.runs} run{'s' if protocol.runs != 1 else ''}; "
+    count = len(rows[0].synthetic.runs)
+    click.echo(f"(test accuracy %, final epoch, mean ± std over {count} run{'s' if count != 1 else ''}; "
                f"lr {rows[0].lr:.4g}, {rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
     if any(r.whole_dataset is None for r in rows) and reference is None:
         click.echo("The whole-dataset reference is computed once with `ddtool evaluate SET.h5 --reference` "
                    "and cached (hours on a CPU).")
     if record:
         click.echo(f"Recorded in {path}.")
-
-
-def default_protocol(sset) -> str:
-    """The protocol a set is judged under unless told otherwise: the one its method's own sets
-    are (the published evaluation), also for a set made elsewhere whose method is known."""
-    method = sset.method
-    if method.startswith("imported:"):
-        fmt = method.partition(":")[2]
-        original = sset.config.get("original")  # an npz/torch export of a ddtool set names its method
-        if isinstance(original, dict) and isinstance(original.get("method"), str):
-            method = original["method"]
-        elif fmt == "mtt":
-            # MTT, TESLA and FTD save hard labels in this format; DATM alone saves soft logits.
-            method = "datm" if sset.is_soft else "mtt"
-        else:
-            method = fmt
-    try:
-        return get_method_class(method).default_protocol
-    except ConfigError:  # a method ddtool does not know (DC, DSA, another tool's)
-        # only the MTT family learns an lr, and its sets are judged under the mtt protocol
-        return "mtt" if sset.learned_lr is not None else "classic"
-
-
-def _load_set_on_every_rank(path: Path):
-    """The set at `path` as rank 0 reads it, on every rank (under torchrun the other ranks
-    need not see rank 0's file system, and cannot read a file rank 0 is still writing)."""
-    return distributed.broadcast_object(load_synthetic_set(path) if distributed.is_main() else None)
 
 
 @cli.command()
@@ -441,9 +363,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
 
     Under torchrun the runs are spread over the processes (run r on rank r mod P); rank 0
     prints and records."""
-    path = Path(set_path)
-    sset = _load_set_on_every_rank(path)
-    _evaluate_and_record(path, protocol or default_protocol(sset), list(archs) or None, runs, seed, data_root,
+    _evaluate_and_record(Path(set_path), protocol, list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
                          record=not no_record, compile=compile_networks, resume=resume, precision=precision,

@@ -121,6 +121,12 @@ class SyntheticSet:
             return self.labels
         return torch.nn.functional.one_hot(self.labels, self.num_classes).to(torch.float32)
 
+    def to_dataset(self) -> torch.utils.data.TensorDataset:
+        """The set as a torch Dataset of (image, target) in network space: targets are class ids
+        for hard labels, else the probabilities its networks train on (`soft_targets`)."""
+        targets = self.soft_targets() if self.is_soft else self.labels
+        return torch.utils.data.TensorDataset(self.images, targets)
+
     def content_digest(self) -> str:
         """A hash of what the set's networks learn from (images, labels and how they read, the
         learned lr, stored views, the teacher), not of its provenance or evaluations: it keys an
