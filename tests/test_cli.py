@@ -532,12 +532,12 @@ def test_the_default_output_of_an_image_folder_is_named_by_the_folder(tmp_path):
 
     from ddtool.cli.commands import _default_output
 
-    assert _default_output("folder:/data/my pets", "mtt", 10, 0) == Path("synthetic_sets/my_pets_mtt_ipc10_seed0.h5")
-    assert _default_output("fashion-mnist", "mtt", 10, 0) == Path("synthetic_sets/fashion-mnist_mtt_ipc10_seed0.h5")
+    assert _default_output("folder:/data/my pets", "mtt", 10, 0) == Path("distilled/my_pets_mtt_ipc10_seed0.h5")
+    assert _default_output("fashion-mnist", "mtt", 10, 0) == Path("distilled/fashion-mnist_mtt_ipc10_seed0.h5")
     _write_image_folder(tmp_path / "pets")
     said = ok(ddtool("distill", "--method", "random", "--ipc", 1, "--dataset", f"folder:{tmp_path / 'pets'}",
                      "--dry-run", cwd=tmp_path)).stdout
-    assert "save to synthetic_sets/pets_random_ipc1_seed0.h5" in said
+    assert "save to distilled/pets_random_ipc1_seed0.h5" in said
 
 
 def test_an_ipc_beyond_the_smallest_class_is_refused_before_any_work(tmp_path, fashion_root):

@@ -80,8 +80,13 @@ def datasets(data_root: str | None, download_name: str | None) -> None:
 
 
 # ---- distill --------------------------------------------------------------------------------
+# Where distill saves without -o: a folder of the user's own, apart from the sets shipped in the
+# repository's synthetic_sets/ (which a command run from its root must not touch).
+DEFAULT_OUTPUT_FOLDER = Path("distilled")
+
+
 def _default_output(dataset: str, method: str, ipc: int, seed: int) -> Path:
-    return Path("synthetic_sets") / f"{_file_safe_name(dataset)}_{method}_ipc{ipc}_seed{seed}.h5"
+    return DEFAULT_OUTPUT_FOLDER / f"{_file_safe_name(dataset)}_{method}_ipc{ipc}_seed{seed}.h5"
 
 
 def _file_safe_name(dataset: str) -> str:
@@ -111,7 +116,7 @@ def _file_safe_name(dataset: str) -> str:
                    "same gradient in constant memory), tesla (TESLA's first-order rule). Default auto: bptt when "
                    "its memory fits in a quarter of the device's, else exact; the plan says which.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Where to save the set [default: synthetic_sets/<dataset>_<method>_ipc<N>_seed<S>.h5].")
+              help="Where to save the set [default: distilled/<dataset>_<method>_ipc<N>_seed<S>.h5].")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run with the same settings (its distillation, then its evaluation).")
 @click.option("--no-eval", is_flag=True, help="Save the set without evaluating it.")

@@ -61,8 +61,8 @@ def cli(ctx: click.Context, dist_backend: str) -> None:
     Typical use:
       ddtool datasets                      # what is known and found here
       ddtool distill --ipc 10              # Fashion-MNIST, default method, evaluated at the end
-      ddtool evaluate synthetic_sets/X.h5  # fresh networks, mean ± std beside baselines
-      ddtool show synthetic_sets/X.h5 -o grid.png
+      ddtool evaluate distilled/X.h5       # fresh networks, mean ± std beside baselines
+      ddtool show distilled/X.h5 -o grid.png
       torchrun --nproc-per-node 2 -m ddtool distill ...   # several processes (README)
     """
     if distributed.launched_by_torchrun():
