@@ -36,6 +36,12 @@ from ddtool.storage.atomic import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
 
+# What `ddtool distill` spends by default on these datasets with a CPU, for a method that can be
+# sized to a budget and a run that names no preset and sizes nothing itself: the recipe chosen
+# on the validation split (docs/budget.md). Elsewhere the method's default preset runs as it is.
+DEFAULT_CPU_BUDGETS = {"fashion-mnist": 30 * 60.0}
+SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "budget_s"})
+
 
 @dataclass
 class DistillRun:
@@ -47,6 +53,7 @@ class DistillRun:
     ctx: DistillContext
     budget: Any | None = None  # ddtool.methods.budget.BudgetPlan
     budget_reused: bool = False  # the plan of the interrupted run this one resumes
+    budget_by_default: bool = False  # the dataset's default budget on a CPU, not one asked for
 
     @property
     def data(self) -> PreparedData:
@@ -70,6 +77,9 @@ class DistillRun:
             lines.append(f"preset {self.preset}" + (f", with {changed}" if changed else ""))
         if self.budget is not None:
             lines += self.budget.describe()
+            if self.budget_by_default:
+                lines.append(f"the budget is the default for {data.spec.name} on a CPU: --budget changes it, "
+                             f"--preset {self.method.default_preset} runs the preset as it is")
             if self.budget_reused:
                 lines.append("the budget's sizing is the interrupted run's (--resume), not measured again")
         lines += self.method.plan(self.ctx)
@@ -107,28 +117,35 @@ def prepare_distill(method: str = "mtt", ipc: int = 10, *, dataset: str = "fashi
                     log: Callable[[str], None] = print) -> DistillRun:
     """Resolve a run: the method's preset (its variant for `ipc`) with `settings` applied, the
     data, the work folder; with `budget` (seconds, or a text such as "30m"), the configuration
-    sized to it on this machine (trajectory methods). Nothing is trained or written."""
+    sized to it on this machine (trajectory methods). Without one, a CPU run on a dataset of
+    DEFAULT_CPU_BUDGETS that names no preset and sizes nothing itself gets that dataset's
+    budget. Nothing is trained or written."""
     method_cls = get_method_class(method)
     overrides = dict(settings or {})
     config = build_config(method_cls, preset, overrides, ipc=ipc)
+    torch_device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
+    spec = get_spec(dataset)
     budget_s = None if budget is None else parse_duration(budget)
+    by_default = budget_s is None and preset is None and not SIZED_BY_BUDGET & set(overrides) and \
+        method_cls.fits_budget and torch_device.type == "cpu" and spec.name in DEFAULT_CPU_BUDGETS
+    if by_default:
+        budget_s = DEFAULT_CPU_BUDGETS[spec.name]
     if budget_s is not None:
         if not method_cls.fits_budget:
             able = _methods_that_fit_budgets()
             raise ConfigError(f"--budget sizes the runs of {', '.join(able)}; {method} has no settings to size "
                               "(drop --budget, or choose one of those methods).")
-        sized_by_budget = {"experts", "expert_train_epochs", "iterations", "budget_s"} & set(overrides)
+        sized_by_budget = SIZED_BY_BUDGET & set(overrides)
         if sized_by_budget:
             raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
                               f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
         config = dataclasses.replace(config, budget_s=float(budget_s))
-    torch_device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
-    spec = get_spec(dataset)
     data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
     work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=progress, log=log)
-    run = DistillRun(method_cls(config), resolve_preset(method_cls, preset, ipc), overrides, ctx)
+    run = DistillRun(method_cls(config), resolve_preset(method_cls, preset, ipc), overrides, ctx,
+                     budget_by_default=by_default)
     if budget_s is not None:
         _size_to_budget(run, budget_s)
     return run

@@ -85,8 +85,11 @@ class Cell:
     def recipe(self) -> list[str]:
         """The `ddtool distill` arguments that choose the set: method, IPC, preset, settings."""
         arguments = ["--method", self.method, "--ipc", str(self.ipc)]
-        if self.preset:
-            arguments += ["--preset", self.preset]
+        # named even when it is the method's default: without a preset, distill would size a
+        # trajectory run to its default time budget instead of running the preset as it is
+        preset = self.preset or self.method_class().default_preset
+        if preset:
+            arguments += ["--preset", preset]
         for setting in self.settings:
             arguments += ["--set", setting]
         return arguments
@@ -94,6 +97,11 @@ class Cell:
     def distill_command(self) -> list[str]:
         return ["ddtool", "distill", *self.recipe(), "--dataset", DATASET, "--output", str(self.path), "--resume",
                 "--no-eval", "--seed", "0", "--quiet"]
+
+    def method_class(self):
+        from ddtool.methods.base import get_method_class
+
+        return get_method_class(self.method)
 
     def config(self):
         """The configuration the cell's set is distilled with (its preset, its settings)."""

@@ -244,6 +244,14 @@ def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_p
     user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "2s"), "too small for a useful mtt run", "--budget")
     user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "soon"), "Cannot read the duration")
     assert not out.exists()
+    # Fashion-MNIST on a CPU: a run that names no preset and sizes nothing gets the default budget,
+    # and says so; a named preset, or a sized setting, runs as configured
+    default = ok(ddtool("distill", "--method", "mtt", *common, "--dry-run")).stdout
+    assert "- budget 30m 00s for experts and distillation" in default
+    assert "the budget is the default for fashion-mnist on a CPU" in default and "--preset fashion-cpu" in default
+    for fixed in (("--preset", "fashion-cpu"), ("--iterations", 7)):
+        planned = ok(ddtool("distill", "--method", "mtt", *common, *fixed, "--dry-run")).stdout
+        assert "- budget " not in planned and " iterations of N=" in planned
 
 
 def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -252,7 +260,7 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out, cache = tmp_path / "m.h5", tmp_path / "cache"
     fashion_root = write_tiny_fashion(tmp_path / "data", train_per_class=56)  # 51 a class after validation
     result = ok(ddtool("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out,
-                       "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
+                       "--preset", "fashion-cpu", "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
     assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
     assert "to train first" in result.stdout and "Dry run" in result.stdout
     assert "- distillation: about " in result.stdout and "100 iterations at " in result.stdout  # timed here
@@ -266,7 +274,8 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
         assert "timed here" in planned and not (cache / network).exists() and not out.exists(), planned
     assert "checkpoint of these settings" not in result.stdout and "left a checkpoint" not in result.stdout
     # --resume with nothing to resume from says so; a checkpoint a plain rerun would replace is named
-    args = ("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out, "--dry-run")
+    args = ("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out, "--dry-run",
+            "--preset", "fashion-cpu")
     resumed = ok(ddtool(*args, "--resume", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
     assert "--resume: no checkpoint of these settings there, so the run starts from the beginning" in resumed
     work_dir = Path(resumed.split("checkpoints and log in ", 1)[1].split()[0])
