@@ -34,15 +34,17 @@ def load(path) -> "SyntheticSet":
     return load_synthetic_set(path)
 
 
-def distill(method: str = "mtt", ipc: int = 10, *, dataset: str = "fashion-mnist", preset: str | None = None,
+def distill(method: str | None = None, ipc: int = 10, *, dataset: str = "fashion-mnist", preset: str | None = None,
             settings: dict[str, Any] | None = None, budget: str | float | None = None, seed: int = 0,
             device: str = "auto", data_root: str | None = None, output=None, overwrite: bool = False,
             resume: bool = False, progress: bool = True,
             log: Callable[[str], None] | None = None) -> "SyntheticSet":
-    """Distill `dataset` into `ipc` images per class with `method`, as `ddtool distill` does:
-    the method's preset (its variant for `ipc`), `settings` changed, optionally sized to a
-    wall-clock `budget` ("30m", or seconds). Saved to `output` when given (an existing file only
-    with `overwrite`). Progress bars unless `progress` is False; messages go to `log`."""
+    """Distill `dataset` into `ipc` images per class with `method` (None: the dataset's default,
+    ddtool.run.default_method), as `ddtool distill` does: the method's preset (its variant for
+    `ipc`), `settings` changed, optionally sized to a wall-clock `budget` ("30m", or seconds; a
+    CPU run on Fashion-MNIST that names no preset gets its default). Saved to `output` when
+    given (an existing file only with `overwrite`). Progress bars unless `progress` is False;
+    messages go to `log`."""
     from pathlib import Path
 
     from ddtool.errors import ConfigError

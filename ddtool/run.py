@@ -2,7 +2,7 @@
 work folder, a time budget and the set's timings come together. `ddtool distill`, the Python
 API and the scripts all go through `prepare_distill` and `DistillRun.distill`.
 
-    run = prepare_distill("datm", ipc=10, budget="30m")
+    run = prepare_distill("datm", ipc=10, budget="30m")  # method None: the dataset's default
     print("\\n".join(run.plan()))      # what will run, timed on this machine
     sset = run.distill()               # a SyntheticSet with .timings
 """
@@ -36,10 +36,12 @@ from ddtool.storage.atomic import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
 
-# What `ddtool distill` spends by default on these datasets with a CPU, for a method that can be
-# sized to a budget and a run that names no preset and sizes nothing itself: the recipe chosen
-# on the validation split (docs/budget.md). Elsewhere the method's default preset runs as it is.
-DEFAULT_CPU_BUDGETS = {"fashion-mnist": 30 * 60.0}
+# The default recipe of `ddtool distill` on these datasets with a CPU, chosen on the validation
+# split (docs/budget.md): the method when none is named, and the budget a method that can be
+# sized to one gets when the run names no preset and sizes nothing itself. Elsewhere the
+# default method is DEFAULT_METHOD and a method's default preset runs as it is.
+DEFAULT_METHOD = "mtt"
+DEFAULT_CPU_RECIPES = {"fashion-mnist": {"method": "datm", "budget_s": 30 * 60.0}}
 SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "budget_s"})
 
 
@@ -54,6 +56,7 @@ class DistillRun:
     budget: Any | None = None  # ddtool.methods.budget.BudgetPlan
     budget_reused: bool = False  # the plan of the interrupted run this one resumes
     budget_by_default: bool = False  # the dataset's default budget on a CPU, not one asked for
+    method_by_default: bool = False  # the dataset's default method on a CPU, not one named
 
     @property
     def data(self) -> PreparedData:
@@ -72,6 +75,9 @@ class DistillRun:
         data = self.data
         lines = [f"data: {data.spec.name} from {data.source or 'memory'}: {len(data.train_y):,} training images "
                  f"({len(data.val_y):,} more held out for validation), {len(data.test_y):,} test images"]
+        if self.method_by_default:
+            lines.append(f"method {self.method.name}: the default for {data.spec.name} on a CPU (it scored best on "
+                         f"the validation split; --method names another)")
         if self.preset is not None:
             changed = ", ".join(f"{k}={v}" for k, v in self.overrides.items())
             lines.append(f"preset {self.preset}" + (f", with {changed}" if changed else ""))
@@ -110,26 +116,41 @@ class DistillRun:
         return sset
 
 
-def prepare_distill(method: str = "mtt", ipc: int = 10, *, dataset: str = "fashion-mnist",
+def default_method(dataset: str, device: str | torch.device = "auto") -> str:
+    """The method `ddtool distill` runs when none is named: the dataset's default recipe's on a
+    CPU, else DEFAULT_METHOD."""
+    recipe = _cpu_recipe(dataset, device)
+    return recipe["method"] if recipe else DEFAULT_METHOD
+
+
+def _cpu_recipe(dataset: str, device: str | torch.device) -> dict | None:
+    device = resolve_device(device) if isinstance(device, str) else device
+    return DEFAULT_CPU_RECIPES.get(get_spec(dataset).name) if device.type == "cpu" else None
+
+
+def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = "fashion-mnist",
                     data_root: str | None = None, preset: str | None = None,
                     settings: dict[str, Any] | None = None, budget: str | float | None = None, seed: int = 0,
                     device: str | torch.device = "auto", resume: bool = False, progress: bool = True,
                     log: Callable[[str], None] = print) -> DistillRun:
     """Resolve a run: the method's preset (its variant for `ipc`) with `settings` applied, the
     data, the work folder; with `budget` (seconds, or a text such as "30m"), the configuration
-    sized to it on this machine (trajectory methods). Without one, a CPU run on a dataset of
-    DEFAULT_CPU_BUDGETS that names no preset and sizes nothing itself gets that dataset's
-    budget. Nothing is trained or written."""
+    sized to it on this machine (trajectory methods). `method` None: `default_method`. Without
+    a budget, a CPU run on a dataset of DEFAULT_CPU_RECIPES that names no preset and sizes
+    nothing itself gets that dataset's budget. Nothing is trained or written."""
+    method_by_default = method is None
+    method = default_method(dataset, device) if method is None else method
     method_cls = get_method_class(method)
     overrides = dict(settings or {})
     config = build_config(method_cls, preset, overrides, ipc=ipc)
     torch_device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
     spec = get_spec(dataset)
     budget_s = None if budget is None else parse_duration(budget)
+    recipe = _cpu_recipe(spec.name, torch_device)
     by_default = budget_s is None and preset is None and not SIZED_BY_BUDGET & set(overrides) and \
-        method_cls.fits_budget and torch_device.type == "cpu" and spec.name in DEFAULT_CPU_BUDGETS
+        method_cls.fits_budget and recipe is not None
     if by_default:
-        budget_s = DEFAULT_CPU_BUDGETS[spec.name]
+        budget_s = recipe["budget_s"]
     if budget_s is not None:
         if not method_cls.fits_budget:
             able = _methods_that_fit_budgets()
@@ -145,7 +166,7 @@ def prepare_distill(method: str = "mtt", ipc: int = 10, *, dataset: str = "fashi
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=progress, log=log)
     run = DistillRun(method_cls(config), resolve_preset(method_cls, preset, ipc), overrides, ctx,
-                     budget_by_default=by_default)
+                     budget_by_default=by_default, method_by_default=method_by_default)
     if budget_s is not None:
         _size_to_budget(run, budget_s)
     return run

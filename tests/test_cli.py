@@ -249,6 +249,11 @@ def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_p
     default = ok(ddtool("distill", "--method", "mtt", *common, "--dry-run")).stdout
     assert "- budget 30m 00s for experts and distillation" in default
     assert "the budget is the default for fashion-mnist on a CPU" in default and "--preset fashion-cpu" in default
+    assert "- method " not in default  # named, not the default
+    # and with no method named, the recipe's: DATM, sized to the same budget
+    recipe = ok(ddtool("distill", *common, "--dry-run")).stdout
+    assert "- method datm: the default for fashion-mnist on a CPU" in recipe and "- datm: " in recipe
+    assert "- budget 30m 00s for experts and distillation" in recipe
     for fixed in (("--preset", "fashion-cpu"), ("--iterations", 7)):
         planned = ok(ddtool("distill", "--method", "mtt", *common, *fixed, "--dry-run")).stdout
         assert "- budget " not in planned and " iterations of N=" in planned

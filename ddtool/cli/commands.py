@@ -29,7 +29,7 @@ from ddtool.methods.base import (
     list_methods,
     parse_overrides,
 )
-from ddtool.run import default_protocol, evaluate_file, prepare_distill
+from ddtool.run import default_method, default_protocol, evaluate_file, prepare_distill
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
     EXPORT_FORMATS,
@@ -98,8 +98,10 @@ def _file_safe_name(dataset: str) -> str:
 
 
 @cli.command()
-@click.option("--method", "-m", default="mtt", show_default=True,
-              help="Distillation method: " + ", ".join(["mtt", "tesla", "random", "herding", "kcenter", "..."]))
+@click.option("--method", "-m", default=None,
+              help="Distillation method: " + ", ".join(["mtt", "datm", "tesla", "ftd", "random", "herding", "...",
+                                                         "(ddtool methods)"])
+              + " [default: datm for Fashion-MNIST on a CPU, else mtt].")
 @click.option("--ipc", type=click.IntRange(min=1), default=10, show_default=True, help="Images per class.")
 @click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True)
 @_data_root
@@ -149,6 +151,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
     if no_eval:
         _refuse_evaluation_options(protocol=protocol, eval_runs=eval_runs, eval_epochs=eval_epochs,
                                    compile_eval=compile_eval, eval_precision=eval_precision)
+    named_method = method
+    method = method or default_method(dataset, device)
     method_cls = get_method_class(method)
     if list_presets:
         default = method_cls.default_preset
@@ -169,7 +173,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
                           "methods (mtt, tesla, datm, ftd) do. Run it as one process (`ddtool distill ...` without "
                           "torchrun); `torchrun ... -m ddtool evaluate SET.h5` spreads its evaluation.")
     build_config(method_cls, preset, overrides, ipc=ipc)  # a wrong setting fails before the data loads
-    run = prepare_distill(method, ipc, dataset=dataset, data_root=data_root, preset=preset, settings=overrides,
+    run = prepare_distill(named_method, ipc, dataset=dataset, data_root=data_root, preset=preset, settings=overrides,
                           budget=budget, seed=seed, device=device, resume=resume, progress=not quiet,
                           log=lambda m: click.echo(m, err=True))
     data, runner = run.data, run.method
