@@ -111,10 +111,21 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
     with_baseline = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
                               "--data-root", fashion_root, "-q", "--resume")).stdout
     assert "already records" not in with_baseline and "Recorded in" in with_baseline
-    # importing over a set says what it replaced, records included
-    again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+    # importing over a set is refused unless asked, and then says what it replaced, records included
+    refused = user_error(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+                                "--data-root", fashion_root))
+    assert "give --overwrite to replace it" in " ".join(refused.stderr.split())
+    with h5py.File(tmp_path / "back.h5", "r") as f:  # left as it was, both records included
+        assert len(f["evaluations"]) == 2
+    again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5", "--overwrite",
                       "--data-root", fashion_root)).stdout
     assert "replacing the imported:npz set there" in again and "and its 2 evaluation records" in again, again
+    # an export does not replace a file either
+    exported = (tmp_path / "r.npz").read_bytes()
+    refused = user_error(ddtool("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz"))
+    assert "export does not replace a file unless asked" in " ".join(refused.stderr.split())
+    assert (tmp_path / "r.npz").read_bytes() == exported
+    ok(ddtool("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz", "--overwrite"))
 
 
 def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fashion_root):

@@ -268,13 +268,13 @@ def _refuse_evaluation_options(**given) -> None:
                           f"{'it' if len(named) == 1 else 'them'}; `ddtool evaluate SET.h5` evaluates a saved set later.")
 
 
-def _refuse_to_replace(path: Path, *, overwrite: bool, resume: bool) -> None:
+def _refuse_to_replace(path: Path, *, overwrite: bool, resume: bool = False, command: str = "distill") -> None:
     """A file already at the output path is not replaced unless asked (--overwrite), or the run
     that saves there is being continued (--resume)."""
     there = None if overwrite or resume else _what_is_there(path)
     if there:
-        raise ConfigError(f"{path} holds {there}, and distill does not replace a file unless asked. Save elsewhere "
-                          "(-o NEW.h5), or give --overwrite to replace it.")
+        raise ConfigError(f"{path} holds {there}, and {command} does not replace a file unless asked. Save "
+                          f"elsewhere (-o NEW{path.suffix}), or give --overwrite to replace it.")
 
 
 def _replacing(path: Path) -> str:
@@ -284,8 +284,10 @@ def _replacing(path: Path) -> str:
 
 
 def _what_is_there(path: Path) -> str | None:
-    if not path.exists():
+    if not path.is_file():
         return None
+    if path.suffix not in (".h5", ".hdf5"):
+        return "a file"
     try:
         old = load_synthetic_set(path)
     except DDToolError:
@@ -478,13 +480,16 @@ def show(set_path, output, per_class) -> None:
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
 @click.option("--output", "-o", type=click.Path(), required=True,
               help="Folder (imagefolder) or file (npz, torch) to write.")
-def export_command(set_path, fmt, output) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an npz or torch file at the output path (an existing "
+              "image folder is never written into).")
+def export_command(set_path, fmt, output, overwrite) -> None:
     """Write a set as an ImageFolder of PNGs, an npz archive or a torch file.
 
     The exports hold the images, labels, learned lr and class names, and npz and torch also the
     preprocessing (an ImageFolder holds de-normalised PNGs); the evaluation records, seed and
     configuration stay in SET.h5.
     """
+    _refuse_to_replace(Path(output), overwrite=overwrite, command="export")
     sset = load_synthetic_set(set_path)
     path = export_set(sset, output, fmt)
     click.echo(f"Wrote {path}")
@@ -517,9 +522,10 @@ def export_command(set_path, fmt, output) -> None:
 @click.option("--label-temperature", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Temperature of soft logits: targets are softmax(logits / T) [default: the file's, else 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The .h5 file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the file at the output path, evaluation records included.")
 @_data_root
 def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft_labels, label_temperature, output,
-                   data_root) -> None:
+                   overwrite, data_root) -> None:
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
     The input space is the file's own record where it has one (ddtool's npz and torch
@@ -532,6 +538,7 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft
     if misplaced:  # an option of another format would be silently ignored
         raise ConfigError(f"{' and '.join(misplaced)} {'applies' if len(misplaced) == 1 else 'apply'} to another "
                           f"format (--checkpoint: mtt folders; --experiment: dc files), not --format {fmt}.")
+    _refuse_to_replace(Path(output), overwrite=overwrite, command="import")
     spec = get_spec(dataset)
 
     def space(whitened: bool):
