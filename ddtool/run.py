@@ -184,6 +184,10 @@ def _size_to_budget(run: DistillRun, seconds: float) -> None:
         plan = dataclasses.replace(plan, config=config)
         run.budget_reused = True
     run.method = method_cls(plan.config)
+    if not run.budget_reused:  # the plan states the figures the sizing timed, not a second timing
+        run.method.timed_iteration_s = plan.iteration_s
+        if not plan.experts_cached:
+            run.method.timed_experts_s = plan.experts_s
     run.budget = plan
 
 

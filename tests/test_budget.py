@@ -136,3 +136,20 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
     # MTT spreads its start epochs over four fifths of the experts
     mtt = budget.fit_budget(trajectory.MTT(tiny()), ctx, 3600).config
     assert mtt.max_start_epoch == 16 and mtt.expert_train_epochs == 20
+
+
+def test_a_resumed_budgeted_run_keeps_the_sizing_of_the_run_it_continues(tmp_path, fashion_root):
+    from ddtool.run import BUDGET_PLAN, prepare_distill
+
+    common = dict(ipc=1, data_root=fashion_root, settings={"width": 8}, budget="10m", progress=False)
+    fresh = prepare_distill("mtt", **common)
+    assert fresh.config.budget_s == 600 and not fresh.budget_reused
+    # the interrupted run was sized on a slower machine than this one
+    fresh.work_dir.mkdir(parents=True)
+    (fresh.work_dir / BUDGET_PLAN).write_text(json.dumps({**dataclasses.asdict(fresh.config), "iterations": 77}))
+    resumed = prepare_distill("mtt", resume=True, **common)
+    assert resumed.work_dir == fresh.work_dir and resumed.budget_reused and resumed.config.iterations == 77
+    assert any("the interrupted run's (--resume)" in line for line in resumed.plan())
+    # without --resume the run is sized afresh
+    again = prepare_distill("mtt", **common)
+    assert not again.budget_reused and again.config.iterations != 77

@@ -42,17 +42,23 @@ def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
     )
 
 
-def describe_expert_plan(expert_config: ExpertConfig, ctx: DistillContext) -> list[str]:
+def describe_expert_plan(expert_config: ExpertConfig, ctx: DistillContext,
+                         timed_seconds: float | None = None) -> list[str]:
+    """The plan's line for a run's experts: found in the cache, or what training them takes
+    (timed here, or `timed_seconds` when a budget's sizing timed it already)."""
     path, missing = find_or_plan_store(expert_config)
     line = f"experts: {expert_config.experts} x {expert_config.epochs} epochs of {expert_config.describe()}"
     if not missing:
         return [line + f", found in {path}"]
     execution = plan_execution(expert_config, ctx.device, training_images(expert_config, ctx.data))
-    estimate = estimate_training_time(expert_config, ctx.data, ctx.device, len(missing), execution=execution)
     note = UNCOMPILED_NOTE if execution.compile else ""
-    return [line + f"; {len(missing)} to train first, {execution.describe()} (about "
-                   f"{format_duration(estimate.total_seconds)} at {estimate.images_per_second:.0f} images/s an "
-                   f"expert{note}), cached in {path}"]
+    if timed_seconds is not None:
+        took = f"about {format_duration(timed_seconds)}{note}"
+    else:
+        estimate = estimate_training_time(expert_config, ctx.data, ctx.device, len(missing), execution=execution)
+        took = (f"about {format_duration(estimate.total_seconds)} at {estimate.images_per_second:.0f} images/s an "
+                f"expert{note}")
+    return [line + f"; {len(missing)} to train first, {execution.describe()} ({took}), cached in {path}"]
 
 
 def open_experts(expert_config: ExpertConfig, ctx: DistillContext) -> ExpertStore:

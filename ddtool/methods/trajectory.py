@@ -400,6 +400,9 @@ class TrajectoryMatching(Method):
     # ---- the loop --------------------------------------------------------------------------
     fits_budget = True
     splits_over_processes = True
+    # What a budget's sizing timed already (ddtool.run), so that the plan states the same figures.
+    timed_iteration_s: float | None = None
+    timed_experts_s: float | None = None
     # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
     budget_start_share = 0.8
 
@@ -424,8 +427,8 @@ class TrajectoryMatching(Method):
             + (f", saves the images' moving average (decay {c.ema_decay}"
                f"{', bias-corrected' if c.ema_bias_correction else ''})" if c.ema_decay else ""),
         ]
-        lines += describe_expert_plan(expert_config_for(c, ctx), ctx)
-        per_iteration = self.time_iteration(ctx)
+        lines += describe_expert_plan(expert_config_for(c, ctx), ctx, self.timed_experts_s)
+        per_iteration = self.timed_iteration_s or self.time_iteration(ctx)
         world = distributed.world_size()
         lines.append(f"distillation: about {format_duration(per_iteration * c.iterations)} ({c.iterations} iterations "
                      f"at {format_step(per_iteration)}{f' on each of {world} processes' if world > 1 else ''}, timed here)"
