@@ -35,7 +35,7 @@ from ddtool.experts.execution import plan_execution, training_images
 from ddtool.methods.base import DistillContext
 from ddtool.methods.experts import expert_config_for, experts_wall_clock
 
-EXPERT_SHARE = 0.3  # of the budget, for training experts
+EXPERT_SHARE = 0.5  # of the budget, for training experts (docs/budget.md: experts mattered more than iterations)
 MAX_EXPERT_EPOCHS = 20  # longer budgets train more experts instead
 MAX_EXPERTS = 20
 MIN_EXPERT_EPOCHS = 4
