@@ -75,14 +75,22 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
 
 
 def table(path: Path) -> str:
+    """A row per validation point, a column per cell: validation accuracy (%) and, in brackets,
+    the minutes of distillation until then (one thread; the experts' cost apart, named below)."""
     cells = json.loads(path.read_text())
-    lines = ["| cell | experts (s) | iteration | distill (s) | total (min) | validation (%) |", "|---|---|---|---|---|---|"]
-    for cell in cells:
-        experts = cell.get("experts_s") or 0.0
-        for point in cell["curve"]:
-            total = (experts + point["distill_s"]) / 60
-            lines.append(f"| {cell['name']} | {experts:.0f} | {point['iteration']} | {point['distill_s']:.0f} | "
-                         f"{total:.1f} | {point['val_accuracy']:.2f} |")
+    iterations = sorted({point["iteration"] for cell in cells for point in cell["curve"]})
+    lines = ["| outer iterations | " + " | ".join(cell["name"] for cell in cells) + " |",
+             "|---|" + "---|" * len(cells)]
+    for it in iterations:
+        row = []
+        for cell in cells:
+            point = next((p for p in cell["curve"] if p["iteration"] == it), None)
+            row.append("-" if point is None else f"{point['val_accuracy']:.2f} ({point['distill_s'] / 60:.0f} min)")
+        lines.append(f"| {it} | " + " | ".join(row) + " |")
+    costs = [f"{cell['name']} {cell['experts_s'] / 60:.0f} min" for cell in cells if cell.get("experts_s")]
+    if costs:
+        lines.append("")
+        lines.append("Experts' recorded cost: " + ", ".join(costs) + ".")
     return "\n".join(lines)
 
 
