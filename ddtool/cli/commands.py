@@ -24,7 +24,6 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import PROTOCOLS, get_protocol, time_epoch
 from ddtool.durations import format_duration
 from ddtool.methods.base import (
-    build_config,
     get_method_class,
     list_methods,
     parse_overrides,
@@ -173,7 +172,6 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
         raise ConfigError(f"Method {method!r} does not split its work over torchrun processes; only the trajectory "
                           "methods (mtt, tesla, datm, ftd) do. Run it as one process (`ddtool distill ...` without "
                           "torchrun); `torchrun ... -m ddtool evaluate SET.h5` spreads its evaluation.")
-    build_config(method_cls, preset, overrides, ipc=ipc)  # a wrong setting fails before the data loads
     run = prepare_distill(named_method, ipc, dataset=dataset, data_root=data_root, preset=preset, settings=overrides,
                           budget=budget, seed=seed, device=device, resume=resume, progress=not quiet,
                           log=lambda m: click.echo(m, err=True))
