@@ -109,9 +109,9 @@ class DistillRun:
         if distributed.world_size() > 1:
             sset.config["processes"] = distributed.world_size()
         experts_s = ctx.experts_s
-        sset.timings = {"experts_s": None if experts_s is None else round(experts_s, 1),
-                        "distill_s": round(distill_s, 1),
-                        "total_s": None if experts_s is None else round(experts_s + distill_s, 1),
+        sset.timings = {"experts_s": None if experts_s is None else round(experts_s, 3),
+                        "distill_s": round(distill_s, 3),
+                        "total_s": None if experts_s is None else round(experts_s + distill_s, 3),
                         "hardware": describe_hardware(ctx.device)}
         return sset
 
