@@ -67,7 +67,7 @@ def init_from_env(backend: str = "auto") -> None:
             f"Could not join the process group described by the environment (WORLD_SIZE="
             f"{os.environ.get('WORLD_SIZE')}, RANK={os.environ.get('RANK')}, MASTER_ADDR="
             f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}. Start ddtool "
-            "with torchrun (see the README, 'Scaling out with torchrun'), or unset WORLD_SIZE to run one process."
+            "with torchrun (see docs/distributed.md), or unset WORLD_SIZE to run one process."
         ) from exc
 
 

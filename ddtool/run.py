@@ -97,8 +97,9 @@ class DistillRun:
         if distributed.is_main():
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if self.budget is not None:
-                write_atomically(self.work_dir / BUDGET_PLAN,
-                                 json.dumps(dataclasses.asdict(self.config), indent=1).encode())
+                write_atomically(self.work_dir / BUDGET_PLAN, json.dumps(
+                    {"config": dataclasses.asdict(self.config), "iteration_s": self.method.budget_iteration_s},
+                    indent=1).encode())
         ctx = self.ctx
         started = time.perf_counter()
         sset = self.method.distill(ctx)
@@ -180,10 +181,18 @@ def _size_to_budget(run: DistillRun, seconds: float) -> None:
     plan = fit_budget(run.method, run.ctx, seconds)
     if run.ctx.resume and saved.exists():
         # the interrupted run's sizing, so that it continues on the same experts and schedule
-        config = method_cls.config_class(**json.loads(saved.read_text()))
-        plan = dataclasses.replace(plan, config=config)
+        saved_plan = json.loads(saved.read_text())
+        if "config" not in saved_plan:  # written before the timed iteration was kept beside it
+            saved_plan = {"config": saved_plan, "iteration_s": None}
+        config = method_cls.config_class(**saved_plan["config"])
+        # the interrupted run's timing, so that its iterations are counted as they were (none: not at all)
+        iteration_s = saved_plan["iteration_s"]
+        plan = dataclasses.replace(plan, config=config, iteration_s=iteration_s or plan.iteration_s)
         run.budget_reused = True
+    else:
+        iteration_s = plan.iteration_s
     run.method = method_cls(plan.config)
+    run.method.budget_iteration_s = iteration_s
     if not run.budget_reused:  # the plan states the figures the sizing timed, not a second timing
         run.method.timed_iteration_s = plan.iteration_s
         if not plan.experts_cached:

@@ -28,7 +28,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 # (weights, gradients and optimiser state stay float32; softmax and losses run in float32),
 # which a GPU's tensor cores run several times faster. Offered where only an accuracy depends
 # on the result (evaluation, experts); never in distillation's unrolled inner loop, whose
-# gradient must equal full backprop, nor by default: see README "Mixed precision".
+# gradient must equal full backprop, nor by default: see docs/evaluation.md, "Mixed precision".
 PRECISIONS = ("fp32", "bf16")
 
 

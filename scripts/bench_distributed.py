@@ -79,7 +79,8 @@ def worker(args: argparse.Namespace) -> None:
     from ddtool.experts import run_buffer, store_path_for
     from ddtool.methods.base import DistillContext
     from ddtool.methods.experts import expert_config_for
-    from ddtool.methods.trajectory import FASHION_CPU, MTT
+    from ddtool.methods.trajectory import MTT
+    from ddtool.methods.trajectory_config import FASHION_CPU
     from ddtool.seeding import generator
 
     if distributed.launched_by_torchrun():

@@ -56,7 +56,11 @@ _MATCHING_PROBE = _PRELUDE + r"""
 steps, repeats = int(sys.argv[4]), int(sys.argv[5])
 from ddtool.augment import DSA, DSAConfig
 from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
-from ddtool.methods.trajectory import TrajectoryConfig, TrajectoryMatching
+from ddtool.methods.trajectory import TrajectoryMatching
+try:
+    from ddtool.methods.trajectory_config import TrajectoryConfig  # newer trees
+except ImportError:
+    from ddtool.methods.trajectory import TrajectoryConfig
 from ddtool.networks import ParamLayout, create_network
 from ddtool.data.registry import get_spec
 

@@ -3,7 +3,7 @@
 After each epoch: the fraction of each ReLU layer's units that are dead (never positive on
 any of the training images, un-augmented), the spread of the logits over those images, and
 the largest change of any weight in the epoch. Written to find out why AlexNet students
-collapse under the KD protocol (README, cross-architecture results):
+collapse under the KD protocol (docs/results.md, "Cross-architecture transfer"):
 
     python scripts/dead_units.py synthetic_sets/curriculum/fashion-mnist-cda-ipc10.h5 --arch alexnet --run 1
     python scripts/dead_units.py SET.h5 --arch alexnet --run 1 --random-subset   # the run's random draw

@@ -79,7 +79,7 @@ def main() -> None:
     seconds_per_iteration = _exact_seconds(out / "bench_matching.txt", args.syn_steps)
     summary["bench"]["exact_seconds_per_iteration_at_N"] = seconds_per_iteration
     # evaluation's training in float32 and in bf16 autocast, still alone on the device: whether
-    # bf16 earns being the GPU default (README "Mixed precision")
+    # bf16 earns being the GPU default (docs/evaluation.md, "Mixed precision")
     summary["bench_evaluation"] = {}
     for precision in ("fp32", "bf16"):
         summary["bench_evaluation"][precision] = _run(

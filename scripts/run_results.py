@@ -1,12 +1,12 @@
 """Reproduce ddtool's Fashion-MNIST results: distil every set with its shipped preset, evaluate
-it on fresh networks, and write the tables (into README.md), the plots and synthetic_sets/.
+it on fresh networks, and write the tables (into docs/results.md), the plots and synthetic_sets/.
 
     python scripts/run_results.py plan                          # what would run, what is done
     python scripts/run_results.py run --table main --ipc 10     # distil + evaluate what is missing
     python scripts/run_results.py run --table ablation --only ftd datm
     python scripts/run_results.py run --table cross-arch
     python scripts/run_results.py run --table gpu               # on a machine with CUDA only
-    python scripts/run_results.py tables                        # README tables + plots from the files
+    python scripts/run_results.py tables                        # docs/results.md tables + plots from the files
     python scripts/run_results.py merge OUT/cross-arch/*.h5     # records of copies evaluated elsewhere
 
 Every cell is one HDF5 set with its evaluations inside: `run` skips a set that exists and an
@@ -15,11 +15,11 @@ interrupted distillation from its checkpoint and an interrupted evaluation from 
 finished (`plan` lists them), so rerunning continues where it stopped. A set
 made before its preset changed is not taken as done: `plan` marks it STALE and `run` skips it
 with the settings that moved, for the user to move it away and re-make it. `tables`
-reads only the files, so each number in the README comes from a set anyone can re-evaluate
+reads only the files, so each number in the results page comes from a set anyone can re-evaluate
 (`ddtool evaluate SET.h5 --protocol P --runs 5`). Several `run` processes may work on disjoint
 rows at once (--only); on a shared CPU give each OMP_NUM_THREADS=1.
 
-Tables (each between `<!-- results:NAME -->` markers in README.md):
+Tables (each between `<!-- results:NAME -->` markers in docs/results.md, or the page `--page` names):
 - main: every method at IPC 1, 10, 50 under its own protocol, with the matched random-subset
   baseline and the whole-dataset reference of the same protocol and network (`run --reference`
   trains it, into synthetic_sets/whole_dataset.json).
@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ROOT / "synthetic_sets"
 PLOTS = ROOT / "docs" / "results"
+RESULTS_PAGE = ROOT / "docs" / "results.md"  # the page whose markers `tables` rewrites
 REFERENCES = SETS / "whole_dataset.json"  # the whole-dataset references, per protocol and network
 # Finished runs of evaluations cut off by a session's end, carried to the next machine (see carry_kept_runs)
 KEPT_RUNS = SETS / "kept_runs"
@@ -55,7 +56,7 @@ DATASET = "fashion-mnist"
 RUNS = 5
 # Settings that change how a run is watched or resumed, not the set it makes.
 RUN_ONLY_SETTINGS = {"checkpoint_every", "eval_every", "eval_epochs", "seconds", "device"}
-KD_EPOCHS = 100  # the curriculum CPU presets store views for 100 epochs (see README "Curriculum")
+KD_EPOCHS = 100  # the curriculum CPU presets store views for 100 epochs (docs/results.md, "Curriculum synthesis")
 CROSS_ARCHS = ("convnet:width=32", "alexnet", "vgg11", "resnet18")
 EMA = ("ema_decay=0.98", "ema_bias_correction=true")  # FTD's fashion-cpu average
 AST = ("ast_balanced_loss=0.5", "ast_intermediate_weight=1.0", "ast_weight_perturbation=0.01")
@@ -446,7 +447,7 @@ def merge_evaluations(copy: Path, into: Path) -> int:
 def _copy_matching_log(cell: Cell) -> None:
     """Keep the matching loss per iteration beside the set (for the loss plot)."""
     from ddtool.methods.base import run_fingerprint
-    from ddtool.methods.trajectory import TrajectoryConfig
+    from ddtool.methods.trajectory_config import TrajectoryConfig
     from ddtool.paths import cache_root
 
     config = cell.config()
@@ -629,21 +630,23 @@ def hardware_note(records) -> str:
             unnamed += len(acc.get("runs", [])) - sum(len(runs) for runs in hardware.values())
     parts = [f"{description}: {count} run{'s' if count != 1 else ''}" for description, count in sorted(named.items())]
     if unnamed:
-        parts.append(f"{unnamed} runs on 2-core CPU machines (AMD EPYC), one per session, recorded before "
-                     "records named the hardware")
+        parts.append(f"{unnamed} runs on 2-core CPU machines (AMD EPYC), recorded before records named the "
+                     "hardware")
     return "; ".join(parts) or "no runs recorded"
 
 
-def write_readme(tables: dict[str, str], readme: Path = ROOT / "README.md") -> list[str]:
-    """Replace the text between each table's markers; returns the tables it found markers for."""
-    text = readme.read_text()
+def write_tables(tables: dict[str, str], page: Path = RESULTS_PAGE) -> list[str]:
+    """Replace the text between each table's markers in the Markdown file `page`
+    (`<!-- results:NAME -->` ... `<!-- /results:NAME -->`), leaving the rest of it as it is;
+    returns the tables it found markers for."""
+    text = page.read_text()
     written = []
     for name, body in tables.items():
         pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /results:{re.escape(name)} -->)", re.S)
         if pattern.search(text):
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
             written.append(name)
-    readme.write_text(text)
+    page.write_text(text)
     return written
 
 
@@ -691,6 +694,21 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     return made + [folder / "matching_loss.png"]
 
 
+def render_tables() -> dict[str, str]:
+    """Every table's Markdown, from the sets' files, by marker name (what `tables` writes)."""
+    tables = {}
+    for name in TABLES:
+        cells = TABLES[name]()
+        records = list(table_records(name, cells))
+        tables[name] = RENDER[name](cells) + (
+            f"\n\n(Generated by `python scripts/run_results.py tables` from the sets' own evaluation records; "
+            f"hardware of the runs (the sets' and their random baselines'): {hardware_note(records)}; evaluation "
+            f"minutes marked c: networks run through torch.compile, `--compile`.)" if records else "")
+    tables["published"] = render_published(main_table()) + "\n\n(Generated by `python scripts/run_results.py " \
+        "tables`; published numbers from each paper's own protocol, ddtool's under the protocol named.)"
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("plan", "run", "tables", "merge", "carry"),
@@ -710,6 +728,9 @@ def main() -> None:
                              f"network, once per pair, into {REFERENCES.relative_to(ROOT)} (30 epochs on "
                              f"55000 images: about half an hour per pair for the width-32 ConvNet on one core)")
     parser.add_argument("--no-plots", dest="make_plots", action="store_false")
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE,
+                        help=f"the Markdown page whose `<!-- results:NAME -->` markers the tables are written between "
+                             f"[default: {RESULTS_PAGE.relative_to(ROOT)}]")
     parser.add_argument("--processes", type=int, default=1,
                         help="run each evaluation as this many torchrun processes, its runs (and its baseline's) "
                              "spread over them: e.g. 2 on a 2-core CPU with nothing else running (5 runs then take "
@@ -777,19 +798,11 @@ def main() -> None:
             if sset is not None and (drift := preset_drift(c, sset)):
                 print(f"warning: {c.path.relative_to(ROOT)} ({name} table) predates its preset: "
                       f"{describe_drift(drift)}", file=sys.stderr)
-    tables = {}
-    for name in TABLES:
-        cells = TABLES[name]()
-        records = list(table_records(name, cells))
-        tables[name] = RENDER[name](cells) + (
-            f"\n\n(Generated by `python scripts/run_results.py tables` from the sets' own evaluation records; "
-            f"hardware of the runs (the sets' and their random baselines'): {hardware_note(records)}; evaluation "
-            f"minutes marked c: networks run through torch.compile, `--compile`.)" if records else "")
-    tables["published"] = render_published(main_table()) + "\n\n(Generated by `python scripts/run_results.py " \
-        "tables`; published numbers from each paper's own protocol, ddtool's under the protocol named.)"
-    written = write_readme(tables)
-    print(f"README tables updated: {', '.join(written) or 'none (no markers)'}")
-    if write_readme({"files": render_files()}, SETS / "README.md"):
+    page = args.page.resolve()
+    written = write_tables(render_tables(), page)
+    shown = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+    print(f"{shown}: tables updated: {', '.join(written) or 'none (no markers)'}")
+    if write_tables({"files": render_files()}, SETS / "README.md"):
         print("synthetic_sets/README.md file list updated")
     if args.make_plots:
         for path in plots(main_table(), ablation_table()):

@@ -15,7 +15,7 @@ from ddtool.durations import parse_duration
 from ddtool.errors import ConfigError
 from ddtool.experts import ExpertConfig, ExpertStore, read_manifest, run_buffer
 from ddtool.experts.manifest import ExpertRecord
-from ddtool.methods import budget, datm, trajectory
+from ddtool.methods import budget, datm, trajectory, trajectory_config
 from ddtool.methods.base import DistillContext
 from ddtool.methods.experts import expert_config_for
 from ddtool.storage import load_synthetic_set, save_synthetic_set
@@ -31,10 +31,10 @@ def context(tmp_path, data, resume=False):
                           resume=resume, progress=False, log=lambda m: None)
 
 
-def tiny(**changes) -> trajectory.TrajectoryConfig:
+def tiny(**changes) -> trajectory_config.TrajectoryConfig:
     base = dict(width=8, experts=2, expert_train_epochs=3, syn_steps=2, expert_epochs=1, max_start_epoch=2,
-                iterations=40, checkpoint_every=5)
-    return trajectory.TrajectoryConfig(**{**base, **changes})
+                iterations=40, checkpoint_every=5, lr_img=10.0)
+    return trajectory_config.TrajectoryConfig(**{**base, **changes})
 
 
 @pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h30m", 5400), ("1.5h", 5400), ("90s", 90),
@@ -149,7 +149,36 @@ def test_a_resumed_budgeted_run_keeps_the_sizing_of_the_run_it_continues(tmp_pat
     (fresh.work_dir / BUDGET_PLAN).write_text(json.dumps({**dataclasses.asdict(fresh.config), "iterations": 77}))
     resumed = prepare_distill("mtt", resume=True, **common)
     assert resumed.work_dir == fresh.work_dir and resumed.budget_reused and resumed.config.iterations == 77
+    assert resumed.method.budget_iteration_s is None  # a plan file of old: its iterations are not counted again
+    (fresh.work_dir / BUDGET_PLAN).write_text(json.dumps({"config": {**dataclasses.asdict(fresh.config),
+                                                                     "iterations": 78}, "iteration_s": 4.5}))
+    resumed = prepare_distill("mtt", resume=True, **common)
+    assert resumed.config.iterations == 78 and resumed.method.budget_iteration_s == 4.5
     assert any("the interrupted run's (--resume)" in line for line in resumed.plan())
     # without --resume the run is sized afresh
     again = prepare_distill("mtt", **common)
     assert not again.budget_reused and again.config.iterations != 77
+
+
+def test_iterations_are_counted_again_from_what_the_experts_actually_cost(tmp_path, data):
+    config = datm.DATMConfig(**{**dataclasses.asdict(tiny(experts=2, expert_train_epochs=20, iterations=100,
+                                                          budget_s=1000.0)), "labels": "learned"})
+    method = datm.DATM(config)
+    # planned 100 iterations; the experts took 500 s: (1000 - 500 - INIT_SECONDS) / 2 s each
+    grown = budget.fit_iterations(method, 500.0, 2.0)
+    assert grown.iterations == int((1000 - 500 - budget.INIT_SECONDS) / 2.0) > 100
+    assert grown.window_grow_iterations == grown.iterations  # DATM's window still spans every iteration
+    assert (grown.experts, grown.expert_train_epochs) == (2, 20)
+    assert budget.fit_iterations(method, 900.0, 2.0) is config  # fewer fit: the loop's own check stops it
+
+    # inside a run: a budgeted MTT whose experts cost less than planned runs the iterations that fit
+    ctx = context(tmp_path, data)
+    trajectory.MTT(tiny(iterations=1)).distill(ctx)  # train the experts, so their recorded cost is known
+    mtt = trajectory.MTT(tiny(iterations=3, budget_s=ctx.experts_s + budget.INIT_SECONDS + 1000.0))
+    mtt.budget_iteration_s = 200.0  # five such iterations fit
+    messages = []
+    ctx = context(tmp_path / "b", data)
+    ctx.log = messages.append
+    sset = mtt.distill(ctx)
+    assert sset.config["iterations"] == 5 and mtt.config.iterations == 5
+    assert any("holds 5 outer iterations (planned: 3)" in m for m in messages)

@@ -265,9 +265,10 @@ def test_image_folder_of_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
     root = tmp_path / "scans"
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
     for split, name in (("train", "a"), ("test", "b")):
-        path = root / split / "x" / f"{name}.png"
-        path.parent.mkdir(parents=True)
-        Image.fromarray(ramp).save(path)  # uint16: mode I;16
+        for cls in ("x", "y"):  # two classes: a one-class dataset is refused
+            path = root / split / cls / f"{name}.png"
+            path.parent.mkdir(parents=True)
+            Image.fromarray(ramp).save(path)  # uint16: mode I;16
     assert Image.open(root / "train" / "x" / "a.png").mode in formats._WIDE_INT_MODES  # 16 bits in the file
     raw = data.load_raw(f"folder:{root}")
     assert raw.spec.channels == 1

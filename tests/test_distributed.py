@@ -28,7 +28,8 @@ from ddtool.experts import ExpertConfig, Shard, run_buffer
 from ddtool.experts.store import experts_folder
 from ddtool.methods import trajectory
 from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides, run_fingerprint
-from ddtool.methods.trajectory import MTT, TrajectoryConfig
+from ddtool.methods.trajectory import MTT
+from ddtool.methods.trajectory_config import TrajectoryConfig
 from ddtool.paths import cache_root
 from ddtool.storage import load_synthetic_set, save_synthetic_set
 from test_experts import assert_same_store

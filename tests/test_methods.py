@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_prepared
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.methods import datm, trajectory
+from ddtool.methods import datm, trajectory, trajectory_config
 from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset, run_fingerprint
 from ddtool.methods.coresets import Herding, KCenter
 
@@ -29,7 +29,7 @@ def data():
 def tiny_mtt(**overrides):
     values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, expert_epochs=1,
                   max_start_epoch=2, iterations=6, checkpoint_every=2, lr_img=10.0, lr_lr=1e-4, lr_init=0.01)
-    return trajectory.TrajectoryConfig(**{**values, **overrides})
+    return trajectory_config.TrajectoryConfig(**{**values, **overrides})
 
 
 @pytest.mark.parametrize("method", ["random", "herding", "kcenter"])
@@ -221,7 +221,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, mo
     uninterrupted = trajectory.MTT(config).distill(first)
 
     calls = {"n": 0}
-    original = trajectory.TrajectoryMatching._log
+    original = trajectory.append_log
 
     def killed_after_iteration_5(path, record):
         original(path, record)
@@ -229,10 +229,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, data, mo
         if calls["n"] == 5:  # checkpoint was written at iteration 4: iteration 5 is lost
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trajectory.TrajectoryMatching, "_log", staticmethod(killed_after_iteration_5))
+    monkeypatch.setattr(trajectory, "append_log", killed_after_iteration_5)
     with pytest.raises(KeyboardInterrupt):
         trajectory.MTT(config).distill(context(tmp_path / "b", data))
-    monkeypatch.setattr(trajectory.TrajectoryMatching, "_log", staticmethod(original))
+    monkeypatch.setattr(trajectory, "append_log", original)
     checkpointed = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["elapsed"]
     second = context(tmp_path / "b", data, resume=True)
     resumed = trajectory.MTT(config).distill(second)
@@ -436,8 +436,8 @@ def test_fashion_presets_resolve_to_their_ipc_variant(method):
     cls = get_method_class(method)
     # at IPC 50 mtt and ftd start over the whole 20-epoch trajectory, tesla (the family default)
     # below 16, datm's window grows from [0, 8) to the whole trajectory
-    table = {"mtt": trajectory.MTT_IPC_CHANGES, "ftd": trajectory.MTT_IPC_CHANGES,
-             "datm": datm.DATM_IPC_CHANGES}.get(method, trajectory.FASHION_IPC_CHANGES)
+    table = {"mtt": trajectory_config.MTT_IPC_CHANGES, "ftd": trajectory_config.MTT_IPC_CHANGES,
+             "datm": datm.DATM_IPC_CHANGES}.get(method, trajectory_config.FASHION_IPC_CHANGES)
     ipc50 = build_config(cls, None, {}, ipc=50)
     assert ipc50.expert_train_epochs == 20
     assert ipc50.max_start_epoch == {"mtt": 19, "tesla": 16, "datm": 8, "ftd": 19}[method]

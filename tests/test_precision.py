@@ -15,7 +15,7 @@ from ddtool.evaluation import get_protocol
 from ddtool.experts import ExpertConfig
 from ddtool.experts.train import train_expert
 from ddtool.methods.experts import expert_config_for
-from ddtool.methods.trajectory import TrajectoryConfig
+from ddtool.methods.trajectory_config import TrajectoryConfig
 from ddtool.networks import create_network
 from ddtool.storage import SyntheticSet
 from ddtool.training import train_epoch

@@ -1,4 +1,4 @@
-"""scripts/run_results.py: which evaluation a table cell reads, and the README rewrite."""
+"""scripts/run_results.py: which evaluation a table cell reads, and the rewrite of docs/results.md's tables."""
 
 from __future__ import annotations
 
@@ -50,14 +50,21 @@ def test_cell_reads_the_newest_matching_evaluation(tmp_path, results):
     assert "75.00 ± 0.00" in table and "not run" in table and "2: 50.00 ± 1.00" in table and "2: 2 + 1" in table
 
 
-def test_readme_tables_replace_only_between_markers(tmp_path, results):
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:main -->\nold table\n<!-- /results:main -->\noutro\n")
-    assert results.write_readme({"main": "| new |", "ablation": "| x |"}, readme) == ["main"]
-    assert readme.read_text() == "intro\n<!-- results:main -->\n| new |\n<!-- /results:main -->\noutro\n"
-    readme.write_text("<!-- results:main -->\n<!-- /results:main -->\n")  # empty, as first written
-    results.write_readme({"main": "| a |\n| b |"}, readme)
-    assert readme.read_text() == "<!-- results:main -->\n| a |\n| b |\n<!-- /results:main -->\n"
+def test_results_page_tables_replace_only_between_markers(tmp_path, results):
+    assert results.RESULTS_PAGE == SCRIPT.parent.parent / "docs" / "results.md"  # not the README
+    page = tmp_path / "results.md"
+    page.write_text("intro\n<!-- results:main -->\nold table\n<!-- /results:main -->\noutro\n")
+    assert results.write_tables({"main": "| new |", "ablation": "| x |"}, page) == ["main"]
+    assert page.read_text() == "intro\n<!-- results:main -->\n| new |\n<!-- /results:main -->\noutro\n"
+    page.write_text("<!-- results:main -->\n<!-- /results:main -->\n")  # empty, as first written
+    results.write_tables({"main": "| a |\n| b |"}, page)
+    assert page.read_text() == "<!-- results:main -->\n| a |\n| b |\n<!-- /results:main -->\n"
+
+
+def test_the_shipped_results_page_has_every_tables_markers(results):
+    text = results.RESULTS_PAGE.read_text()
+    for name in (*results.TABLES, "published"):
+        assert f"<!-- results:{name} -->\n" in text and f"<!-- /results:{name} -->" in text, name
 
 
 def test_plans_cover_every_method_and_ipc(results):
@@ -287,7 +294,7 @@ def test_the_hardware_note_counts_what_the_records_name(results):
     new["baselines"]["random_subset"]["hardware"] = {"AMD EPYC (AVX2)": [0, 1, 2, 3, 4]}
     assert results.hardware_note([new]) == "AMD EPYC (AVX2): 8 runs; NVIDIA H200: 2 runs"
     assert results.hardware_note([old, new]).endswith(
-        "; 10 runs on 2-core CPU machines (AMD EPYC), one per session, recorded before records named the hardware")
+        "; 10 runs on 2-core CPU machines (AMD EPYC), recorded before records named the hardware")
     assert results.hardware_note([]) == "no runs recorded"
 
 

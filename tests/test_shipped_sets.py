@@ -1,4 +1,4 @@
-"""The sets in synthetic_sets/ evaluate to what their files (and so the README's tables) say.
+"""The sets in synthetic_sets/ evaluate to what their files (and so the tables of docs/results.md) say.
 
 Re-training run 0 of an evaluation from its recorded seed must land on the recorded run-0
 accuracy: exactly on the machine that made it, within the record's std elsewhere (other CPU

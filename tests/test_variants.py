@@ -14,7 +14,9 @@ from ddtool.methods.base import DistillContext
 from ddtool.methods.datm import DATM, DATMConfig
 from ddtool.methods.ftd import FTD, FTDConfig
 from ddtool.methods.initialisation import correct_only_init, kmeans, representative_indices
-from ddtool.methods.trajectory import MTT, MatchingState, TrajectoryConfig, perturb_conv_weights
+from ddtool.methods.matching_state import MatchingState
+from ddtool.methods.trajectory import MTT, perturb_conv_weights
+from ddtool.methods.trajectory_config import TrajectoryConfig
 from ddtool.networks import ParamLayout, create_network
 
 

@@ -6,8 +6,12 @@ the library (typed configs validated once), so the CLI and the Python API behave
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shutil
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from ddtool.data.prepare import check_ipc_fits, class_indices
 from ddtool.device import resolve_device
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import PROTOCOLS, get_protocol, time_epoch
+from ddtool.evaluation.compare import protocol_label
 from ddtool.durations import format_duration
 from ddtool.methods.base import (
     get_method_class,
@@ -48,6 +53,12 @@ _device = click.option("--device", default="auto", show_default=True, help="auto
 _seed = click.option("--seed", type=SEED_RANGE, default=0, show_default=True,
                      help="Every random choice derives from it: a CPU run repeats bit for bit.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+_json = click.option("--json", "as_json", is_flag=True,
+                     help="Print the result as JSON on stdout, and nothing else there (messages go to stderr).")
+
+
+def _print_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 # ---- datasets -------------------------------------------------------------------------------
@@ -301,12 +312,21 @@ def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str]
                          data_root: str | None, device: torch.device, quiet: bool, *, baselines: bool,
                          reference: bool | None, epochs: int | None = None, record: bool = True,
                          compile: bool = False, resume: bool = False, precision: str | None = None,
-                         hard_labels: bool = False) -> None:
+                         hard_labels: bool = False, as_json: bool = False) -> None:
+    # with --json, stdout holds the JSON report alone: what is said on the way goes to stderr
+    log = (lambda message: say(message, err=True)) if as_json else say
     rows = evaluate_file(path, protocol=protocol_name, archs=archs, runs=runs, epochs=epochs, seed=seed,
                          data_root=data_root, device=device, baselines=baselines, reference=reference, record=record,
                          compile=compile, resume=resume, precision=precision, hard_labels=hard_labels,
-                         progress=not quiet, log=say)
-    if not distributed.is_main() or not rows:
+                         progress=not quiet, log=log)
+    if not distributed.is_main():
+        return
+    if as_json:
+        _print_json({"set": str(path), "recorded": record and bool(rows),
+                     "evaluations": [{**r.to_record(), "protocol_label": protocol_label(r.protocol.to_dict())}
+                                     for r in rows]})
+        return
+    if not rows:
         return
     click.echo(f"\n{'architecture':<24} {'synthetic set':>16} {'random subset':>16} {'whole dataset':>16}")
     for r in rows:
@@ -361,12 +381,13 @@ def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str]
               help="Train on the class of each image (the argmax of a soft-labelled set's labels) instead of its "
                    "soft labels, e.g. to judge a DATM set's images apart from its labels. Part of the protocol: "
                    "recorded. Not with a KD protocol, whose labels are a teacher's.")
+@_json
 @_data_root
 @_seed
 @_device
 @_quiet
 def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, compile_networks,
-             precision, resume, hard_labels, data_root, seed, device, quiet) -> None:
+             precision, resume, hard_labels, as_json, data_root, seed, device, quiet) -> None:
     """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
     beside the matched random-subset baseline and the whole-dataset reference (both computed
     once under the same protocol and cached), and record everything in the file.
@@ -377,15 +398,19 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
                          record=not no_record, compile=compile_networks, resume=resume, precision=precision,
-                         hard_labels=hard_labels)
+                         hard_labels=hard_labels, as_json=as_json)
 
 
 # ---- info / show / export / import ----------------------------------------------------------
 @cli.command()
 @click.argument("set_path", metavar="SET.h5", type=click.Path(dir_okay=False))
-def info(set_path) -> None:
+@_json
+def info(set_path, as_json) -> None:
     """Describe a synthetic set: what it is, how it was made, how it scored."""
     sset = load_synthetic_set(set_path)
+    if as_json:
+        _print_json(_set_summary(set_path, sset))
+        return
     c, h, w = sset.image_shape
     click.echo(f"{set_path}")
     click.echo(f"  dataset      {sset.dataset} ({sset.num_classes} classes)")
@@ -419,6 +444,25 @@ def info(set_path) -> None:
                    f"{100 * e['std']:.2f} over {runs} run{'s' if runs != 1 else ''}{extra} ({e.get('timestamp', '')})")
 
 
+def _set_summary(set_path, sset) -> dict:
+    """What `info --json` prints: the set's record in the file (its configuration and every
+    evaluation included), without the arrays."""
+    return {
+        "path": str(set_path), "dataset": sset.dataset, "classes": sset.classes, "num_classes": sset.num_classes,
+        "method": sset.method, "ipc": sset.ipc, "seed": sset.seed, "num_images": sset.num_images,
+        "image_shape": list(sset.image_shape), "label_kind": sset.label_kind,
+        "label_temperature": sset.label_temperature, "learned_lr": sset.learned_lr,
+        "input_space": sset.preprocessing.describe(), "zca": sset.preprocessing.zca is not None,
+        "bytes": int(sset.images.nbytes + sset.labels.nbytes),  # what the set stores: images and labels
+        "created": sset.created, "ddtool_version": sset.ddtool_version, "timings": sset.timings,
+        "teacher": None if sset.teacher is None else {"arch": sset.teacher["arch"], "options": sset.teacher["options"]},
+        "extras": {name: list(value.shape) for name, value in sset.extras.items()},
+        "config": sset.config,
+        "evaluations": [{**record, "protocol_label": protocol_label(record["protocol"])}
+                        for record in sset.evaluations],
+    }
+
+
 def _describe_timings(timings: dict) -> str:
     """'12m 03s (experts 8m 10s, distillation 3m 53s) on AMD EPYC (AVX2)'."""
     def seconds(name: str) -> str:
@@ -426,38 +470,6 @@ def _describe_timings(timings: dict) -> str:
         return "unknown" if value is None else format_duration(value)
     return (f"{seconds('total_s')} (experts {seconds('experts_s')}, distillation {seconds('distill_s')})"
             f" on {timings.get('hardware') or 'unrecorded hardware'}")
-
-
-def protocol_label(recorded: dict) -> str:
-    """A recorded protocol (Protocol.to_dict()) by its name and what it changed from the named
-    protocol, e.g. "mtt (epochs 5, runs 1)": an overridden protocol keeps the name, and its
-    numbers must not pass for the named protocol's."""
-    name = str(recorded.get("name", "?"))
-    named = PROTOCOLS.get(name)
-    if named is None:
-        return name
-    # to_dict leaves the float32 default out; a record's "precision" is a change from it
-    named_fields = {**named.to_dict(), "precision": named.precision}
-    changes = [f"{field} {_setting(value)}" for field, value in _changed(named_fields, recorded)]
-    return f"{name} ({', '.join(changes)})" if changes else name
-
-
-def _changed(named: dict, recorded: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(field, recorded value) where `recorded` differs from `named`; fields a record made
-    before they existed lacks are not changes."""
-    changes = []
-    for field, value in recorded.items():
-        if field == "name" or field not in named or named[field] == value:
-            continue
-        if isinstance(value, dict) and isinstance(named[field], dict):
-            changes += _changed(named[field], value, f"{prefix}{field}.")
-        else:
-            changes.append((prefix + field, value))
-    return changes
-
-
-def _setting(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @cli.command()
@@ -501,12 +513,17 @@ def export_command(set_path, fmt, output, overwrite) -> None:
 @cli.command("import")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), required=True,
-              help="mtt: images/labels/lr tensors (MTT, DATM); dc: a DC-style dict; npz; torch.")
+              help="mtt: images/labels/lr tensors (MTT, DATM, FTD); dc: a DC-style dict; npz; torch.")
 @click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True,
               help="The dataset the set was distilled from.")
 @click.option("--zca/--no-zca", default=None,
               help="The images are (--zca) or are not (--no-zca) in ZCA-whitened space [default: the file's "
-                   "record of its space, else --no-zca].")
+                   "record of its space; for mtt, ZCA when an images_zca_<it>.pt (the un-whitened copy MTT, DATM "
+                   "and FTD write only for ZCA runs) lies beside the images, else --no-zca, and refused as "
+                   "unknowable for 50 or more images per class, for which they write no copy].")
+@click.option("--lr", "learned_lr", type=float, default=None, metavar="FLOAT",
+              help="The learned step size to record (MTT saves none, so its sets are otherwise evaluated at the "
+                   "protocol's fixed lr); replaces the one the files record, if any.")
 @click.option("--ipc", type=click.IntRange(min=1), default=None, help="Images per class [default: inferred].")
 @click.option("--experiment", type=int, default=0, show_default=True, help="dc: which experiment of the file.")
 @click.option("--checkpoint", default="final", show_default=True, metavar="final|best|ITERATION",
@@ -523,20 +540,26 @@ def export_command(set_path, fmt, output, overwrite) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace the file at the output path, evaluation records included.")
 @_data_root
-def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft_labels, label_temperature, output,
-                   overwrite, data_root) -> None:
+def import_command(sources, fmt, dataset, zca, learned_lr, ipc, experiment, checkpoint, soft_labels,
+                   label_temperature, output, overwrite, data_root) -> None:
     """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
 
     The input space is the file's own record where it has one (ddtool's npz and torch
-    exports; --zca/--no-zca, when given, must agree with it), else rebuilt from the dataset,
-    so the dataset's files must be found: mean/std normalisation or, with --zca, in its place
-    the ZCA (eps 0.1) fitted on every training image's [0, 1] pixels, as MTT and DATM fit it.
+    exports; --zca/--no-zca, when given, must agree with it), for MTT/DATM/FTD files what their
+    images_zca_<it>.pt copies show, else rebuilt from the dataset, so the dataset's files must
+    be found: mean/std normalisation or, with ZCA, in its place the ZCA (eps 0.1) fitted on every
+    training image's [0, 1] pixels, as MTT and DATM fit it. The output says which space and
+    learned lr were recorded, and why.
     """
+    from ddtool.storage.formats import check_learned_lr
+
     misplaced = [option for option, applies in (("--checkpoint", checkpoint == "final" or fmt == "mtt"),
                                                 ("--experiment", experiment == 0 or fmt == "dc")) if not applies]
     if misplaced:  # an option of another format would be silently ignored
         raise ConfigError(f"{' and '.join(misplaced)} {'applies' if len(misplaced) == 1 else 'apply'} to another "
                           f"format (--checkpoint: mtt folders; --experiment: dc files), not --format {fmt}.")
+    if learned_lr is not None:
+        learned_lr = check_learned_lr(learned_lr)  # before any work
     _refuse_to_replace(Path(output), overwrite=overwrite, command="import")
     spec = get_spec(dataset)
 
@@ -552,22 +575,217 @@ def import_command(sources, fmt, dataset, zca, ipc, experiment, checkpoint, soft
     classes = list(spec.classes) if spec.classes else None
     sset = import_set([Path(s) for s in sources] if len(sources) > 1 else Path(sources[0]), fmt,
                       dataset=spec.name, preprocessing=space(zca) if zca is not None else None,
-                      default_preprocessing=lambda: space(False), classes=classes, ipc=ipc,
-                      experiment=experiment, iteration=checkpoint, label_kind=soft_labels,
-                      label_temperature=label_temperature)
+                      default_preprocessing=lambda: space(False), zca_preprocessing=lambda: space(True),
+                      classes=classes, ipc=ipc, experiment=experiment, iteration=checkpoint,
+                      label_kind=soft_labels, label_temperature=label_temperature, learned_lr=learned_lr)
     replaced = _what_is_there(Path(output))  # said, as distill says it in its plan
     save_synthetic_set(output, sset)
     click.echo(f"Imported {sset.num_images} images ({sset.label_kind} labels"
                f"{', learned lr %.4g' % sset.learned_lr if sset.learned_lr is not None else ''}) into {output}"
                + (f", replacing {replaced}" if replaced else ""))
+    for note in sset.config.get("import_notes", []):
+        click.echo(f"  {note}")
 
 
 @cli.command("methods")
-def methods_command() -> None:
-    """List the distillation methods, their presets and default evaluation protocols."""
-    for name in list_methods():
-        cls = get_method_class(name)
-        presets = ", ".join(p + (" (default)" if p == cls.default_preset else "") for p in cls.presets) or "-"
-        click.echo(f"{name:<10} protocol {cls.default_protocol:<8} presets: {presets}")
+@click.argument("name", required=False, metavar="[NAME]")
+@click.option("--preset", default=None,
+              help="With NAME: show the values of this preset [default: the method's default preset].")
+@click.option("--ipc", type=click.IntRange(min=1), default=None,
+              help="With NAME: show the preset's variant for this IPC, as `ddtool distill --ipc N` takes it.")
+@_json
+def methods_command(name, preset, ipc, as_json) -> None:
+    """List the distillation methods, their presets and default evaluation protocols; with NAME,
+    every setting of that method: its type, default, the preset's value and meaning."""
+    if name is None:
+        if preset is not None or ipc is not None:
+            raise ConfigError("--preset and --ipc show one method's settings: name the method, e.g. "
+                              f"`ddtool methods datm{' --preset ' + preset if preset else ''}"
+                              f"{' --ipc %d' % ipc if ipc else ''}`.")
+        listing = []
+        for method in list_methods():
+            cls = get_method_class(method)
+            listing.append({"name": method, "default_protocol": cls.default_protocol, "presets": list(cls.presets),
+                            "default_preset": cls.default_preset})
+        if as_json:
+            _print_json(listing)
+            return
+        for entry in listing:
+            presets = ", ".join(p + (" (default)" if p == entry["default_preset"] else "")
+                                for p in entry["presets"]) or "-"
+            click.echo(f"{entry['name']:<10} protocol {entry['default_protocol']:<8} presets: {presets}")
+        click.echo("(`ddtool methods NAME` lists a method's settings with their meaning)")
+        return
+    from ddtool.methods.settings import describe_settings
+
+    described = describe_settings(name, preset, ipc)
+    if as_json:
+        _print_json(described.to_dict())
+        return
+    _print_settings(described)
 
 
+def _print_settings(described) -> None:
+    method_cls = get_method_class(described.method)
+    # the class's own docstring, else its module's (DATM's, FTD's: the method's description)
+    doc = method_cls.__dict__.get("__doc__") or sys.modules[method_cls.__module__].__doc__ or ""
+    summary = " ".join(doc.strip().split("\n\n")[0].split())  # its first paragraph
+    click.echo(click.wrap_text(f"{described.method}: {summary}" if summary else described.method, width=100))
+    presets = ", ".join(p + (" (default)" if p == method_cls.default_preset else "") for p in described.presets)
+    click.echo(textwrap.fill(f"settings of {described.config_class}; default protocol {described.default_protocol}; "
+                             f"presets: {presets or '-'}", width=100, initial_indent="  ", subsequent_indent="    ",
+                             break_on_hyphens=False))
+    if not described.settings:
+        click.echo(f"{described.method} has no settings.")
+        return
+    if described.preset is None:
+        column = "value"
+        click.echo("  no preset: a run takes the defaults")
+    else:
+        column = described.preset
+        where = f"preset {described.preset}"
+        if described.preset != described.named_preset:
+            where += f" ({described.named_preset}'s variant for --ipc {described.ipc})"
+        elif described.ipc is not None:
+            where += f" (it has no variant for --ipc {described.ipc}: a run takes it as it is)"
+        click.echo(f"  values of {where}; * where they differ from the default")
+    click.echo()
+    rows = [[s.name, s.type, _value_text(s.default), _value_text(s.value) + (" *" if s.changed else ""), s.meaning]
+            for s in described.settings]
+    for line in _table(["setting", "type", "default", column, "meaning"], rows, wrap_last=True):
+        click.echo(line)
+    click.echo()
+    for note in described.notes:
+        click.echo(click.wrap_text(note, width=100))
+    click.echo(f"`ddtool distill --method {described.method} --set KEY=VALUE` changes a setting; "
+               f"`ddtool methods {described.method} --preset P --ipc N` shows another preset's values.")
+
+
+def _value_text(value) -> str:
+    """A setting's value as --set takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return '""' if value == "" else str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]], *, right: tuple[int, ...] = (), wrap_last: bool = False,
+           indent: str = "") -> list[str]:
+    """Aligned text columns (those in `right` right-aligned). With `wrap_last`, on a terminal
+    the last column is wrapped under itself to the terminal's width; piped, every row stays one
+    line (for grep)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lead = len(indent) + sum(w + 2 for w in widths[:-1])
+    room = shutil.get_terminal_size((100, 24)).columns - lead
+    wrap = wrap_last and sys.stdout.isatty() and room >= 30
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(cell).rjust(w) if i in right else str(cell).ljust(w)
+                 for i, (cell, w) in enumerate(zip(row[:-1], widths))]
+        last = textwrap.wrap(str(row[-1]), room) if wrap and len(str(row[-1])) > room else [str(row[-1])]
+        lines.append((indent + "  ".join([*cells, last[0]])).rstrip())
+        lines += [" " * lead + more for more in last[1:]]
+    return lines
+
+
+# ---- compare --------------------------------------------------------------------------------
+@cli.command("compare")
+@click.argument("set_paths", metavar="SET.h5 [SET.h5 ...]", nargs=-1, required=True,
+                type=click.Path(dir_okay=False))
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default=None,
+              help="Compare the sets' evaluations under this protocol only [default: every recorded one, each "
+                   "protocol and network in a group of its own].")
+@_json
+@click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per evaluation on stdout instead of the table.")
+def compare(set_paths, protocol, as_json, as_csv) -> None:
+    """Compare sets by the evaluations their files record: one table of method, IPC, accuracy
+    beside the matched random baseline, size and cost, grouped by protocol, network and
+    dataset (accuracies compare only within a group; nothing is trained)."""
+    from ddtool.evaluation.compare import compare_sets
+
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv each print the comparison on stdout: choose one.")
+    comparison = compare_sets(list(set_paths), protocol=protocol)
+    if as_json:
+        _print_json(comparison.to_dict())
+    elif as_csv:
+        _print_comparison_csv(comparison)
+    else:
+        _print_comparison(comparison)
+
+
+def _print_comparison(comparison) -> None:
+    from ddtool.evaluation.compare import format_size
+
+    groups = comparison.groups
+    under = f" under the {comparison.protocol} protocol" if comparison.protocol else ""
+    if comparison.mixed:
+        click.echo(click.wrap_text(
+            f"The evaluations{under} fall into {len(groups)} groups of different protocol settings, networks or "
+            "datasets, shown apart: an accuracy compares only with those of its own group.", width=100))
+    elif groups and len(groups[0].rows) > 1:
+        click.echo(f"{_count(len(groups[0].rows), 'evaluation')}{under}, all of one "
+                   f"{'' if under else 'protocol, '}network and dataset: they compare with each other.")
+    whole = any(row.whole_dataset for group in groups for row in group.rows)
+    costed = [row for group in groups for row in group.rows if _cost(row.timings) != "-"]
+    hardware = sorted({row.timings.get("hardware") or "unrecorded hardware" for row in costed})
+    for group in groups:
+        click.echo(f"\nprotocol {group.protocol}, network {group.network}, dataset {group.dataset}")
+        headers = ["set", "method", "IPC", "size", "runs", "accuracy %", "random subset %",
+                   *(["whole dataset %"] if whole else []), "cost"]
+        rows = [[row.set, row.method, str(row.ipc), format_size(row.bytes), str(row.runs),
+                 _mean_std(row.mean, row.std, row.runs), _baseline(row.random_subset),
+                 *([_baseline(row.whole_dataset)] if whole else []), _cost(row.timings)] for row in group.rows]
+        for line in _table(headers, rows, right=(2, 3, 4), indent="  "):
+            click.echo(line)
+    if groups:
+        click.echo("\n" + click.wrap_text(
+            "accuracy: test accuracy at the final epoch, mean ± std over fresh networks; random subset: the matched "
+            "baseline recorded with the evaluation (same protocol and network); size: the images and labels "
+            "stored; cost: the experts' training and the distillation as the set records them"
+            + (f" (on {', '.join(hardware)})" if hardware else "")
+            + (", >= where it records the distillation's time alone" if any(
+                _cost(row.timings).startswith(">=") for row in costed) else "")
+            + ", - where it records none.", width=100))
+    earlier = sum(row.earlier_records for group in groups for row in group.rows)
+    if earlier:
+        click.echo(f"({_count(earlier, 'older record')} of an evaluation shown here left out: the latest of each is "
+                   "shown; `ddtool info SET.h5` lists every record.)")
+    for missing in comparison.unevaluated:
+        click.echo(f"{missing.set}: {missing.reason}; `{missing.command}` makes one.")
+
+
+def _print_comparison_csv(comparison) -> None:
+    columns = ["set", "method", "dataset", "ipc", "protocol", "network", "runs", "mean", "std", "random_subset_mean",
+               "random_subset_std", "whole_dataset_mean", "whole_dataset_std", "bytes", "cost_s", "group"]
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(columns)
+    for index, group in enumerate(comparison.groups):
+        for row in group.rows:
+            base, whole = row.random_subset or {}, row.whole_dataset or {}
+            writer.writerow([row.set, row.method, row.dataset, row.ipc, row.protocol, row.network, row.runs, row.mean,
+                             row.std, base.get("mean", ""), base.get("std", ""), whole.get("mean", ""),
+                             whole.get("std", ""), row.bytes, "" if row.cost_s is None else row.cost_s, index])
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'s' if number != 1 else ''}"
+
+
+def _mean_std(mean: float, std: float, runs: int) -> str:
+    return f"{100 * mean:.2f} (1 run)" if runs == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _baseline(figures: dict | None) -> str:
+    return "-" if not figures else _mean_std(figures["mean"], figures["std"], figures["runs"])
+
+
+def _cost(timings: dict | None) -> str:
+    if not timings:
+        return "-"
+    if timings.get("total_s") is not None:
+        return format_duration(timings["total_s"])
+    if timings.get("distill_s") is not None:  # the experts' time unknown: at least the distillation's
+        return f">= {format_duration(timings['distill_s'])}"
+    return "-"

@@ -63,7 +63,7 @@ def cli(ctx: click.Context, dist_backend: str) -> None:
       ddtool distill --ipc 10              # Fashion-MNIST, default method, evaluated at the end
       ddtool evaluate distilled/X.h5       # fresh networks, mean ± std beside baselines
       ddtool show distilled/X.h5 -o grid.png
-      torchrun --nproc-per-node 2 -m ddtool distill ...   # several processes (README)
+      torchrun --nproc-per-node 2 -m ddtool distill ...   # several processes (docs/distributed.md)
     """
     if distributed.launched_by_torchrun():
         distributed.init_from_env(dist_backend)

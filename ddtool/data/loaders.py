@@ -280,7 +280,7 @@ def _read_image_folder(root: Path, cache_dir: Path) -> Decoded:
     """root/train/<class>/... and root/test/<class>/... (or val/); classes = sorted folder names.
 
     All images take the size of the first training image (square; see read_images), and one
-    channel if every image is grayscale, else three.
+    channel if every image is grayscale, else three. A single class folder is refused.
     """
     test_dir = _need(root, ("test", "val"))
     classes = _class_folders(root / "train")
@@ -299,6 +299,12 @@ def _read_image_folder(root: Path, cache_dir: Path) -> Decoded:
     if not test:  # every evaluation would score 0 images and report 0%
         raise FormatError(f"{test_dir} holds no images in class folders; put them in "
                           f"{test_dir}/<class>/ under the class names of train/.")
+    if len(classes) == 1:  # every network would predict it: no set could be told from another
+        raise FormatError(
+            f"{root / 'train'} holds a single class folder ({classes[0]}): distilling one class is meaningless, "
+            "since every network trained on it predicts that class and scores 100% on its test images. A "
+            "folder dataset needs at least two classes: add a subfolder of images for each other class, "
+            f"under {root / 'train'} and under {test_dir}.")
 
     width, height = image_size(train[0][0])
     return _decode_cached(root, cache_dir, train, test, min(width, height), tuple(classes), allow_gray=True)

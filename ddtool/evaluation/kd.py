@@ -1,6 +1,6 @@
 """Knowledge-distillation evaluation: a student learns a teacher's soft labels on augmented views.
 
-The protocol of SRe2L/CDA (methods.md §7): every epoch each image of the set is seen as one
+The protocol of SRe2L/CDA (docs/methods.md §7): every epoch each image of the set is seen as one
 *view* (a random-resized crop, maybe flipped, maybe with a CutMix box of another image's
 view pasted in) and the student is trained with KL(teacher/T || student/T) * T^2 toward the
 teacher's logits on that same view. The teacher's logits come from one of two sources:

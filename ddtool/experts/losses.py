@@ -1,4 +1,4 @@
-"""The expert training loss, with AST's optional smoothing terms (methods.md §6).
+"""The expert training loss, with AST's optional smoothing terms (docs/methods.md §6).
 
 Plugged into `ddtool.training.train_epoch` as its `loss_fn(model, x, y) -> (loss, logits)`;
 a new function per epoch, because the clipping-loss factor depends on the epoch.

@@ -2,7 +2,7 @@
 lands from the expert, and return the gradient of that distance for the images, the labels
 and the learnable step size.
 
-One unroll, three interchangeable backends (methods.md §2-3):
+One unroll, three interchangeable backends (docs/methods.md §2-3):
 
 - ``bptt``  full backpropagation through all N steps; memory grows with N. The reference.
 - ``tesla`` the published constant-memory rule of TESLA: a recompute sweep that treats every

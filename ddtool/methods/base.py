@@ -126,7 +126,6 @@ def register_method(name: str):
 
 
 def get_method_class(name: str) -> type[Method]:
-    _load_builtin_methods()
     try:
         return METHODS[name]
     except KeyError:
@@ -154,11 +153,11 @@ def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> s
 # Config fields added after runs were made with their classes, and the default they take:
 # left out of run fingerprints while at it. (Fields added before this list existed changed
 # the fingerprints of the runs of their time.)
-_ADDED_LATER = {"expert_precision": "fp32", "eval_networks": 1, "budget_s": 0.0}
+_ADDED_LATER = {"expert_precision": "fp32", "eval_networks": 1, "budget_s": 0.0, "max_image_scale": 10.0,
+                "lr_floor_patience": 10, "loss_window": 20, "max_loss_rise": 1.5}
 
 
 def list_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(METHODS)
 
 
@@ -242,7 +241,3 @@ def _convert(key: str, text: str, hint) -> object:
             kind, f"a {getattr(kind, '__name__', kind)}")
         raise ConfigError(f"--set {key}={text}: expected {expected}.") from None
 
-
-def _load_builtin_methods() -> None:
-    # Imported for their @register_method side effect.
-    from ddtool.methods import coresets, curriculum, datm, ftd, trajectory  # noqa: F401

@@ -12,7 +12,9 @@ machine before any work:
 - matching: start epochs spread over the trajectory in proportion to E (the method's
   `budget_settings`), so longer experts are matched further along;
 - distillation: as many outer iterations as the rest of the budget holds at the timed speed of
-  one, after INIT_SECONDS for loading the experts and initialising; the outer loop also stops
+  one, after INIT_SECONDS for loading the experts and initialising, counted again once the
+  experts are trained (their estimate is of uncompiled training, so compiled experts leave more
+  time than planned, and that time goes to more iterations: `fit_iterations`); the loop also stops
   before an iteration that would pass the budget (the `budget_s` setting), so a slower machine
   than timed still ends in time, with its set checkpointed and saved.
 
@@ -108,7 +110,7 @@ def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
             recorded = experts_wall_clock(store)
         if recorded is not None:
             experts_s, cached = recorded, True
-    iterations = int((seconds - experts_s - INIT_SECONDS) / iteration_s)
+    iterations = iterations_left(seconds, experts_s, iteration_s)
     if iterations < MIN_ITERATIONS:
         raise ConfigError(
             f"A budget of {format_duration(seconds)} leaves {format_duration(seconds - experts_s)} after the "
@@ -118,6 +120,23 @@ def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
         )
     config = _sized(method, base, experts, epochs, iterations, seconds)
     return BudgetPlan(seconds, config, experts_s, cached, iteration_s, workers)
+
+
+def iterations_left(seconds: float, experts_s: float, iteration_s: float) -> int:
+    """Outer iterations of `iteration_s` seconds that fit in `seconds` after the experts' cost and
+    the set-up."""
+    return int((seconds - experts_s - INIT_SECONDS) / iteration_s)
+
+
+def fit_iterations(method, experts_s: float, iteration_s: float):
+    """`method`'s budgeted configuration with its iterations (and what follows them, such as
+    DATM's window) counted again from the experts' actual cost, or unchanged when fewer would
+    fit than planned (the loop's budget check stops it in time)."""
+    c = method.config
+    iterations = iterations_left(c.budget_s, experts_s, iteration_s)
+    if iterations <= c.iterations:
+        return c
+    return _sized(method, c, c.experts, c.expert_train_epochs, iterations, c.budget_s)
 
 
 def _sized(method, base, experts: int, epochs: int, iterations: int, seconds: float):

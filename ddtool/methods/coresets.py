@@ -13,6 +13,7 @@ import torch
 from ddtool.data import PreparedData, class_indices, sample_per_class
 from ddtool.errors import ConfigError
 from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.methods.settings import setting
 from ddtool.durations import format_duration
 from ddtool.methods.teacher import RealTrainingRecipe, network_trained_on_real, real_training_estimate
 from ddtool.networks import network_options
@@ -43,11 +44,12 @@ class RandomSubset(Method):
 
 @dataclass(frozen=True)
 class FeatureSelectionConfig:
-    feature_arch: str = "convnet"
-    feature_width: int = 64
-    feature_epochs: int = 2
-    feature_lr: float = 0.01
-    feature_batch_size: int = 256
+    # The network trained on the real training split in whose feature space images are selected (cached).
+    feature_arch: str = setting("convnet", "the feature network, in whose feature space images are selected")
+    feature_width: int = setting(64, "the feature network's width, for networks with a width option")
+    feature_epochs: int = setting(2, "epochs the feature network trains on the real training split")
+    feature_lr: float = setting(0.01, "the feature network's learning rate")
+    feature_batch_size: int = setting(256, "the feature network's minibatch size")
 
     def __post_init__(self) -> None:
         if self.feature_epochs < 1 or self.feature_width < 1:

@@ -1,6 +1,6 @@
 """SRe2L and CDA: squeeze a BatchNorm teacher, recover images from it, relabel them with it.
 
-methods.md §7. Squeeze (ddtool.methods.teacher): a BatchNorm network trained on the real
+docs/methods.md §7. Squeeze (ddtool.methods.teacher): a BatchNorm network trained on the real
 training split. Recover: images start as noise in network space and are optimised with Adam
 so that the frozen teacher (eval mode) classifies random-resized crops of them as their
 class while the batch statistics at every BatchNorm layer match the layer's running
@@ -42,6 +42,7 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
 from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
+from ddtool.methods.settings import setting
 from ddtool.durations import format_duration, format_step
 from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_norm_layers, real_training_estimate,
                                      require_batch_norm, squeeze, untrained_network)
@@ -59,36 +60,38 @@ CHECKPOINT_NAME = "recover.pt"
 @dataclass(frozen=True)
 class CurriculumConfig:
     # Squeeze: the BatchNorm teacher (trained once per configuration, then cached).
-    teacher_arch: str = "convnet-bn"
-    teacher_width: int = 128  # for networks with a width option (the convnet family); else ignored
-    teacher_epochs: int = 10
-    teacher_lr: float = 0.01
-    teacher_weight_decay: float = 5e-4
-    teacher_batch_size: int = 256
-    teacher_augment: bool = False  # random-resized crop + flip while training the teacher
-    teacher_seed: int = 0  # the teacher is shared by runs of any seed; this picks it
-    # The network evaluation trains on the set by default ('name:key=value' form).
-    student: str = "convnet"
+    teacher_arch: str = setting("convnet-bn", "the BatchNorm teacher network, squeezed from the real training split")
+    teacher_width: int = setting(128, "the teacher's width, for networks with a width option (the convnet family); "
+                                      "else ignored")
+    teacher_epochs: int = setting(10, "epochs the teacher trains on the real training split")
+    teacher_lr: float = setting(0.01, "the teacher's learning rate")
+    teacher_weight_decay: float = setting(5e-4, "the teacher's weight decay")
+    teacher_batch_size: int = setting(256, "the teacher's minibatch size")
+    teacher_augment: bool = setting(False, "random-resized crop + flip while training the teacher")
+    teacher_seed: int = setting(0, "which teacher: the teacher is shared by runs of any seed, this picks it")
+    student: str = setting("convnet", "the network evaluation trains on the set by default ('name:key=value' form)")
     # Recover.
-    iterations: int = 1000
-    lr: float = 0.25  # Adam, cosine to 0 over the iterations
-    beta1: float = 0.5
-    beta2: float = 0.9
-    r_bn: float = 0.01  # weight of the BatchNorm statistics term
-    first_bn_multiplier: float = 10.0  # extra weight of the first BatchNorm layer
-    crop_schedule: str = "constant"  # constant (SRe2L) | step | linear | cosine (CDA)
-    crop_scale_start: float = 1.0  # CDA: the crop's lower area bound at iteration 0
-    crop_scale_end: float = 0.08  # ... after milestone * iterations (SRe2L: always)
-    milestone: float = 1.0  # fraction of the iterations over which the bound decreases
-    roll_fraction: float = 0.125  # random circular shift of up to this fraction of the side, per batch
-    batching: str = "mixed"  # mixed: one image of every class per batch | classwise
-    classes_per_batch: int = 0  # mixed batches: classes per batch (0: all)
-    parallel_batches: int = 0  # batches optimised in one forward pass (0: all)
-    checkpoint_every: int = 100  # iterations
+    iterations: int = setting(1000, "recover iterations (Adam, cosine to 0 over them)")
+    lr: float = setting(0.25, "the images' Adam learning rate in recover (cosine to 0 over the iterations)")
+    beta1: float = setting(0.5, "recover's Adam beta1")
+    beta2: float = setting(0.9, "recover's Adam beta2")
+    r_bn: float = setting(0.01, "weight of the BatchNorm statistics term")
+    first_bn_multiplier: float = setting(10.0, "extra weight of the first BatchNorm layer")
+    crop_schedule: str = setting("constant", "the crop's lower area bound over recover: constant (SRe2L) | step | "
+                                             "linear | cosine (CDA)")
+    crop_scale_start: float = setting(1.0, "CDA: the crop's lower area bound at iteration 0")
+    crop_scale_end: float = setting(0.08, "the crop's lower area bound after milestone × iterations (SRe2L: always)")
+    milestone: float = setting(1.0, "fraction of the iterations over which the crop's bound decreases")
+    roll_fraction: float = setting(0.125, "random circular shift of up to this fraction of the side, per batch")
+    batching: str = setting("mixed", "mixed: one image of every class per batch | classwise")
+    classes_per_batch: int = setting(0, "mixed batches: classes per batch (0: all)")
+    parallel_batches: int = setting(0, "batches optimised in one forward pass (0: all)")
+    checkpoint_every: int = setting(100, "recover iterations between checkpoints (what --resume continues from)")
     # Relabel.
-    relabel: str = "stored"  # stored: per-view teacher logits in the file | live: the teacher runs at evaluation
-    relabel_protocol: str = "kd"  # the KD protocol whose views (crop, flip, CutMix) are stored
-    relabel_epochs: int = 0  # epochs of stored views (0: the protocol's epochs)
+    relabel: str = setting("stored", "stored: per-view teacher logits in the file | live: the teacher runs at "
+                                     "evaluation")
+    relabel_protocol: str = setting("kd", "the KD protocol whose views (crop, flip, CutMix) are stored")
+    relabel_epochs: int = setting(0, "epochs of stored views (0: the protocol's epochs)")
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -377,7 +380,7 @@ FASHION_CPU = CurriculumConfig(teacher_width=32, teacher_epochs=2, teacher_lr=0.
 # A GPU-sized Fashion-MNIST setting: full-width teacher, published iteration counts.
 FASHION_GPU = CurriculumConfig(teacher_width=128, teacher_epochs=20, teacher_lr=0.05, iterations=1000,
                                checkpoint_every=200)
-# Published settings by name, as far as they translate (see the README notes of this module):
+# Published settings by name, as far as they translate (docs/methods.md §7):
 # ImageNet-1K: ResNet-18 teacher (theirs is torchvision's pretrained 224px network; ours is
 # ddtool's small-image resnet18-bn trained here), batches of 100 classes, lr 0.25, r_bn 0.01,
 # jitter 32 px of 224 (roll_fraction 1/7), 1K iterations (SRe2L) / 4K (CDA), FKD-style stored

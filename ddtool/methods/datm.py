@@ -18,26 +18,26 @@ from ddtool.matching import MatchResult
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, register_method
 from ddtool.methods.initialisation import correct_only_init
-from ddtool.methods.trajectory import (
-    FASHION_CPU,
-    FASHION_GPU,
-    FASHION_IPC_CHANGES,
-    TrajectoryConfig,
-    TrajectoryMatching,
-    start_epochs_below,
-    with_ipc_variants,
+from ddtool.methods.settings import meaning_of, setting
+from ddtool.methods.trajectory import TrajectoryMatching
+from ddtool.methods.trajectory_config import (
+    FASHION_CPU, FASHION_GPU, FASHION_IPC_CHANGES, TrajectoryConfig, start_epochs_below, with_ipc_variants,
 )
 from ddtool.seeding import generator
 
 
 @dataclass(frozen=True)
 class DATMConfig(TrajectoryConfig):
-    labels: str = "learned"
-    lr_label: float = 2.0
-    max_start_epoch_final: int = 0  # T⁺; 0: no growth (the window stays [T⁻, T))
-    window_grow_iterations: int = 0  # iterations over which the upper bound goes from T to T⁺
-    gate_threshold: float = 1.0  # skip updates whose normalised matching loss exceeds this; 0: off
-    correct_only_init: bool = True
+    # The window of start epochs grows from [T⁻, T) = [min_start_epoch, max_start_epoch) to [T⁻, T⁺).
+    labels: str = setting("learned", meaning_of(TrajectoryConfig, "labels"))
+    lr_label: float = setting(2.0, meaning_of(TrajectoryConfig, "lr_label"))
+    max_start_epoch_final: int = setting(0, "T⁺, where the window of start epochs ends up: [min_start_epoch, T⁺); "
+                                            "0: no growth (the window stays [min_start_epoch, max_start_epoch))")
+    window_grow_iterations: int = setting(0, "iterations over which the window's upper bound goes from "
+                                             "max_start_epoch to max_start_epoch_final")
+    gate_threshold: float = setting(1.0, "skip updates whose normalised matching loss exceeds this; 0: off")
+    correct_only_init: bool = setting(True, "start from real images an expert classifies correctly, with labels "
+                                            "initialised from the experts' logits (DATM)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,11 +66,8 @@ _DATM_CIFAR = dict(experts=100, expert_train_epochs=100, expert_optimizer="gsam"
                    expert_epochs=2, iterations=10000)
 
 
-# DATM's IPC-10 and IPC-50 variants, on MTT's 20-epoch experts (README "Choosing the presets").
-# IPC 10: the window from [0, 4) growing to [0, 16): 80.57% on validation against 79.98% from
-# [0, 8) and 80.18% for the base preset's [0, 2) -> [0, 4) on 6-epoch experts. IPC 50: from
-# [0, 8) to [0, 19) (the whole trajectory): 87.12% against 86.78% to [0, 16) and 83.85% on the
-# 6-epoch experts.
+# DATM's IPC-10 and IPC-50 variants, on MTT's 20-epoch experts: the window grows from a fifth
+# (IPC 10) or two fifths (IPC 50) of the trajectory to four fifths or all of it (docs/presets.md).
 DATM_IPC_CHANGES = {**FASHION_IPC_CHANGES,
                     10: {"cpu": dict(expert_train_epochs=20, max_start_epoch=4, max_start_epoch_final=16)},
                     50: {**FASHION_IPC_CHANGES[50],
@@ -86,7 +83,7 @@ class DATM(TrajectoryMatching):
         # Fashion-MNIST: the MTT presets with a window growing to twice its start and learned labels.
         "fashion-cpu": _datm(FASHION_CPU, max_start_epoch=2, max_start_epoch_final=4, window_grow_iterations=100),
         "fashion-gpu": _datm(FASHION_GPU, max_start_epoch=10, max_start_epoch_final=20, window_grow_iterations=1000),
-        # The published CIFAR-10 settings (methods.md §5).
+        # The published CIFAR-10 settings (docs/methods.md §5).
         "datm-cifar10-ipc1": _datm(TrajectoryConfig(**_DATM_CIFAR, max_start_epoch=4, lr_img=100, lr_lr=1e-7,
                                                     batch_syn=10), lr_label=5.0, gate_threshold=1.1),
         "datm-cifar10-ipc10": _datm(TrajectoryConfig(**_DATM_CIFAR, max_start_epoch=10, lr_img=100, lr_lr=1e-5,

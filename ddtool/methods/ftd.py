@@ -14,14 +14,10 @@ from dataclasses import dataclass
 
 from ddtool.errors import ConfigError
 from ddtool.methods.base import register_method
-from ddtool.methods.trajectory import (
-    FASHION_CPU,
-    FASHION_GPU,
-    MTT_IPC_CHANGES,
-    PUBLISHED_MTT,
-    TrajectoryConfig,
-    TrajectoryMatching,
-    with_ipc_variants,
+from ddtool.methods.settings import meaning_of, setting
+from ddtool.methods.trajectory import TrajectoryMatching
+from ddtool.methods.trajectory_config import (
+    FASHION_CPU, FASHION_GPU, MTT_IPC_CHANGES, PUBLISHED_MTT, TrajectoryConfig, with_ipc_variants,
 )
 
 
@@ -30,8 +26,8 @@ class FTDConfig(TrajectoryConfig):
     """MTT's settings with FTD's defaults: flat (GSAM) experts and the image moving average,
     which lives in the shared loop (TrajectoryConfig.ema_decay) so any method can use it."""
 
-    expert_optimizer: str = "gsam"
-    ema_decay: float = 0.999
+    expert_optimizer: str = setting("gsam", meaning_of(TrajectoryConfig, "expert_optimizer"))
+    ema_decay: float = setting(0.999, meaning_of(TrajectoryConfig, "ema_decay"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,241 +37,24 @@ from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import get_protocol, train_fresh_network
 from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
-from ddtool.matching.engine import BACKENDS, Forward
-from ddtool.methods.base import DistillContext, Method, register_method, require_finite
+from ddtool.matching.engine import Forward
+from ddtool.methods.base import DistillContext, Method, register_method
+from ddtool.methods.budget import fit_iterations
+from ddtool.methods.divergence import Divergence, DivergenceWatch
 from ddtool.durations import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
 from ddtool.methods.initialisation import representative_indices
+from ddtool.methods.matching_state import MatchingState, append_log, keep_log_until, load_checkpoint, save_checkpoint
+from ddtool.methods.trajectory_config import (
+    AUTO_BACKEND, FASHION_CPU, FASHION_GPU, PUBLISHED_MTT, MTT_IPC_CHANGES, TrajectoryConfig, start_epochs_below,
+    with_ipc_variants,
+)
 from ddtool.networks import ParamLayout, create_network, format_arch, network_options
+from ddtool.networks.convnet import describe_depth
 from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
-from ddtool.storage.atomic import atomic_path, save_torch
-from ddtool.training import check_precision
 
-LABEL_MODES = ("hard", "expert_soft", "learned")
 Relabel = Callable[[torch.Tensor], torch.Tensor]  # images -> label logits
-INIT_MODES = ("real", "noise", "kmeans")
-AUTO_BACKEND = "auto"  # the backend setting that lets the run choose (TrajectoryMatching.choose_backend)
-
-
-@dataclass(frozen=True)
-class TrajectoryConfig:
-    # The student/expert network.
-    arch: str = "convnet"
-    width: int = 128
-    depth: int = 0  # 0: the default depth for the image size
-    zca: bool = False
-    # Experts (trained or found by configuration).
-    experts: int = 10
-    expert_train_epochs: int = 20
-    expert_lr: float = 0.01
-    expert_momentum: float = 0.0
-    expert_weight_decay: float = 0.0
-    expert_batch_size: int = 256
-    expert_optimizer: str = "sgd"  # sgd | sam | gsam (FTD's flat experts)
-    expert_lr_decay: str = "none"  # none | step | cosine
-    expert_rho: float = 0.01  # SAM/GSAM neighbourhood radius
-    expert_gsam_alpha: float = 0.3  # GSAM's surrogate-gap weight (FTD's published code: 1)
-    expert_adaptive: bool = True  # the adaptive (ASAM) perturbation, as the published FTD code
-    # AST's expert side (methods.md §6): the early epochs' loss scaled 0.50 ... 0.95, and the
-    # input-gradient penalty's weight (AST: 2; 0 = off).
-    expert_ast_loss_scaling: bool = False
-    expert_ast_input_grad_penalty: float = 0.0
-    expert_seed: int = 0  # experts are shared by runs of any seed; this picks the buffer
-    # the experts' training forward passes: fp32, or bf16 autocast (a GPU's speed; a buffer of its own)
-    expert_precision: str = "fp32"
-    # Matching (methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
-    syn_steps: int = 20
-    expert_epochs: int = 2
-    min_start_epoch: int = 0
-    max_start_epoch: int = 10
-    batch_syn: int = 0  # 0: the whole synthetic set at every inner step
-    # auto: bptt where its memory (N steps' activations, measured) fits in a quarter of the
-    # device's memory, else exact; both give the same gradient (exact costs ~1.34x bptt on a CPU)
-    backend: str = "auto"
-    augment: bool = True  # DSA inside the unroll
-    # (expert, start epoch) segments matched per outer iteration; their gradients (images, labels,
-    # α) and losses are averaged into one update. Under torchrun they are split over the processes,
-    # so it must be a multiple of the number of processes (the result does not depend on it).
-    segments_per_iteration: int = 1
-    # Outer optimisation.
-    iterations: int = 1000
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_init: float = 0.01  # α₀
-    lr_label: float = 2.0
-    img_momentum: float = 0.5
-    lr_momentum: float = 0.5
-    label_momentum: float = 0.9
-    max_lr_growth: float = 100.0  # α beyond α₀ × this counts as divergence
-    min_lr_factor: float = 1e-3  # α is kept at or above α₀ × this (a negative step size is meaningless)
-    labels: str = "hard"  # hard | expert_soft (TESLA) | learned (DATM)
-    soft_label_temperature: float = 1.0
-    init: str = "real"  # real | noise | kmeans (AST's representative images)
-    # AST's options (methods.md §6), usable with every trajectory method.
-    ast_balanced_loss: float = 0.0  # inner CE scaled by 1 + this × start_epoch / max_start_epoch
-    ast_intermediate_weight: float = 0.0  # weight of extra matches to θ*_{t+m}, 0 < m < M, at step N·m/M
-    ast_weight_perturbation: float = 0.0  # start conv weights += this × their std × N(0, 1)
-    ast_inner_momentum: float = 0.0  # heavy-ball momentum of the student's inner SGD
-    # FTD's moving average of the images (what is saved when on), usable with every method.
-    ema_decay: float = 0.0  # 0: off
-    ema_bias_correction: bool = False  # start the average at zero and divide by 1 - decay^t
-    init_pool_per_class: int = 500  # real images per class scored by experts for kmeans/correct-only init
-    # Bookkeeping.
-    checkpoint_every: int = 50
-    eval_every: int = 0  # validation evaluation period (0: only the final set)
-    eval_epochs: int = 300
-    eval_networks: int = 1  # fresh networks each validation trains (their mean accuracy counts)
-    max_rollbacks: int = 5
-    # A wall-clock budget in seconds for the set's whole cost (0: none): the recorded training
-    # time of the experts it uses (cached ones too) plus distillation. The outer loop stops
-    # before an iteration that would pass it; `ddtool distill --budget` sizes the run to it.
-    budget_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        positive = ("experts", "expert_train_epochs", "syn_steps", "expert_epochs", "iterations",
-                    "checkpoint_every", "eval_epochs", "eval_networks", "segments_per_iteration")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
-        if self.backend not in (AUTO_BACKEND, *BACKENDS):
-            raise ConfigError(f"Unknown backend {self.backend!r}; choose one of {AUTO_BACKEND}, {', '.join(BACKENDS)}.")
-        if self.labels not in LABEL_MODES:
-            raise ConfigError(f"labels must be one of {', '.join(LABEL_MODES)} (got {self.labels!r}).")
-        if self.init not in INIT_MODES:
-            raise ConfigError(f"init must be one of {', '.join(INIT_MODES)} (got {self.init!r}).")
-        if min(self.ast_balanced_loss, self.ast_intermediate_weight, self.ast_weight_perturbation) < 0:
-            raise ConfigError("AST option weights must be >= 0.")
-        if not 0 <= self.ast_inner_momentum < 1:
-            raise ConfigError("ast_inner_momentum must be in [0, 1).")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the moving average off), got {self.ema_decay}.")
-        if not 0 <= self.min_start_epoch < self.max_start_epoch:
-            raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
-        # Start epochs are drawn from [min, max): the last, max - 1, needs max - 1 + M stored epochs.
-        if self.max_start_epoch - 1 + self.expert_epochs > self.expert_train_epochs:
-            raise ConfigError(
-                f"Start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} need experts "
-                f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
-                f"(expert_train_epochs={self.expert_train_epochs})."
-            )
-        if ":" in self.arch:
-            raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
-                              "arch=convnet-bn); width and depth are settings of their own.")
-        # an unknown network fails here, with the known ones listed; a preset's width is
-        # ignored by networks without one (a user's is refused: unused_settings), but a depth
-        # is only ever asked for
-        accepted = network_options(self.arch)
-        if self.depth and "depth" not in accepted:
-            raise ConfigError(f"Network {self.arch!r} has no depth option; drop depth={self.depth}.")
-        require_finite(self)
-        if min(self.lr_img, self.lr_lr, self.lr_init, self.lr_label) <= 0:
-            raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
-        if self.budget_s < 0:
-            raise ConfigError(f"budget_s must be >= 0 (0: no budget), got {self.budget_s}.")
-        if self.max_rollbacks < 0:
-            raise ConfigError(f"max_rollbacks must be >= 0 (0: stop at the first divergence), got {self.max_rollbacks}.")
-        if not self.soft_label_temperature > 0:
-            raise ConfigError(f"soft_label_temperature must be positive, got {self.soft_label_temperature}.")
-        if self.batch_syn < 0 or self.eval_every < 0:
-            raise ConfigError("batch_syn and eval_every must be >= 0 (0: the whole set at every inner step / "
-                              "only the final set).")
-        if not 0 < self.min_lr_factor < 1 < self.max_lr_growth:
-            raise ConfigError("Need 0 < min_lr_factor < 1 < max_lr_growth.")
-        check_precision(self.expert_precision, "expert_precision")
-
-    def unused_settings(self) -> dict[str, str]:
-        """{setting: why} for the settings the chosen network ignores (build_config refuses them
-        when given explicitly)."""
-        return {} if "width" in network_options(self.arch) else {"width": f"network {self.arch!r} has no width option"}
-
-    def arch_options(self) -> dict:
-        """The network's options from width and depth, for the networks that have them: the
-        presets' width applies to the convnet family, and `--set arch=resnet18` must not fail
-        on an option that network does not take."""
-        accepted = network_options(self.arch)
-        options = {"width": self.width} if "width" in accepted else {}
-        if self.depth and "depth" in accepted:
-            options["depth"] = self.depth
-        return options
-
-
-# Fashion-MNIST presets, chosen on the validation split (see README "Choosing the presets").
-# "cpu": the base fits a 2-core CPU in about half an hour end to end (3 small experts x 6
-# epochs, width 32); its IPC-10 and IPC-50 variants train 20-epoch experts (about 76 min, once).
-# "gpu": the full setting (width 128, more experts and iterations).
-FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
-                               max_start_epoch=4, batch_syn=100, iterations=100, lr_img=100.0, lr_lr=1e-5,
-                               lr_init=0.01, checkpoint_every=20)
-FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,
-                               max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
-                               checkpoint_every=200, eval_every=500)
-
-# Per-IPC changes to the Fashion-MNIST presets: `--ipc 1` with the preset fashion-cpu, named or
-# by default, runs "fashion-cpu-ipc1" (methods.base.resolve_preset); other IPCs, the base.
-# CPU: chosen for MTT on the validation split (scripts/tune_fashion.py, README "Choosing the
-# presets") and inherited by the family; GPU: the CPU's choice carried over, not validated.
-FASHION_IPC_CHANGES: dict[int, dict[str, dict]] = {
-    # 10 images: an inner step is cheap, and longer unrolls scored better (N = 10/30/50/80:
-    # 58.4/69.4/70.6/71.6% on validation, lr_img 100; lr_img 1000 was worse at N = 10 and 30)
-    1: {"cpu": dict(syn_steps=80), "gpu": dict(syn_steps=80)},
-    # 500 images learn what the first epochs teach from real images alone: matching start epochs
-    # below 4 of 6-epoch experts scored 83.56% on validation, under a random real subset's 84.42;
-    # 20-epoch experts with start epochs below 10 / 16 scored 85.54 / 85.77 for MTT (lr_img 100
-    # held against 1000 for every method). TESLA: 84.26 below 16, 83.65 below 18, so the family
-    # default stays at 16 and MTT has its own (MTT_IPC_CHANGES). The GPU experts are long
-    # already (30 epochs, start < 20).
-    50: {"cpu": dict(expert_train_epochs=20, max_start_epoch=16), "gpu": dict(lr_img=100.0)},
-}
-
-# MTT's own variants (FTD's too, checked on its GSAM experts). IPC 50: start epochs over the
-# whole 20-epoch trajectory, below 19: MTT 86.26 ± 0.22 on validation (86.20 below 18, 85.77
-# below 16); FTD 86.10 ± 0.34 (85.88 below 16, 84.21 on the 6-epoch experts). IPC 10: the
-# 20-epoch experts too, start epochs below 16: MTT 79.64 ± 0.12 (78.59 on the 6-epoch experts
-# below 4; 79.32 below 10, 79.07 below 19), FTD 79.54 ± 0.28 (78.91). TESLA keeps the 6-epoch
-# experts at IPC 10: its labels come from the target-epoch expert, and below 16 it scored 74.98
-# against 78.06.
-MTT_IPC_CHANGES = {**FASHION_IPC_CHANGES,
-                   10: {"cpu": dict(expert_train_epochs=20, max_start_epoch=16)},
-                   50: {**FASHION_IPC_CHANGES[50], "cpu": dict(expert_train_epochs=20, max_start_epoch=19)}}
-
-
-def with_ipc_variants(presets: dict[str, TrajectoryConfig],
-                      changes_by_ipc: dict[int, dict[str, dict]] = FASHION_IPC_CHANGES) -> dict[str, TrajectoryConfig]:
-    """`presets` plus the per-IPC variants of its fashion-cpu and fashion-gpu entries."""
-    out = dict(presets)
-    for size in ("cpu", "gpu"):
-        base = presets.get(f"fashion-{size}")
-        if base is None:
-            continue
-        for ipc, changes in changes_by_ipc.items():
-            if size in changes:  # an IPC may change only one size
-                out[f"fashion-{size}-ipc{ipc}"] = dataclasses.replace(base, **changes[size])
-    return out
-
-
-# The published MTT settings (methods.md §2): CIFAR experts are 50-epoch ConvNet-3 runs.
-_CIFAR = dict(experts=100, expert_train_epochs=50, iterations=5000)
-PUBLISHED_MTT = {
-    "cifar10-ipc1": TrajectoryConfig(syn_steps=50, expert_epochs=2, max_start_epoch=2, zca=True, lr_img=100,
-                                     lr_lr=1e-7, lr_init=0.01, **_CIFAR),
-    "cifar10-ipc10": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=20, zca=True, lr_img=100,
-                                      lr_lr=1e-5, lr_init=0.001, **_CIFAR),
-    "cifar10-ipc50": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=40, zca=False, lr_img=1000,
-                                      lr_lr=1e-5, lr_init=0.001, **_CIFAR),
-    "cifar100-ipc1": TrajectoryConfig(syn_steps=20, expert_epochs=3, max_start_epoch=20, zca=True, lr_img=1000,
-                                      lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "cifar100-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=20, zca=False, lr_img=1000,
-                                       lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "cifar100-ipc50": TrajectoryConfig(syn_steps=80, expert_epochs=2, max_start_epoch=40, batch_syn=125, zca=True,
-                                       lr_img=1000, lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "tiny-ipc1": TrajectoryConfig(syn_steps=10, expert_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4,
-                                  lr_init=0.01, depth=4, **_CIFAR),
-    "tiny-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=200, lr_img=1e4,
-                                   lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
-    "tiny-ipc50": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=300, lr_img=1e4,
-                                   lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
-}
 
 
 @dataclass(frozen=True)
@@ -292,28 +71,6 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-@dataclass
-class MatchingState:
-    """Everything the outer loop changes; a checkpoint is exactly this."""
-
-    iteration: int
-    images: torch.Tensor
-    hard_labels: torch.Tensor  # class ids of the images (the targets unless labels are soft)
-    lr: torch.Tensor
-    label_logits: torch.Tensor | None
-    optimizer_states: dict
-    lr_scale: float = 1.0  # halved at each rollback
-    rollbacks: int = 0
-    best_val: float = -1.0
-    best: dict | None = None  # {"iteration", "images", "lr", "label_logits"} of the best validation score
-    extra: dict = dataclasses.field(default_factory=dict)  # subclass state (e.g. FTD's EMA)
-    elapsed: float = 0.0  # seconds of outer iterations up to this state, over every process that ran them
-    budget_spent: bool = False  # the loop stopped here at its budget: a resumed run goes no further
-
-    def clone(self) -> "MatchingState":
-        return copy.deepcopy(self)
 
 
 @dataclass
@@ -403,6 +160,9 @@ class TrajectoryMatching(Method):
     # What a budget's sizing timed already (ddtool.run), so that the plan states the same figures.
     timed_iteration_s: float | None = None
     timed_experts_s: float | None = None
+    # a budgeted run's timed outer iteration, by which its iterations are counted again once the
+    # experts' actual cost is known (ddtool.methods.budget.fit_iterations)
+    budget_iteration_s: float | None = None
     # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
     budget_start_share = 0.8
 
@@ -427,6 +187,9 @@ class TrajectoryMatching(Method):
             + (f", saves the images' moving average (decay {c.ema_decay}"
                f"{', bias-corrected' if c.ema_bias_correction else ''})" if c.ema_decay else ""),
         ]
+        if "depth" in network_options(c.arch) and not c.depth:
+            lines.append(f"network: {describe_depth(ctx.data.spec.image_size)}, for the experts, the student and the "
+                         "evaluation (--set depth=N to choose)")
         lines += describe_expert_plan(expert_config_for(c, ctx), ctx, self.timed_experts_s)
         per_iteration = self.timed_iteration_s or self.time_iteration(ctx)
         world = distributed.world_size()
@@ -544,6 +307,12 @@ class TrajectoryMatching(Method):
         data, device = ctx.data, ctx.device
         experts = open_experts(expert_config_for(c, ctx), ctx)
         ctx.experts_s = experts_wall_clock(experts)
+        if c.budget_s and self.budget_iteration_s and ctx.experts_s is not None:
+            self.config = fit_iterations(self, ctx.experts_s, self.budget_iteration_s)
+            if self.config.iterations != c.iterations:
+                ctx.log(f"The experts cost {format_duration(ctx.experts_s)}: the budget holds "
+                        f"{self.config.iterations} outer iterations (planned: {c.iterations}).")
+            c = self.config
         distill_started = time.perf_counter()
         spec = data.spec
         with seeded(derive_seed(ctx.seed, "student")):
@@ -561,7 +330,7 @@ class TrajectoryMatching(Method):
         if distributed.is_main():
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / self.checkpoint_name
-        state = self._load_checkpoint(checkpoint, device) if ctx.resume else None
+        state = load_checkpoint(checkpoint, device) if ctx.resume else None
         if state is None:
             images, hard, logits = self.initialise(ctx, experts, forward)
             state = MatchingState(iteration=0, images=images.to(device), hard_labels=hard.to(device),
@@ -572,6 +341,7 @@ class TrajectoryMatching(Method):
         else:
             ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
         resumed_after = state.elapsed
+        watch = self._divergence_watch(state)
         images = state.images.requires_grad_(True)
         lr = state.lr.requires_grad_(True)
         label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
@@ -584,12 +354,12 @@ class TrajectoryMatching(Method):
         ctx.log(f"Gradient backend: {chosen.describe()}.")
         backend = get_backend(chosen.name)
         dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
-        last_good = self._snapshot(state, images, lr, label_logits, optimizers)
+        last_good = state.snapshot(images, lr, label_logits, optimizers)
         log_path = ctx.work_dir / "log.jsonl"
         if distributed.is_main() and log_path.exists():
             # A fresh run starts a new log; a resumed one runs again the iterations after its
             # checkpoint, so their records from the interrupted process go.
-            self._keep_log_until(log_path, state.iteration)
+            keep_log_until(log_path, state.iteration)
         my_segments = distributed.indices_of_this_rank(c.segments_per_iteration)
         bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
         it = state.iteration
@@ -601,15 +371,17 @@ class TrajectoryMatching(Method):
                         "iterations.")
                 state.budget_spent = True
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+                state.divergence_watch = watch.state_dict()
                 if distributed.is_main():
-                    self._save_checkpoint(checkpoint, state)
+                    save_checkpoint(checkpoint, state)
                 break
             started = time.perf_counter()
             segments = self._draw_segments(ctx.seed, it, experts)
             result = self._mean_over_segments(
                 [self._segment_gradients(segments[s], experts, forward, layout, backend, dsa, state)
                  for s in my_segments])
-            diverged = self._diverged(result)
+            diverged = watch.check_gradients(result.loss, [result.grad_images, result.grad_lr] + (
+                [result.grad_label_logits] if result.grad_label_logits is not None else []))
             skipped = None if diverged else self.skip_reason(result)
             lr_clamped = False
             if not diverged and not skipped:
@@ -622,10 +394,11 @@ class TrajectoryMatching(Method):
                 with torch.no_grad():
                     lr_clamped = bool(lr < c.lr_init * c.min_lr_factor)
                     lr.clamp_(min=c.lr_init * c.min_lr_factor)
-                diverged = self._diverged_after_step(images, lr, label_logits)
+                diverged = watch.check_update(images, lr, label_logits, result.loss, lr_clamped)
             if diverged:
                 elapsed = state.elapsed + time.perf_counter() - started
-                state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, state, it, diverged)
+                watch.record(diverged)
+                state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, state, it, diverged, watch)
                 it += 1
                 state.iteration, state.elapsed = it, elapsed
                 bar.update(1)
@@ -640,7 +413,7 @@ class TrajectoryMatching(Method):
                 expert, start_epoch = [s.expert for s in segments], [s.start_epoch for s in segments]
                 if len(segments) == 1:  # one segment logs plain numbers, as always; several, a list entry each
                     expert, start_epoch = expert[0], start_epoch[0]
-                self._log(log_path, {"iteration": it, "loss": result.loss, "target_loss": result.target_loss,
+                append_log(log_path, {"iteration": it, "loss": result.loss, "target_loss": result.target_loss,
                                      "lr": float(lr.detach()),
                                      "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
                                      "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
@@ -648,14 +421,15 @@ class TrajectoryMatching(Method):
                 self._validate(ctx, state, relabel)
             if it % c.checkpoint_every == 0 or it == c.iterations:
                 state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+                state.divergence_watch = watch.state_dict()
                 if distributed.is_main():
-                    self._save_checkpoint(checkpoint, state)
-                last_good = self._snapshot(state, images, lr, label_logits, optimizers)
+                    save_checkpoint(checkpoint, state)
+                last_good = state.snapshot(images, lr, label_logits, optimizers)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
             last_seconds = time.perf_counter() - started
         bar.close()
-        sset = self._final_set(ctx, state, relabel)
+        sset = self._final_set(ctx, state, relabel, watch)
         ctx.resumed_s = resumed_after  # what earlier, interrupted processes spent on this run
         sset.config["backend"] = chosen.name  # the one that computed it, "auto" resolved
         return sset
@@ -763,30 +537,19 @@ class TrajectoryMatching(Method):
             steps.append(InnerStep(batch=idx, augmentation=aug))
         return steps
 
-    def _diverged(self, result) -> str | None:
-        grads = [result.grad_images, result.grad_lr] + ([result.grad_label_logits]
-                                                       if result.grad_label_logits is not None else [])
-        if not math.isfinite(result.loss) or not all(torch.isfinite(g).all() for g in grads):
-            return "the matching loss or its gradient is NaN/inf"
-        return None
-
-    def _diverged_after_step(self, images, lr, label_logits) -> str | None:
+    def _divergence_watch(self, state: MatchingState) -> DivergenceWatch:
+        """The watch over this run, judging from `state` on (a checkpoint's carries its memory)."""
         c = self.config
-        if not torch.isfinite(images).all() or (label_logits is not None and not torch.isfinite(label_logits).all()):
-            return "the synthetic images or labels became NaN/inf"
-        alpha = float(lr.detach())
-        if alpha > c.lr_init * c.max_lr_growth:
-            return f"the learned step size exploded ({alpha:.3g} > {c.max_lr_growth:g} × α₀)"
-        return None
+        watch = DivergenceWatch(state.images, lr_floor=c.lr_init * c.min_lr_factor,
+                                lr_ceiling=c.lr_init * c.max_lr_growth, max_image_scale=c.max_image_scale,
+                                lr_floor_patience=c.lr_floor_patience, loss_window=c.loss_window,
+                                max_loss_rise=c.max_loss_rise)
+        if state.divergence_watch:
+            watch.load_state_dict(state.divergence_watch)
+        return watch
 
-    def _snapshot(self, state, images, lr, label_logits, optimizers) -> MatchingState:
-        snap = state.clone()
-        snap.images, snap.lr = images.detach().clone(), lr.detach().clone()
-        snap.label_logits = label_logits.detach().clone() if label_logits is not None else None
-        snap.optimizer_states = copy.deepcopy({k: o.state_dict() for k, o in optimizers.items()})
-        return snap
-
-    def _rollback(self, ctx: DistillContext, last_good: MatchingState, current: MatchingState, it: int, why: str):
+    def _rollback(self, ctx: DistillContext, last_good: MatchingState, current: MatchingState, it: int,
+                  why: Divergence, watch: DivergenceWatch):
         """Return to the last good state with halved outer learning rates; give up after a few.
 
         The best validated set so far survives: it may have been scored after the checkpoint
@@ -799,8 +562,8 @@ class TrajectoryMatching(Method):
         last_good.lr_scale = state.lr_scale
         if state.rollbacks > self.config.max_rollbacks:
             raise DDToolError(
-                f"Distillation diverged {state.rollbacks} times ({why} at iteration {it + 1}); stopping rather than "
-                f"saving a broken set. Lower lr_img / lr_lr, or use fewer syn_steps.")
+                f"Distillation diverged {state.rollbacks} times, the last at iteration {it + 1}: {why}. Stopping rather "
+                f"than saving a broken set. To try: {watch.advice()} (--set key=value).")
         ctx.log(f"Iteration {it + 1}: {why}. Rolled back to iteration {last_good.iteration} and halved the outer "
                 f"learning rates (rollback {state.rollbacks} of at most {self.config.max_rollbacks}).")
         images = state.images.requires_grad_(True)
@@ -869,7 +632,8 @@ class TrajectoryMatching(Method):
                 return torch.stack([forward(p, images) for p in params]).mean(dim=0)
         return relabel
 
-    def _final_set(self, ctx: DistillContext, state: MatchingState, relabel: Relabel | None) -> SyntheticSet:
+    def _final_set(self, ctx: DistillContext, state: MatchingState, relabel: Relabel | None,
+                   watch: DivergenceWatch) -> SyntheticSet:
         chosen = state.best if state.best is not None else {
             "iteration": state.iteration, "images": self.images_to_save(state), "lr": state.lr,
             "label_logits": state.label_logits}
@@ -877,44 +641,26 @@ class TrajectoryMatching(Method):
         sset = self.make_set(ctx, chosen["images"], labels, label_kind=kind, learned_lr=float(chosen["lr"].detach()),
                              label_temperature=self.config.soft_label_temperature)
         sset.config["selected_iteration"] = chosen["iteration"]
+        warnings = self._health_warnings(chosen["images"], float(chosen["lr"].detach()), watch)
+        if warnings:
+            # saved, since it is what the run made, but marked: `ddtool info` and evaluate show it
+            sset.config["health_warnings"] = warnings
+            for warning in warnings:
+                ctx.log(f"WARNING: {warning}")
         return sset
 
-    @staticmethod
-    def _log(path: Path, record: dict) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    @staticmethod
-    def _keep_log_until(path: Path, iteration: int) -> None:
-        """Keep only the log's records of iterations up to `iteration` (0: none)."""
-        lines = [line for line in path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["iteration"] <= iteration]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in lines))
-
-    @staticmethod
-    def _save_checkpoint(path: Path, state: MatchingState) -> None:
-        save_torch(dataclasses.asdict(state) | {"images": state.images.detach(), "lr": state.lr.detach(),
-                                                 "label_logits": state.label_logits.detach()
-                                                 if state.label_logits is not None else None}, path)
-
-    @staticmethod
-    def _load_checkpoint(path: Path, device: torch.device) -> MatchingState | None:
-        """The checkpoint at `path`, None if there is none. Rank 0 reads it and sends its bytes
-        to the other ranks, so they resume from the same state without seeing rank 0's disk."""
-        payload = path.read_bytes() if distributed.is_main() and path.exists() else None
-        payload = distributed.broadcast_object(payload)
-        if payload is None:
-            return None
-        raw = torch.load(io.BytesIO(payload), map_location=device, weights_only=False)
-        return MatchingState(**raw)
-
-
-def start_epochs_below(share: float, epochs: int, span: int) -> int:
-    """The bound `share` of the way along `epochs`-epoch experts, at least 1 and at most what
-    `span`-epoch segments allow (the last start epoch plus span within the trajectory)."""
-    return max(1, min(round(share * epochs), epochs - span + 1))
-
+    def _health_warnings(self, images: torch.Tensor, alpha: float, watch: DivergenceWatch) -> list[str]:
+        """What is wrong with a set about to be saved, in words (none for a healthy set): the
+        signs of divergence the loop checks, on the set itself."""
+        c = self.config
+        warnings = []
+        grown = watch.image_growth(images)
+        if grown is not None:
+            warnings.append(f"{grown}; the set is unlikely to train a network. To try: lower lr_img.")
+        if alpha <= c.lr_init * c.min_lr_factor * (1 + 1e-6):
+            warnings.append(f"the learned step size ends at its floor ({alpha:.3g}): the matching found no useful "
+                            "step. To try: lower lr_img or lr_lr, or raise lr_init.")
+        return warnings
 
 def perturb_conv_weights(params: torch.Tensor, layout: ParamLayout, scale: float,
                          generator: torch.Generator) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """ConvNet, the workhorse of the dataset-distillation literature.
 
 depth x [conv3x3 (128 maps) -> norm -> ReLU -> 2x2 pool], then one linear layer. Instance
-norm and average pooling by default; depth 3 for 32px (4x4 maps at the head), 4 for 64px,
-5 for 128px. ConvNet-3 on 32x32x3 with 10 classes has 320,010 parameters.
+norm and average pooling by default; depth 3 for 28-32px (4x4 maps at the head), 4 for 64px,
+5 for 128px, fewer below 28px (default_depth). ConvNet-3 on 32x32x3 with 10 classes has
+320,010 parameters.
 """
 
 from __future__ import annotations
@@ -18,9 +19,22 @@ from ddtool.networks.registry import Choice, Whole, register_alias, register_net
 
 
 def default_depth(image_size: int) -> int:
-    """3 up to 32px, then one more block per doubling, so the head always sees 4x4 maps."""
+    """The published depths from 28 px up: 3 for 28-32 px, then one more block per doubling (4
+    for 64, 5 for 128), so the head sees 3x3-4x4 maps. Below 28 px, as many blocks as keep every
+    instance norm on maps of at least 4x4 (2 for 8 px, 3 for 16): three blocks on 8-px images
+    normalise 2x2 maps, and trajectory matching there drives the images to ±1e5."""
+    if image_size < 28:
+        return max(1, int(math.log2(image_size / 4)) + 1) if image_size >= 4 else 1
     size = 32 if image_size == 28 else image_size
     return 3 if size <= 32 else max(3, round(math.log2(size / 4)))
+
+
+def describe_depth(image_size: int) -> str:
+    """Why `default_depth(image_size)` blocks, in a few words for a plan."""
+    depth = default_depth(image_size)
+    if image_size < 28:
+        return f"depth {depth} for {image_size}-px images (every norm on maps of 4x4 or more)"
+    return f"depth {depth} for {image_size}-px images (the published ConvNet-{depth})"
 
 
 # The registry checks option values against these types before the factory runs; depth None
