@@ -13,9 +13,10 @@ from conftest import tiny_prepared
 from ddtool.data import sample_per_class
 from ddtool.errors import ConfigError
 from ddtool.evaluation import PROTOCOLS, evaluate_set, get_protocol
+from ddtool.augment.crops import cutmix_boxes, random_resized_crop_boxes, resized_crop
 from ddtool.evaluation.kd import (
-    EXTRA_BOX, LiveTeacher, StoredSoftLabels, Views, cutmix_boxes, fit_student, kd_loss, random_resized_crop_boxes,
-    record_soft_labels, resized_crop, sample_views, set_label_source,
+    EXTRA_BOX, LiveTeacher, StoredSoftLabels, Views, fit_student, kd_loss, record_soft_labels, sample_views,
+    set_label_source,
 )
 from ddtool.evaluation.protocols import KDSettings
 from ddtool.networks import create_network

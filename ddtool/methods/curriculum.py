@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from ddtool.data import Preprocessing
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.evaluation.kd import random_resized_crop_boxes, record_soft_labels, resized_crop
+from ddtool.augment.crops import random_resized_crop_boxes, resized_crop
+from ddtool.evaluation.kd import record_soft_labels
 from ddtool.evaluation.protocols import get_protocol
 from ddtool.methods.base import DistillContext, Method, register_method, require_finite
 from ddtool.methods.settings import setting
