@@ -8,6 +8,7 @@ The Python API mirrors the commands (the same configurations, presets and settin
     sset = ddtool.load("fmnist_datm10.h5")
     train = sset.to_dataset()                               # a torch Dataset in network space
     test = ddtool.test_split(sset)                          # the matching test images
+    again = ddtool.distill(**ddtool.recorded_run("fmnist_datm10.h5"))  # the same run, from the set's record
 
 Architecture, one concern per subpackage, in the order data flows:
 data -> networks -> augment -> experts -> matching -> methods -> storage -> evaluation -> run
@@ -91,6 +92,15 @@ def test_split(sset: "SyntheticSet", *, data_root: str | None = None,
 
     data = prepare(sset.dataset, data_root, preprocessing=sset.preprocessing, device=torch.device(device))
     return torch.utils.data.TensorDataset(data.test_x, data.test_y)
+
+
+def recorded_run(path) -> dict[str, Any]:
+    """The arguments of `distill` that make the set at `path` again from its own record (method,
+    dataset, ipc, seed, every setting): `distill(**recorded_run(path), output=...)`; change a
+    setting by updating the returned "settings" dict."""
+    from ddtool.run import recorded_run as recorded
+
+    return recorded(path)
 
 
 test_split.__test__ = False  # a library function, not a test for pytest to collect

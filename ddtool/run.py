@@ -31,7 +31,7 @@ from ddtool.methods.base import (
 )
 from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
-from ddtool.storage import SyntheticSet, append_evaluation, load_synthetic_set
+from ddtool.storage import UNKNOWN_SEED, SyntheticSet, append_evaluation, load_synthetic_set
 from ddtool.storage.atomic import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
@@ -56,6 +56,8 @@ class DistillRun:
     budget: Any | None = None  # ddtool.methods.budget.BudgetPlan
     budget_reused: bool = False  # the plan of the interrupted run this one resumes
     budget_by_default: bool = False  # the dataset's default budget on a CPU, not one asked for
+    recorded_from: str | None = None  # the set whose recorded settings this run repeats (recorded_run)
+    recorded_changes: dict = dataclasses.field(default_factory=dict)  # what the user changed of them
     method_by_default: bool = False  # the dataset's default method on a CPU, not one named
 
     @property
@@ -78,7 +80,10 @@ class DistillRun:
         if self.method_by_default:
             lines.append(f"method {self.method.name}: the default for {data.spec.name} on a CPU (it scored best on "
                          f"the validation split; --method names another)")
-        if self.preset is not None:
+        if self.recorded_from is not None:
+            changed = ", ".join(f"{k}={v}" for k, v in self.recorded_changes.items())
+            lines.append(f"settings: every one recorded in {self.recorded_from}" + (f", with {changed}" if changed else ""))
+        elif self.preset is not None:
             changed = ", ".join(f"{k}={v}" for k, v in self.overrides.items())
             lines.append(f"preset {self.preset}" + (f", with {changed}" if changed else ""))
         if self.budget is not None:
@@ -171,6 +176,26 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
     if budget_s is not None:
         _size_to_budget(run, budget_s)
     return run
+
+
+def recorded_run(path: str | Path) -> dict[str, Any]:
+    """The arguments of `prepare_distill` (and `ddtool.distill`) that make the set at `path` again:
+    its method, dataset, IPC, seed, and every setting of its recorded configuration (in full, so
+    no preset is named; what the run added to the record, such as the iteration it selected, is
+    left out). A CPU run repeats bit for bit, except where a budget stopped it: a budgeted run
+    stops at the same budget, measured on this machine."""
+    sset = load_synthetic_set(path)
+    method_cls = get_method_class(sset.method)
+    if not method_cls.config_class.__dataclass_fields__:
+        settings: dict[str, Any] = {}
+    else:
+        fields = {f.name for f in dataclasses.fields(method_cls.config_class)}
+        settings = {name: value for name, value in sset.config.items() if name in fields}
+    if sset.seed == UNKNOWN_SEED or (method_cls.config_class.__dataclass_fields__ and not settings):
+        raise ConfigError(f"{path} does not record how it was made (an imported set, or one written by another "
+                          "tool): there is no run to repeat.")
+    return {"method": sset.method, "ipc": sset.ipc, "dataset": sset.dataset, "seed": sset.seed,
+            "settings": settings}
 
 
 def _size_to_budget(run: DistillRun, seconds: float) -> None:

@@ -33,7 +33,7 @@ from ddtool.methods.base import (
     list_methods,
     parse_overrides,
 )
-from ddtool.run import default_method, default_protocol, evaluate_file, prepare_distill
+from ddtool.run import default_method, default_protocol, evaluate_file, prepare_distill, recorded_run
 from ddtool.training import PRECISIONS
 from ddtool.storage import (
     EXPORT_FORMATS,
@@ -143,6 +143,10 @@ def _file_safe_name(dataset: str) -> str:
               "--compile`: 1.4-2.2x faster on a CPU after a one-off compile).")
 @click.option("--eval-precision", type=click.Choice(PRECISIONS), default=None,
               help="Precision of the evaluation's training, as `ddtool evaluate --precision` [default: fp32].")
+@click.option("--from", "from_set", type=click.Path(exists=True, dir_okay=False), default=None, metavar="SET.h5",
+              help="Make a set again from its own record: its method, dataset, IPC, seed and every setting "
+                   "(--set changes settings, --seed the seed; a CPU run repeats it bit for bit unless a budget "
+                   "stopped it).")
 @click.option("--list-presets", is_flag=True, help="List the method's presets and exit.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (with its time estimates, timed on this machine) and exit; "
               "nothing is trained or written.")
@@ -150,8 +154,8 @@ def _file_safe_name(dataset: str) -> str:
 @_device
 @_quiet
 def distill(method, ipc, dataset, data_root, preset, settings, iterations, budget, backend, output, resume, no_eval,
-            overwrite, protocol, eval_runs, eval_epochs, compile_eval, eval_precision, list_presets, dry_run, seed,
-            device, quiet) -> None:
+            overwrite, protocol, eval_runs, eval_epochs, compile_eval, eval_precision, from_set, list_presets, dry_run,
+            seed, device, quiet) -> None:
     """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
 
     Finds or trains the expert trajectories it needs (cached by configuration), prints its
@@ -162,6 +166,11 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
     if no_eval:
         _refuse_evaluation_options(protocol=protocol, eval_runs=eval_runs, eval_epochs=eval_epochs,
                                    compile_eval=compile_eval, eval_precision=eval_precision)
+    recorded: dict = {}
+    if from_set is not None:
+        recorded = _recorded_run(from_set, click.get_current_context())
+        method, ipc, dataset = recorded["method"], recorded["ipc"], recorded["dataset"]
+        seed = recorded["seed"]
     named_method = method
     method = method or default_method(dataset, device)
     method_cls = get_method_class(method)
@@ -172,7 +181,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
         click.echo(f"(settings not listed keep the defaults of {method_cls.config_class.__name__}; "
                    "`--set KEY=VALUE` changes any of them)")
         return
-    overrides = parse_overrides(method_cls.config_class, settings)
+    changes = parse_overrides(method_cls.config_class, settings)
+    overrides = {**recorded.get("settings", {}), **changes}
     if iterations is not None:
         overrides["iterations"] = iterations
     if backend is not None:
@@ -186,6 +196,8 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
     run = prepare_distill(named_method, ipc, dataset=dataset, data_root=data_root, preset=preset, settings=overrides,
                           budget=budget, seed=seed, device=device, resume=resume, progress=not quiet,
                           log=lambda m: click.echo(m, err=True))
+    if from_set is not None:
+        run.recorded_from, run.recorded_changes = from_set, changes
     data, runner = run.data, run.method
     if runner.draws_real_images or not no_eval:  # the evaluation's random baseline draws them too
         check_ipc_fits(class_indices(data.train_y.cpu(), data.spec.num_classes), ipc)
@@ -219,6 +231,22 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
         _evaluate_and_record(out, protocol or method_cls.default_protocol, None, eval_runs, seed,
                              data_root, run.ctx.device, quiet, baselines=True, reference=None, epochs=eval_epochs,
                              compile=compile_eval, resume=resume, precision=eval_precision)
+
+
+def _recorded_run(path: str, context: click.Context) -> dict:
+    """recorded_run(path), with an explicit --seed in place of the recorded one; the options the
+    record fixes are refused when given."""
+    from click.core import ParameterSource
+
+    recorded = recorded_run(path)
+    given = [name for name in ("method", "ipc", "dataset", "preset", "budget")
+             if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        raise ConfigError(f"--from {path} repeats the recorded {', '.join(sorted(given))}; drop "
+                          f"{' and '.join('--' + name for name in given)} (change settings with --set KEY=VALUE).")
+    if context.get_parameter_source("seed") not in (ParameterSource.DEFAULT, None):
+        recorded["seed"] = context.params["seed"]
+    return recorded
 
 
 def _refuse_kd_without_teacher(method: str, method_cls, protocol: str) -> None:
