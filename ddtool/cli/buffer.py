@@ -84,9 +84,9 @@ _STORE_FILES = ("the index file NAME.h5 and, beside it, the folder NAME.experts/
                    "speed; a store of its own (distill: --set expert_precision=bf16).")
 @click.option("--shard", metavar="i/n", show_default="all experts",
               help="Train only the experts with index = i mod n, into a shard store of their own beside the "
-                   "store: --out NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5 (and NAME.shard-0-of-2.experts/); "
+                   "store: -o NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5 (and NAME.shard-0-of-2.experts/); "
                    "merge the shards with `ddtool buffer-merge`.")
-@click.option("--out", type=click.Path(dir_okay=False), metavar="NAME.h5",
+@click.option("--output", "-o", "--out", "out", type=click.Path(dir_okay=False), metavar="NAME.h5",
               show_default="in the cache, where `ddtool distill` finds it: experts/<fingerprint>.h5 in "
                            "$DDTOOL_CACHE or ~/.cache/ddtool",
               help=f"The expert store to write or extend: {_STORE_FILES}.")
@@ -102,7 +102,7 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, 
 
     Experts already in the store are skipped and an interrupted expert resumes from its last
     epoch, so re-running the same command after a kill continues where it stopped. Without
-    --out the store goes to the cache, where `ddtool distill` finds it by configuration:
+    -o the store goes to the cache, where `ddtool distill` finds it by configuration:
     pre-train with the settings of the distill preset you will run (buffer has no --preset;
     `ddtool distill ... --dry-run` prints the experts a run needs and whether they are cached).
 
@@ -168,13 +168,13 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, 
                    f"{sum(accuracies) / max(1, len(accuracies)):.4f}).")
     if parts is not None and parts.count > 1:
         shards = " ".join(str(Shard(i, parts.count).store_path(store)) for i in range(parts.count))
-        click.echo(f"When every shard is done: ddtool buffer-merge {shards} --out {store}")
+        click.echo(f"When every shard is done: ddtool buffer-merge {shards} -o {store}")
 
 
 @cli.command("buffer-merge")
 @click.argument("shards", nargs=-1, required=True, metavar="SHARD.h5...",
                 type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="NAME.h5",
+@click.option("--output", "-o", "--out", "out", required=True, type=click.Path(dir_okay=False), metavar="NAME.h5",
               help=f"The merged store, created or extended (experts it holds already are kept): {_STORE_FILES}.")
 def buffer_merge(shards, out) -> None:
     """Merge expert stores of one configuration (shards of `ddtool buffer --shard i/n`) into one.
@@ -183,7 +183,7 @@ def buffer_merge(shards, out) -> None:
     it. The merged store's expert files are hard links to the shards' when they share a file
     system (no copy), copies otherwise; the shard stores (both parts) can be deleted afterwards.
     Every shard's expert files are checked before anything is written, and a merge that fails
-    leaves no new file behind and an existing --out store as it was.
+    leaves no new file behind and an existing -o store as it was.
     """
     path = merge_shards([Path(s) for s in shards], Path(out))
     manifest = read_manifest(path)

@@ -79,7 +79,7 @@ def inspect_store(config: ExpertConfig, path: str | os.PathLike) -> StoredExpert
             settings_differences(manifest.settings, config.trajectory_settings())
             or [f"fingerprint {manifest.fingerprint} vs {config.fingerprint()}"],
             f"The expert store {path} was made with a different configuration (store vs this run)",
-            "Use another --out path, or the same settings as that store.",
+            "Use another store path (buffer -o), or the same settings as that store.",
         )
     present = scan_expert_folder(experts_folder(path), manifest.fingerprint, manifest.epochs)
     unreadable = {r.index: path.parent / r.file for r in manifest.experts if r.index not in present}

@@ -139,7 +139,9 @@ class TrajectoryConfig:
             raise ConfigError(
                 f"Start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} need experts "
                 f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
-                f"(expert_train_epochs={self.expert_train_epochs})."
+                f"(expert_train_epochs={self.expert_train_epochs}): lower max_start_epoch to at most "
+                f"{self.expert_train_epochs - self.expert_epochs + 1}, or raise expert_train_epochs to "
+                f"{self.max_start_epoch - 1 + self.expert_epochs}."
             )
         if ":" in self.arch:
             raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
