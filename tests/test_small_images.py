@@ -55,3 +55,19 @@ def test_a_run_whose_images_blow_up_stops_with_what_diverged_and_writes_no_set(t
                         "grew far beyond", "To try: lower lr_img")
     assert "diverged 2 times" in result.stderr
     assert not out.exists()
+
+
+def test_a_folder_says_whether_its_images_may_be_flipped_and_datasets_describes_it(tmp_path):
+    root = write_blob_folder(tmp_path / "glyphs", 8)
+    said = ok(ddtool("datasets", f"folder:{root}")).stdout
+    assert "with left-right flips (the default for image folders" in said and "depth 2 for 8-px" in said
+    assert "4 classes: class0, class1, class2, class3" in said and "train: 40 images, 10-10 a class" in said
+    (root / "ddtool-dataset.json").write_text('{"flip": false}')
+    said = ok(ddtool("datasets", f"folder:{root}")).stdout
+    assert "without left-right flips (set in" in said
+    plan = ok(ddtool("distill", "--dataset", f"folder:{root}", *TINY_RUN, "--dry-run")).stdout
+    assert "augmentation: DSA without left-right flips" in plan
+    (root / "ddtool-dataset.json").write_text('{"flip": "no", "colour": 1}')
+    user_error(ddtool("datasets", f"folder:{root}"), "unknown option colour")
+    (root / "ddtool-dataset.json").write_text('{"flip": "no"}')
+    user_error(ddtool("datasets", f"folder:{root}"), "flip must be true or false")

@@ -63,12 +63,21 @@ def _print_json(value) -> None:
 
 # ---- datasets -------------------------------------------------------------------------------
 @cli.command()
+@click.argument("names", nargs=-1, metavar="[DATASET]...")
 @_data_root
 @click.option("--download", "download_name", metavar="DATASET", default=None,
               help="Fetch a dataset that is not found through torchvision into the user cache (needs network); "
                    "one already found is left as it is.")
-def datasets(data_root: str | None, download_name: str | None) -> None:
-    """Which datasets ddtool knows, which are found on this machine, and where."""
+def datasets(names: tuple[str, ...], data_root: str | None, download_name: str | None) -> None:
+    """Which datasets ddtool knows, which are found on this machine, and where.
+
+    With DATASET names (e.g. folder:/path/to/root), what ddtool reads in each: classes and their
+    images, image size, the augmentation and the network depth a run will use.
+    """
+    if names:
+        for name in names:
+            _describe_dataset(name, data_root)
+        return
     if download_name is not None:
         name = get_spec(download_name).name  # a clear error for an unknown name
         raw = load_raw(name, data_root, download=True)
@@ -87,6 +96,27 @@ def datasets(data_root: str | None, download_name: str | None) -> None:
         click.echo(f"{spec.name + default:<{width}} {size:<10} {spec.num_classes or '?':>7}  {found}")
     click.echo("\nAny ImageFolder (root/train/<class>/*.png, root/test/<class>/*.png) works as "
                "--dataset folder:/path/to/root.")
+
+
+def _describe_dataset(name: str, data_root: str | None) -> None:
+    from ddtool.data.sources import FOLDER_OPTIONS_FILE
+    from ddtool.networks.convnet import describe_depth
+
+    raw = load_raw(name, data_root)
+    spec = raw.spec
+    click.echo(f"{spec.name}: {raw.source}")
+    for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
+        counts = torch.bincount(labels, minlength=spec.num_classes).tolist()
+        click.echo(f"  {split}: {len(labels):,} images, {min(counts):,}-{max(counts):,} a class")
+    classes = ", ".join(spec.classes) if len(spec.classes) <= 12 else ", ".join(spec.classes[:12]) + ", ..."
+    click.echo(f"  {spec.num_classes} classes: {classes}")
+    click.echo(f"  images: {spec.image_size}x{spec.image_size}, {spec.channels} channel{'s' if spec.channels > 1 else ''}")
+    how = (f"set in {raw.source}/{FOLDER_OPTIONS_FILE}" if spec.name.startswith("folder:") and
+           (Path(raw.source) / FOLDER_OPTIONS_FILE).exists() else
+           f'the default for image folders; {{"flip": false}} in {FOLDER_OPTIONS_FILE} at its root turns them off'
+           if spec.name.startswith("folder:") else "the dataset's own")
+    click.echo(f"  augmentation (DSA): {'with' if spec.flip else 'without'} left-right flips ({how})")
+    click.echo(f"  network: ConvNet {describe_depth(spec.image_size)}")
 
 
 # ---- distill --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ the user cache.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,8 @@ def _spec_for(key: str, decoded: Decoded, folder: Path) -> DatasetSpec:
         if len(decoded.classes) != spec.num_classes:
             raise FormatError(f"{key} in {folder} names {len(decoded.classes)} classes, not {spec.num_classes}.")
         return dataclasses.replace(spec, classes=decoded.classes)
-    # An ImageFolder's spec is what its files are; flips are allowed, as for natural images.
+    # An ImageFolder's spec is what its files are, and what its options file says: flips are
+    # allowed, as for natural images, unless it says otherwise (digits, text, ...).
     mean, std = decoded.pixel_stats
     return DatasetSpec(
         name=key,
@@ -209,10 +211,35 @@ def _spec_for(key: str, decoded: Decoded, folder: Path) -> DatasetSpec:
         image_size=decoded.train_images.shape[2],
         num_classes=len(decoded.classes),
         classes=decoded.classes,
-        flip=True,
+        flip=folder_options(folder)["flip"],
         mean=mean,
         std=std,
     )
+
+
+# An ImageFolder's options, in a JSON file at its root, with their defaults.
+FOLDER_OPTIONS_FILE = "ddtool-dataset.json"
+FOLDER_OPTIONS = {"flip": True}  # flip: augmentation may mirror the images left-right
+
+
+def folder_options(root: Path) -> dict:
+    """The options of the ImageFolder at `root`: FOLDER_OPTIONS, changed by its options file."""
+    path = Path(root) / FOLDER_OPTIONS_FILE
+    if not path.exists():
+        return dict(FOLDER_OPTIONS)
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path} is not a JSON object of dataset options ({exc}).") from None
+    if not isinstance(given, dict):
+        raise FormatError(f"{path} must hold a JSON object such as {{\"flip\": false}}.")
+    unknown = sorted(set(given) - set(FOLDER_OPTIONS))
+    if unknown:
+        raise FormatError(f"{path}: unknown option {', '.join(unknown)}; the options are "
+                          f"{', '.join(sorted(FOLDER_OPTIONS))}.")
+    if not isinstance(given.get("flip", True), bool):
+        raise FormatError(f"{path}: flip must be true or false, got {given['flip']!r}.")
+    return {**FOLDER_OPTIONS, **given}
 
 
 def _checked(spec: DatasetSpec, decoded: Decoded, folder: Path) -> RawDataset:

@@ -190,6 +190,9 @@ class TrajectoryMatching(Method):
         if "depth" in network_options(c.arch) and not c.depth:
             lines.append(f"network: {describe_depth(ctx.data.spec.image_size)}, for the experts, the student and the "
                          "evaluation (--set depth=N to choose)")
+        if c.augment:
+            lines.append(f"augmentation: DSA {'with' if ctx.data.spec.flip else 'without'} left-right flips (the "
+                         "dataset's setting; `ddtool datasets NAME` says where it comes from)")
         lines += describe_expert_plan(expert_config_for(c, ctx), ctx, self.timed_experts_s)
         per_iteration = self.timed_iteration_s or self.time_iteration(ctx)
         world = distributed.world_size()
