@@ -167,7 +167,7 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
             raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
                               f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
         config = dataclasses.replace(config, budget_s=float(budget_s))
-    data = prepare(spec.name, data_root, zca=getattr(config, "zca", False), device=torch_device)
+    data = prepare(spec.name, data_root, zca=method_cls(config).whitens, device=torch_device)
     work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=progress, log=log)

@@ -295,7 +295,7 @@ def _evaluation_estimate(runner, data, ipc: int, protocol_name: str, runs: int |
     """", about ... for its N runs" for a plan, timed here; "" for a set whose teacher runs live
     at evaluation (its cost is the teacher's, which does not exist yet)."""
     protocol = get_protocol(protocol_name).with_overrides(runs=runs, epochs=epochs, precision=precision)
-    if protocol.kd is not None and getattr(runner.config, "relabel", "stored") == "live":
+    if protocol.kd is not None and runner.teacher_labels_live:
         return ""
     arch = runner.student_arch() or "convnet"
     seconds = time_epoch(ipc * data.spec.num_classes, data, protocol=protocol, arch=arch) * protocol.epochs

@@ -88,6 +88,17 @@ class Method(ABC):
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    @property
+    def whitens(self) -> bool:
+        """Whether the method works on ZCA-whitened images (its data are prepared so)."""
+        return False
+
+    @property
+    def teacher_labels_live(self) -> bool:
+        """Whether its sets' soft labels come from a teacher run at evaluation time (rather than
+        stored in the file), so that an evaluation's cost is the teacher's as well."""
+        return False
+
     def student_arch(self) -> str | None:
         """The network the set was made for ('name:key=value' form), which evaluation trains
         by default; None for methods not tied to one."""

@@ -404,6 +404,10 @@ class SRe2L(Method):
     default_protocol = "kd"
     makes_teacher = True
 
+    @property
+    def teacher_labels_live(self) -> bool:
+        return self.config.relabel == "live"
+
     def student_arch(self) -> str:
         return self.config.student
     default_preset = "fashion-cpu"

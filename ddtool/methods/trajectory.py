@@ -96,6 +96,10 @@ class TrajectoryMatching(Method):
     def student_arch(self) -> str:
         return format_arch(self.config.arch, self.config.arch_options())
 
+    @property
+    def whitens(self) -> bool:
+        return self.config.zca
+
     # ---- hooks for the methods built on this loop -------------------------------------------
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:
         """Start epochs are drawn uniformly from [low, high)."""
