@@ -270,8 +270,8 @@ def evaluate_file(path: str | Path, *, protocol: str | None = None, archs: list[
                     if resume and record else None)
         if recorded is not None:
             log(f"{arch}: {path} already records this evaluation (record {recorded}: the same protocol, network "
-                "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again as "
-                "a new record.")
+                "and seed), so there is nothing to resume. Without --resume, `ddtool evaluate` runs it again "
+                "(recorded as a new record only if its accuracies differ: on a CPU they repeat bit for bit).")
             continue
         report = evaluate_set(sset, data, protocol=chosen, arch=arch, seed=seed, baselines=baselines,
                               reference=reference, progress=progress, compile=compile, resume=resume,

@@ -566,7 +566,7 @@ def test_buffer_help_names_the_store_files_and_the_presets_experts():
 
     text = " ".join(CliRunner().invoke(cli, ["buffer", "--help"], terminal_width=200).output.split())
     assert Shard(0, 2).store_path(Path("NAME.h5")).name == "NAME.shard-0-of-2.h5"
-    assert "--out NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5" in text
+    assert "-o NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5" in text
     assert "NAME.experts/" in text and "move or copy the two together" in text
     for option in ("--batch-size", "--lr", "--momentum", "--weight-decay", "--gsam-alpha", "--width"):
         described = text.split("Options:", 1)[1].split(f"{option} ", 1)[1].split(" --", 1)[0]

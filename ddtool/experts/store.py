@@ -21,6 +21,12 @@ gigabytes of finished trajectories. Plain h5py follows the external links, so
 The links are relative, so a store is moved or copied as both: the index file and its folder.
 An index whose folder stayed behind lists experts it cannot read; `ddtool buffer` counts such
 experts as missing (and trains them again), `ddtool buffer-merge` refuses the store.
+
+Several processes may fill one store at once. The index is rewritten under an exclusive lock
+(flock on `NAME.experts/index.lock`), re-read under it, so an expert another writer added is
+never dropped; and an expert is trained only by the process holding its lock,
+`NAME.experts/expert-00007.lock` (see ddtool.experts.runner). The OS releases a dead process's
+locks; a lock file left behind is harmless (a lock is the flock on it, not the file).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -44,7 +51,7 @@ from ddtool.experts.manifest import (
 )
 from ddtool.experts.train import Trajectory
 from ddtool.networks import ParamLayout
-from ddtool.storage.atomic import atomic_h5, atomic_path
+from ddtool.storage.atomic import atomic_h5, atomic_path, exclusive_lock
 
 EXPERT_FORMAT = "ddtool.expert"
 # Files readable by HDF5 >= 1.10; needed for attributes over 64 KiB (large manifests).
@@ -59,6 +66,23 @@ def experts_folder(store_path: str | os.PathLike) -> Path:
 
 def expert_file_name(index: int) -> str:
     return f"expert-{index:05d}.h5"
+
+
+def expert_lock_path(store_path: str | os.PathLike, index: int) -> Path:
+    """The lock file of expert `index` of the store at `store_path` (held by the process training it)."""
+    return experts_folder(store_path) / f"expert-{index:05d}.lock"
+
+
+def index_lock_path(store_path: str | os.PathLike) -> Path:
+    """The lock file guarding the rewrites of the store's index file."""
+    return experts_folder(store_path) / "index.lock"
+
+
+@contextmanager
+def index_locked(store_path: str | os.PathLike) -> Iterator[None]:
+    """Hold the store's index lock: one read-modify-write of the index at a time, over processes."""
+    with exclusive_lock(index_lock_path(store_path), remove=True):
+        yield
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -241,24 +265,25 @@ class StoreWriter:
         """Create the store, or open it to add experts; ConfigError if it exists with a
         different configuration."""
         path = Path(path)
-        if path.exists():
-            existing = read_manifest(path)
-            raise_if_differences(
-                merge_differences(existing, manifest),
-                f"The expert store {path} was made with a different configuration",
-                "Use another --out path, or the same settings as that store.",
-            )
+        _require_same_configuration(path, manifest)  # before anything is created
         writer = cls(path, manifest)
         writer.folder.mkdir(parents=True, exist_ok=True)
-        writer._scan()
-        writer._write_index()
+        with index_locked(path):  # another process may be creating or extending it right now
+            _require_same_configuration(path, manifest)
+            writer._scan()
+            write_index_file(path, writer.manifest.with_experts(list(writer._records.values())))
         return writer
 
     def completed(self) -> set[int]:
+        """The experts this writer knows complete: found at open, added, or read back from the
+        index by a later write (experts other processes added meanwhile)."""
         return set(self._records)
 
     def checkpoint_path(self, index: int) -> Path:
         return self.folder / f"expert-{index:05d}.partial.pt"
+
+    def lock_path(self, index: int) -> Path:
+        return expert_lock_path(self.path, index)
 
     def add(self, trajectory: Trajectory) -> None:
         """Write the expert's file, then the index naming it; then drop its checkpoint."""
@@ -267,6 +292,24 @@ class StoreWriter:
         self._records[trajectory.index] = _record(trajectory, self._relative(target))
         self._write_index()
         self.checkpoint_path(trajectory.index).unlink(missing_ok=True)
+
+    def finished_elsewhere(self, index: int) -> ExpertRecord | None:
+        """The record of expert `index` if its finished file is in the folder (another process
+        trained it since this writer opened the store), now in this writer's records and in the
+        index (which the other process may not have reached before it died); else None."""
+        file = self.folder / expert_file_name(index)
+        if not file.exists():
+            return None
+        try:
+            record = read_expert_record(file, self.manifest.fingerprint, self.manifest.epochs)
+        except FormatError:
+            return None  # another configuration's, or damaged: trained again and replaced
+        if record.index != index:
+            return None
+        self._records[index] = replace(record, file=self._relative(file))
+        self._write_index()
+        self.checkpoint_path(index).unlink(missing_ok=True)  # left by a process that died before it could
+        return self._records[index]
 
     def add_file(self, source: Path) -> int:
         """Adopt a finished expert file of the same configuration (merging shards): hard-linked
@@ -295,8 +338,39 @@ class StoreWriter:
             self._records[record.index] = record
 
     def _write_index(self) -> None:
-        manifest = self.manifest.with_experts(list(self._records.values()))
-        write_index_file(self.path, manifest)
+        """Rewrite the index with this writer's experts and those it lists now: under the index
+        lock, re-read, so that an expert another process added since this one last looked is
+        kept (and known to this writer from now on). Nothing is written if nothing is new."""
+        with index_locked(self.path):
+            current = self._indexed_now()
+            records = {**current, **self._records}
+            self._records = records
+            if records != current or not self.path.exists():
+                write_index_file(self.path, self.manifest.with_experts(list(records.values())))
+
+    def _indexed_now(self) -> dict[int, ExpertRecord]:
+        """The experts the index lists now (under the index lock); a damaged index: the folder's."""
+        if not self.path.exists():
+            return {}
+        try:
+            existing = read_manifest(self.path)
+        except FormatError:
+            return scan_expert_folder(self.folder, self.manifest.fingerprint, self.manifest.epochs)
+        _require_same_configuration(self.path, self.manifest, existing)
+        return {r.index: r for r in existing.experts}
+
+
+def _require_same_configuration(path: Path, manifest: StoreManifest, existing: StoreManifest | None = None) -> None:
+    """ConfigError if the store at `path` exists with a configuration other than `manifest`'s."""
+    if existing is None:
+        if not path.exists():
+            return
+        existing = read_manifest(path)
+    raise_if_differences(
+        merge_differences(existing, manifest),
+        f"The expert store {path} was made with a different configuration",
+        "Use another --out path, or the same settings as that store.",
+    )
 
 
 def scan_expert_folder(folder: Path, fingerprint: str, epochs: int) -> dict[int, ExpertRecord]:

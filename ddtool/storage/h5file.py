@@ -87,7 +87,11 @@ def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content
     temporary name and renamed over the original, so a crash leaves either the old or the new
     file. This is done under an exclusive lock on `<file>.lock`, so appends to one file from
     several processes (parallel `ddtool evaluate --arch` runs of one set) take turns and all
-    land.
+    land. Under the lock the file's records are read again: a record with the same key
+    (evaluation_key: protocol, network, seed, lr, labels, the runs' accuracies and the
+    baselines' names and runs) as one already there is the same evaluation recorded twice (two
+    processes that ran it at once), and is not added; the index returned is then the record's
+    already there.
 
     expected_content: the SyntheticSet.content_digest() of the set that was evaluated. If the
     file holds another set by now (replaced while an hours-long evaluation ran), nothing is
@@ -105,11 +109,44 @@ def append_evaluation(path: str | os.PathLike, record: dict, *, expected_content
                 "in it. Evaluate the file's new set (`ddtool evaluate` again), or restore the old file "
                 "and run the same evaluation with --resume, which takes the runs it finished."
             )
+        same = _recorded_index(path, evaluation_key(plain))
+        if same is not None:
+            return same
         with atomic_h5(path, update=True) as f:
             group = f.require_group("evaluations")
             index = _next_record_index(group)
             _write_record(group.create_group(_record_name(index), track_order=True), plain)
     return index
+
+
+# What identifies an evaluation record, beside its baselines: two records equal in these are
+# one measurement written twice. When and where it ran, and what it took, are left out.
+EVALUATION_KEY_FIELDS = ("protocol", "arch", "seed", "lr", "labels", "evaluation_revision", "runs")
+
+
+def evaluation_key(record: dict) -> dict:
+    """The key of an evaluation record (as normalize_evaluation makes it, or as it reads back):
+    its EVALUATION_KEY_FIELDS (None where absent) and its baselines' names and runs. Compare
+    keys with ==, which takes 1 == 1.0 (an integer accuracy stored as a float reads back so)."""
+    baselines = record.get("baselines")
+    return {
+        **{name: record.get(name) for name in EVALUATION_KEY_FIELDS},
+        "baselines": ({name: (b.get("runs") if isinstance(b, dict) else b) for name, b in baselines.items()}
+                      if isinstance(baselines, dict) else baselines),
+    }
+
+
+def _recorded_index(path: Path, key: dict) -> int | None:
+    """The index of the first record in the set at `path` with this key, or None."""
+    with _open_checked(path) as f:
+        group = f.get("evaluations")
+        if not isinstance(group, h5py.Group):
+            return None
+        for name, record in sorted(group.items(), key=_by_index):
+            if name.isdigit() and isinstance(record, h5py.Group) and \
+                    evaluation_key(_guard_read(path, lambda: _read_record(record))) == key:
+                return int(name)
+    return None
 
 
 # ---------------------------------------------------------------------- writing
