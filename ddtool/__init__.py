@@ -51,7 +51,7 @@ def distill(method: str | None = None, ipc: int = 10, *, dataset: str = "fashion
     from ddtool.errors import ConfigError
     from ddtool.run import prepare_distill
     from ddtool.storage import save_synthetic_set
-    from ddtool.storage.atomic import check_writable
+    from ddtool.files import check_writable
 
     if output is not None:
         check_writable(output)

@@ -32,7 +32,7 @@ from ddtool.methods.base import (
 from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
 from ddtool.storage import UNKNOWN_SEED, SyntheticSet, append_evaluation, load_synthetic_set
-from ddtool.storage.atomic import write_atomically
+from ddtool.files import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
 

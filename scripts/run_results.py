@@ -347,7 +347,7 @@ def carry_kept_runs(folder: Path = KEPT_RUNS) -> int:
     them back (restore_kept_runs) and resumes. Each file is self-describing (its evaluation's
     key, the run's index, accuracy, seconds and hardware). The number of runs carried."""
     from ddtool.paths import cache_root
-    from ddtool.storage.atomic import atomic_directory, exclusive_lock
+    from ddtool.files import atomic_directory, exclusive_lock
 
     # two `run`s at once (one cell each, one per core) each mirror at their end: one at a time
     with exclusive_lock(folder.with_name(f".{folder.name}.lock"), remove=True):
@@ -399,7 +399,7 @@ def run_reference(cell: Cell, log, path: Path = REFERENCES, compile: bool = Fals
     from ddtool.data import prepare
     from ddtool.evaluation import get_protocol, kd
     from ddtool.evaluation import whole_dataset_reference
-    from ddtool.storage.atomic import atomic_path
+    from ddtool.files import atomic_path
     from ddtool.storage.synthetic_set import teacher_digest
 
     sset = load(cell)

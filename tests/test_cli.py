@@ -181,7 +181,7 @@ KILLED_WHILE_WRITING = """
 import os, signal, sys
 from pathlib import Path
 from ddtool.cli.main import cli, main
-from ddtool.storage.atomic import atomic_path, exclusive_lock
+from ddtool.files import atomic_path, exclusive_lock
 
 out = Path(sys.argv[1])
 

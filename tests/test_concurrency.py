@@ -20,7 +20,7 @@ from ddtool.experts import ExpertConfig, ExpertStore, read_manifest, run_buffer
 from ddtool.experts.execution import ExpertExecution
 from ddtool.experts.store import StoreWriter, expert_lock_path, experts_folder, index_locked, index_lock_path
 from ddtool.storage import append_evaluation, load_synthetic_set, save_synthetic_set
-from ddtool.storage.atomic import exclusive_lock
+from ddtool.files import exclusive_lock
 
 from conftest import tiny_prepared  # tests/conftest.py: tiny datasets through the real pipeline
 from test_experts import assert_same_store  # the manifest and every trajectory, bit for bit
@@ -157,7 +157,7 @@ from ddtool.cli.buffer import buffer, config_from_options
 from ddtool.data import prepare
 from ddtool.experts.store import expert_lock_path, experts_folder
 from ddtool.experts.train import train_expert
-from ddtool.storage.atomic import exclusive_lock
+from ddtool.files import exclusive_lock
 
 store = Path({str(store)!r})
 config = config_from_options(buffer.make_context("buffer", {flags!r}).params)

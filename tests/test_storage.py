@@ -320,7 +320,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 def test_a_full_disk_is_a_plain_error_and_keeps_the_existing_file(tmp_path, monkeypatch, code):
     import errno
 
-    import ddtool.storage.atomic as atomic
+    import ddtool.files as atomic
 
     target = tmp_path / "set.h5"
     save_synthetic_set(target, make_set(seed=1))
@@ -360,7 +360,7 @@ def test_a_file_too_large_to_build_in_memory_is_written_in_place_after_a_room_ch
     import collections
     import shutil
 
-    import ddtool.storage.atomic as atomic
+    import ddtool.files as atomic
 
     monkeypatch.setattr(atomic, "IN_MEMORY_MAX_BYTES", 0)  # every file is "large"
     built_in_memory = []
@@ -386,7 +386,7 @@ import os, sys
 from pathlib import Path
 from ddtool.errors import DDToolError
 from ddtool.storage import append_evaluation, export_set, load_synthetic_set, save_synthetic_set
-from ddtool.storage.atomic import save_torch
+from ddtool.files import save_torch
 
 folder = Path(sys.argv[1])
 kept = folder / "kept.h5"
@@ -724,7 +724,7 @@ def test_saving_over_a_set_waits_for_an_append_in_progress(tmp_path):
     rename, or get the old set's record: the save takes the append's lock."""
     import threading
 
-    from ddtool.storage.atomic import exclusive_lock
+    from ddtool.files import exclusive_lock
 
     path = tmp_path / "set.h5"
     old = make_set()
@@ -767,7 +767,7 @@ def test_a_lock_file_removed_by_its_holder_is_not_shared_by_two_waiters(tmp_path
     import fcntl
     import threading
 
-    from ddtool.storage import atomic
+    from ddtool import files as atomic
 
     lock = tmp_path / "set.h5.lock"
     holder = open(lock, "a")  # the first holder, which will remove the file as it leaves
@@ -814,7 +814,7 @@ def test_a_lock_file_removed_by_its_holder_is_not_shared_by_two_waiters(tmp_path
 def test_a_refused_write_is_a_ddtool_error_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from ddtool.storage import atomic
+    from ddtool import files as atomic
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -44,7 +44,7 @@ from ddtool.storage import (
     save_grid_png,
     save_synthetic_set,
 )
-from ddtool.storage.atomic import check_writable
+from ddtool.files import check_writable
 from ddtool.storage.formats import left_out_of_export
 
 _data_root = click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ddtool.errors import FormatError
+from ddtool.files import save_torch
 from ddtool.paths import cache_root, user_cache_root
 
 
@@ -65,9 +66,6 @@ def load_or_build(directory: Path, what: str, version: str, build: Callable[[], 
         except Exception as exc:  # a cache file is disposable: any failure to read it is a miss
             warnings.warn(f"Ignoring unreadable cache file {path} ({exc}); rebuilding it.", stacklevel=2)
     value = build()
-    # ddtool.storage builds on ddtool.data; importing it here, at use, keeps imports acyclic.
-    from ddtool.storage.atomic import save_torch
-
     save_torch(value, path)
     for old in directory.glob(f"{what}-*.pt"):
         if old != path and old.stem.rpartition("-")[0] == what:

@@ -21,7 +21,7 @@ from ddtool.evaluation.evaluate import (Accuracies, FinishedRuns, data_key, eval
 from ddtool.evaluation.protocols import PROTOCOLS, Protocol
 from ddtool.paths import cache_dir, key_digest
 from ddtool.seeding import generator
-from ddtool.storage.atomic import atomic_path, exclusive_lock
+from ddtool.files import atomic_path, exclusive_lock
 
 
 def _cached(key: dict, compute: Callable[[], Accuracies], *, compute_if_missing: bool = True,

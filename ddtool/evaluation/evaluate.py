@@ -33,7 +33,7 @@ from ddtool.evaluation.protocols import Protocol
 from ddtool.evaluation.train import train_fresh_network
 from ddtool.paths import cache_root, key_digest
 from ddtool.seeding import derive_seed
-from ddtool.storage.atomic import atomic_path
+from ddtool.files import atomic_path
 
 
 @dataclass

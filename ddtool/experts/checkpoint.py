@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddtool.storage.atomic import save_torch
+from ddtool.files import save_torch
 
 
 @dataclass

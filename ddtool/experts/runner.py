@@ -51,7 +51,7 @@ from ddtool.experts.store import (
 )
 from ddtool.experts.train import Trajectory, expert_layout, train_expert, training_split
 from ddtool.memory import keep_freed_memory, keeping_freed_memory
-from ddtool.storage.atomic import exclusive_lock, write_atomically
+from ddtool.files import exclusive_lock, write_atomically
 from ddtool.training import EpochStats
 
 

@@ -51,7 +51,7 @@ from ddtool.experts.manifest import (
 )
 from ddtool.experts.train import Trajectory
 from ddtool.networks import ParamLayout
-from ddtool.storage.atomic import atomic_h5, atomic_path, exclusive_lock
+from ddtool.files import atomic_h5, atomic_path, exclusive_lock
 
 EXPERT_FORMAT = "ddtool.expert"
 # Files readable by HDF5 >= 1.10; needed for attributes over 64 KiB (large manifests).

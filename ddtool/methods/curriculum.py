@@ -50,7 +50,7 @@ from ddtool.methods.teacher import (RealTrainingRecipe, TrainedNetwork, batch_no
 from ddtool.networks import network_options
 from ddtool.seeding import generator
 from ddtool.storage import SyntheticSet
-from ddtool.storage.atomic import save_torch
+from ddtool.files import save_torch
 
 CROP_SCHEDULES = ("constant", "step", "linear", "cosine")
 BATCHINGS = ("mixed", "classwise")

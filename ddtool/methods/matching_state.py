@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ddtool import distributed
-from ddtool.storage.atomic import atomic_path, save_torch
+from ddtool.files import atomic_path, save_torch
 
 
 @dataclass

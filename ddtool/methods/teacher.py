@@ -27,7 +27,7 @@ from ddtool.evaluation.protocols import KDSettings
 from ddtool.networks import create_network
 from ddtool.paths import cache_root, key_digest
 from ddtool.seeding import derive_seed, generator, seeded
-from ddtool.storage.atomic import save_torch
+from ddtool.files import save_torch
 from ddtool.training import accuracy, train_epoch
 
 

@@ -1,9 +1,9 @@
-"""The synthetic-set HDF5 format, atomic writes, import/export.
+"""The synthetic-set HDF5 format, import/export (atomic writes: ddtool.files).
 
 Layout of the file: docs/synthetic-set-format.md.
 """
 
-from ddtool.storage.atomic import atomic_directory, atomic_path
+from ddtool.files import atomic_directory, atomic_path
 from ddtool.storage.formats import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, FormatError
-from ddtool.storage.atomic import atomic_directory, atomic_path, save_torch
+from ddtool.files import atomic_directory, atomic_path, save_torch
 from ddtool.storage.synthetic_set import SyntheticSet, to_plain
 
 EXPORT_FORMATS = ("imagefolder", "npz", "torch")

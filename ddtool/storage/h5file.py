@@ -21,7 +21,7 @@ import torch
 import ddtool
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, DDToolError, FormatError
-from ddtool.storage.atomic import atomic_h5, check_writable, exclusive_lock
+from ddtool.files import atomic_h5, check_writable, exclusive_lock
 from ddtool.storage.synthetic_set import (
     RESERVED_RECORD_KEYS,
     SyntheticSet,

@@ -1,5 +1,5 @@
-"""Write-then-rename, so that no reader ever sees a half-written file; and the advisory lock
-that makes a read-modify-write of a shared file one step.
+"""Files, for every layer: write-then-rename, so that no reader ever sees a half-written file;
+and the advisory lock that makes a read-modify-write of a shared file one step.
 
 HDF5 and torch files up to IN_MEMORY_MAX_BYTES are built in memory and reach the disk as
 plain writes (atomic_h5, save_torch): h5py writing to a full disk fails in its close and then
