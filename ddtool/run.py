@@ -103,7 +103,8 @@ class DistillRun:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if self.budget is not None:
                 write_atomically(self.work_dir / BUDGET_PLAN, json.dumps(
-                    {"config": dataclasses.asdict(self.config), "iteration_s": self.method.budget_iteration_s},
+                    {"config": dataclasses.asdict(self.config), "iteration_s": self.method.budget_iteration_s,
+                     "workers": self.method.budget_workers},
                     indent=1).encode())
         ctx = self.ctx
         started = time.perf_counter()
@@ -211,13 +212,13 @@ def _size_to_budget(run: DistillRun, seconds: float) -> None:
             saved_plan = {"config": saved_plan, "iteration_s": None}
         config = method_cls.config_class(**saved_plan["config"])
         # the interrupted run's timing, so that its iterations are counted as they were (none: not at all)
-        iteration_s = saved_plan["iteration_s"]
+        iteration_s, workers = saved_plan["iteration_s"], saved_plan.get("workers", plan.workers)
         plan = dataclasses.replace(plan, config=config, iteration_s=iteration_s or plan.iteration_s)
         run.budget_reused = True
     else:
-        iteration_s = plan.iteration_s
+        iteration_s, workers = plan.iteration_s, plan.workers
     run.method = method_cls(plan.config)
-    run.method.budget_iteration_s = iteration_s
+    run.method.budget_iteration_s, run.method.budget_workers = iteration_s, workers
     if not run.budget_reused:  # the plan states the figures the sizing timed, not a second timing
         run.method.timed_iteration_s = plan.iteration_s
         if not plan.experts_cached:

@@ -182,3 +182,28 @@ def test_iterations_are_counted_again_from_what_the_experts_actually_cost(tmp_pa
     sset = mtt.distill(ctx)
     assert sset.config["iterations"] == 5 and mtt.config.iterations == 5
     assert any("holds 5 outer iterations (planned: 3)" in m for m in messages)
+
+
+def test_experts_that_train_faster_than_timed_make_room_for_more_rounds_of_them(tmp_path, data, monkeypatch):
+    config = tiny(experts=2, budget_s=1000.0)
+    # a round of 2 cost 200 s: the share (700 s) holds two more rounds, not a third
+    assert budget.experts_that_fit(config, 200.0, 2, 2.0) == 6
+    assert budget.experts_that_fit(config, 200.0, 1, 2.0) == 7  # one at a time: rounds of 100 s each
+    # a round always leaves the least number of iterations their time (50 x 10 s + 20 s here)
+    assert budget.experts_that_fit(config, 200.0, 2, 10.0) == 4
+    assert budget.experts_that_fit(config, 690.0, 2, 2.0) == 2
+
+    # inside a run: one expert was planned; the budget's share holds a second, trained before matching
+    monkeypatch.setattr(budget, "INIT_SECONDS", 0.0)
+    monkeypatch.setattr(budget, "MIN_ITERATIONS", 1)
+    ctx = context(tmp_path, data)
+    trajectory.MTT(tiny(iterations=1, experts=1)).distill(ctx)
+    one = ctx.experts_s
+    mtt = trajectory.MTT(tiny(iterations=3, experts=1, budget_s=2.5 * one / budget.EXPERT_SHARE))
+    mtt.budget_iteration_s, mtt.budget_workers = 1e-3, 1
+    messages = []
+    ctx = context(tmp_path / "b", data)
+    ctx.log = messages.append
+    sset = mtt.distill(ctx)
+    assert sset.config["experts"] == 2 and any("1 more fit" in m for m in messages), messages
+    assert ctx.experts_s > one

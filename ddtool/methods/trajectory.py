@@ -39,7 +39,7 @@ from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.methods.budget import fit_iterations
+from ddtool.methods.budget import experts_that_fit, fit_iterations
 from ddtool.methods.divergence import Divergence, DivergenceWatch
 from ddtool.durations import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
@@ -167,6 +167,7 @@ class TrajectoryMatching(Method):
     # a budgeted run's timed outer iteration, by which its iterations are counted again once the
     # experts' actual cost is known (ddtool.methods.budget.fit_iterations)
     budget_iteration_s: float | None = None
+    budget_workers: int = 1  # experts the budget's sizing expects to train at once here
     # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
     budget_start_share = 0.8
 
@@ -315,6 +316,14 @@ class TrajectoryMatching(Method):
         experts = open_experts(expert_config_for(c, ctx), ctx)
         ctx.experts_s = experts_wall_clock(experts)
         if c.budget_s and self.budget_iteration_s and ctx.experts_s is not None:
+            wanted = experts_that_fit(c, ctx.experts_s, self.budget_workers, self.budget_iteration_s)
+            if wanted > c.experts:
+                ctx.log(f"The {c.experts} experts cost {format_duration(ctx.experts_s)}, less than the budget's share "
+                        f"for them: {wanted - c.experts} more fit.")
+                self.config = dataclasses.replace(c, experts=wanted)
+                experts.close()
+                experts = open_experts(expert_config_for(self.config, ctx), ctx)
+                ctx.experts_s = experts_wall_clock(experts)
             self.config = fit_iterations(self, ctx.experts_s, self.budget_iteration_s)
             if self.config.iterations != c.iterations:
                 ctx.log(f"The experts cost {format_duration(ctx.experts_s)}: the budget holds "
