@@ -173,7 +173,8 @@ def _file_safe_name(dataset: str) -> str:
               "--compile`: 1.4-2.2x faster on a CPU after a one-off compile).")
 @click.option("--eval-precision", type=click.Choice(PRECISIONS), default=None,
               help="Precision of the evaluation's training, as `ddtool evaluate --precision` [default: fp32].")
-@click.option("--from", "from_set", type=click.Path(exists=True, dir_okay=False), default=None, metavar="SET.h5",
+@click.option("--from", "--config", "from_set", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="SET.h5",
               help="Make a set again from its own record: its method, dataset, IPC, seed and every setting "
                    "(--set changes settings, --seed the seed; a CPU run repeats it bit for bit unless a budget "
                    "stopped it).")

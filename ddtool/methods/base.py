@@ -151,9 +151,10 @@ def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> s
     for name, default in _ADDED_LATER.items():
         if settings.get(name, object()) == default:
             del settings[name]
-    if settings.get("backend") == "auto":
-        # auto picks bptt or exact, which compute the same gradient; named as exact, the default
-        # it replaced, so a run begun under the old default resumes under the new one
+    if settings.get("backend") in ("auto", "bptt"):
+        # auto picks bptt or exact, which compute the same gradient: one run, named as exact (the
+        # default auto replaced, so a run begun under the old default resumes under the new one);
+        # a set records the backend that computed it, so its re-run names bptt for the same run
         settings["backend"] = "exact"
     if settings.get("zca"):  # a checkpoint of images whitened the old way must not resume
         settings["zca_fitted_on"] = ZCA_FITTED_ON

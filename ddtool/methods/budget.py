@@ -38,8 +38,9 @@ from ddtool.experts.execution import plan_execution, training_images
 from ddtool.methods.base import DistillContext
 from ddtool.methods.experts import expert_config_for, experts_wall_clock
 
-# Of the budget, for training experts: on the validation split, 8 experts scored 1.5-2 points
-# above 4 at 300-400 outer iterations, while iterations beyond ~100 changed little (docs/budget.md).
+# Of the budget, for training experts: on the validation split, 8 experts scored about 1 point
+# above 4 at the same stage of DATM's window, while iterations beyond ~100 changed little
+# (docs/budget.md).
 EXPERT_SHARE = 0.7
 MAX_EXPERT_EPOCHS = 20  # longer budgets train more experts instead
 MAX_EXPERTS = 20
