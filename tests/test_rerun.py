@@ -28,13 +28,12 @@ def images_and_lr(path):
 def test_a_set_made_again_from_its_record_is_the_same_set(tmp_path, fashion_root):
     first = tmp_path / "first.h5"
     made = ok(run_cli("distill", *TINY_MTT, "--data-root", fashion_root, "-o", first)).stdout
-    # the recorded run is planned as the same run: its work folder (the run's fingerprint)
-    planned = ok(run_cli("distill", "--config", first, "--data-root", fashion_root, "--dry-run")).stdout
-    work_folder = [line for line in made.splitlines() if "checkpoints and log in" in line]
-    assert work_folder and work_folder[0] in planned.splitlines()
     again = tmp_path / "again.h5"
-    said = ok(run_cli("distill", "--from", first, "--data-root", fashion_root, "--no-eval", "-q", "-o", again)).stdout
+    said = ok(run_cli("distill", "--config", first, "--data-root", fashion_root, "--no-eval", "-q", "-o", again)).stdout
     assert f"settings: every one recorded in {first}" in said
+    # the recorded run is planned as the same run: its work folder (the run's fingerprint)
+    work_folder = [line for line in made.splitlines() if "checkpoints and log in" in line]
+    assert work_folder and work_folder[0] in said.splitlines()
     images, lr = images_and_lr(first)
     images_again, lr_again = images_and_lr(again)
     assert np.array_equal(images, images_again) and lr == lr_again

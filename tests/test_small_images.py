@@ -58,16 +58,21 @@ def test_a_run_whose_images_blow_up_stops_with_what_diverged_and_writes_no_set(t
 
 
 def test_a_folder_says_whether_its_images_may_be_flipped_and_datasets_describes_it(tmp_path):
+    from ddtool.data import get_spec
+    from ddtool.data.sources import folder_options
+    from ddtool.errors import FormatError
+
     root = write_blob_folder(tmp_path / "glyphs", 8)
-    said = ok(ddtool("datasets", f"folder:{root}")).stdout
-    assert "with left-right flips (the default for image folders" in said and "depth 2 for 8-px" in said
-    assert "4 classes: class0, class1, class2, class3" in said and "train: 40 images, 10-10 a class" in said
+    assert get_spec(f"folder:{root}").flip  # an image folder may be mirrored unless it says otherwise
     (root / "ddtool-dataset.json").write_text('{"flip": false}')
     said = ok(ddtool("datasets", f"folder:{root}")).stdout
-    assert "without left-right flips (set in" in said
+    assert "without left-right flips (set in" in said and "depth 2 for 8-px" in said
+    assert "4 classes: class0, class1, class2, class3" in said and "train: 40 images, 10-10 a class" in said
     plan = ok(ddtool("distill", "--dataset", f"folder:{root}", *TINY_RUN, "--dry-run")).stdout
     assert "augmentation: DSA without left-right flips" in plan
     (root / "ddtool-dataset.json").write_text('{"flip": "no", "colour": 1}')
-    user_error(ddtool("datasets", f"folder:{root}"), "unknown option colour")
+    with pytest.raises(FormatError, match="unknown option colour"):
+        folder_options(root)
     (root / "ddtool-dataset.json").write_text('{"flip": "no"}')
-    user_error(ddtool("datasets", f"folder:{root}"), "flip must be true or false")
+    with pytest.raises(FormatError, match="flip must be true or false"):
+        folder_options(root)
