@@ -168,11 +168,12 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
             raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
                               f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
         config = dataclasses.replace(config, budget_s=float(budget_s))
-    data = prepare(spec.name, data_root, zca=method_cls(config).whitens, device=torch_device)
+    method_obj = method_cls(config)
+    data = prepare(spec.name, data_root, zca=method_obj.whitens, device=torch_device)
     work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
                          resume=resume, progress=progress, log=log)
-    run = DistillRun(method_cls(config), resolve_preset(method_cls, preset, ipc), overrides, ctx,
+    run = DistillRun(method_obj, resolve_preset(method_cls, preset, ipc), overrides, ctx,
                      budget_by_default=by_default, method_by_default=method_by_default)
     if budget_s is not None:
         _size_to_budget(run, budget_s)
@@ -187,12 +188,9 @@ def recorded_run(path: str | Path) -> dict[str, Any]:
     stops at the same budget, measured on this machine."""
     sset = load_synthetic_set(path)
     method_cls = get_method_class(sset.method)
-    if not method_cls.config_class.__dataclass_fields__:
-        settings: dict[str, Any] = {}
-    else:
-        fields = {f.name for f in dataclasses.fields(method_cls.config_class)}
-        settings = {name: value for name, value in sset.config.items() if name in fields}
-    if sset.seed == UNKNOWN_SEED or (method_cls.config_class.__dataclass_fields__ and not settings):
+    fields = {f.name for f in dataclasses.fields(method_cls.config_class)}
+    settings = {name: value for name, value in sset.config.items() if name in fields}
+    if sset.seed == UNKNOWN_SEED or (fields and not settings):
         raise ConfigError(f"{path} does not record how it was made (an imported set, or one written by another "
                           "tool): there is no run to repeat.")
     return {"method": sset.method, "ipc": sset.ipc, "dataset": sset.dataset, "seed": sset.seed,

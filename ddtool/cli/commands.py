@@ -99,6 +99,7 @@ def datasets(names: tuple[str, ...], data_root: str | None, download_name: str |
 
 
 def _describe_dataset(name: str, data_root: str | None) -> None:
+    from ddtool.data.registry import folder_root
     from ddtool.data.sources import FOLDER_OPTIONS_FILE
     from ddtool.networks.convnet import describe_depth
 
@@ -111,10 +112,13 @@ def _describe_dataset(name: str, data_root: str | None) -> None:
     classes = ", ".join(spec.classes) if len(spec.classes) <= 12 else ", ".join(spec.classes[:12]) + ", ..."
     click.echo(f"  {spec.num_classes} classes: {classes}")
     click.echo(f"  images: {spec.image_size}x{spec.image_size}, {spec.channels} channel{'s' if spec.channels > 1 else ''}")
-    how = (f"set in {raw.source}/{FOLDER_OPTIONS_FILE}" if spec.name.startswith("folder:") and
-           (Path(raw.source) / FOLDER_OPTIONS_FILE).exists() else
-           f'the default for image folders; {{"flip": false}} in {FOLDER_OPTIONS_FILE} at its root turns them off'
-           if spec.name.startswith("folder:") else "the dataset's own")
+    options_file = Path(raw.source) / FOLDER_OPTIONS_FILE
+    if folder_root(spec.name) is None:
+        how = "the dataset's own"
+    elif options_file.exists():
+        how = f"set in {options_file}"
+    else:
+        how = f'the default for image folders; {{"flip": false}} in {FOLDER_OPTIONS_FILE} at its root turns them off'
     click.echo(f"  augmentation (DSA): {'with' if spec.flip else 'without'} left-right flips ({how})")
     click.echo(f"  network: ConvNet {describe_depth(spec.image_size)}")
 

@@ -668,12 +668,11 @@ class TrajectoryMatching(Method):
     def _health_warnings(self, images: torch.Tensor, alpha: float, watch: DivergenceWatch) -> list[str]:
         """What is wrong with a set about to be saved, in words (none for a healthy set): the
         signs of divergence the loop checks, on the set itself."""
-        c = self.config
         warnings = []
         grown = watch.image_growth(images)
         if grown is not None:
             warnings.append(f"{grown}; the set is unlikely to train a network. To try: lower lr_img.")
-        if alpha <= c.lr_init * c.min_lr_factor * (1 + 1e-6):
+        if alpha <= watch.lr_floor * (1 + 1e-6):
             warnings.append(f"the learned step size ends at its floor ({alpha:.3g}): the matching found no useful "
                             "step. To try: lower lr_img or lr_lr, or raise lr_init.")
         return warnings
