@@ -66,6 +66,17 @@ def test_gradients_reach_x_for_every_family(family):
     assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every sample receives gradient
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_returns_plain_nchw_strides(family, channels):
+    """A channels-last batch (one channel included, whose strides pass is_contiguous) would make
+    the network's convolutions answer channels-last and its norm and pooling slow."""
+    dsa = only(family)
+    x = torch.randn(N, channels, H, W, generator=gen(3))
+    out = dsa.apply(x, dsa.sample(N, H, W, gen(1)))
+    assert out.stride() == torch.empty(out.shape).stride()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float64_and_gradcheck(family):
     dsa = only(family)

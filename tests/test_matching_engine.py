@@ -13,6 +13,8 @@ from torch import nn
 
 from ddtool.matching import InnerStep, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.networks import ParamLayout
+from ddtool.networks.instance_norm import InstanceNorm
+from ddtool.networks.pooling import avg_pool_2x2
 from ddtool.augment import DSA, DSAConfig
 
 DTYPE = torch.float64
@@ -22,12 +24,12 @@ class TinyNet(nn.Module):
     def __init__(self, classes: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.norm = nn.GroupNorm(3, 3)
+        self.norm = InstanceNorm(3)  # the networks' own norm and pooling, with their closed forms
         self.head = nn.Linear(3 * 4 * 4, classes)
 
     def forward(self, x):
         x = torch.relu(self.norm(self.conv(x)))
-        x = nn.functional.avg_pool2d(x, 2)
+        x = avg_pool_2x2(x)
         return self.head(x.flatten(1))
 
 

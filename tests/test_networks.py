@@ -11,6 +11,7 @@ from torch import nn
 
 from ddtool.errors import ConfigError
 from ddtool.networks import ParamLayout, create_network, format_arch, list_networks, network_options, same_network
+from ddtool.networks.instance_norm import InstanceNorm
 
 GEOMETRIES = [(1, 28), (3, 32), (3, 64)]  # (channels, image side): MNIST, CIFAR, Tiny ImageNet
 
@@ -59,7 +60,7 @@ def test_convnet_28px_has_the_32px_head_and_depth_follows_image_size():
 
 
 @pytest.mark.parametrize("norm,kind,groups", [
-    ("instance", nn.GroupNorm, 128), ("layer", nn.GroupNorm, 1), ("group", nn.GroupNorm, 4),
+    ("instance", InstanceNorm, 128), ("layer", nn.GroupNorm, 1), ("group", nn.GroupNorm, 4),
     ("batch", nn.BatchNorm2d, None), ("none", nn.Identity, None),
 ])
 def test_convnet_norms(norm, kind, groups):
@@ -343,3 +344,85 @@ def test_functional_forward_on_cuda():
     net.cuda()
     out = layout.functional_forward(net, layout.flatten(net), x.cuda())
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- 2x2 average pooling (ddtool/networks/pooling.py) -------------------------------------------
+
+def test_fast_pooling_equals_avg_pool2d_to_the_second_derivative():
+    """Forward, backward and the backward's backward (what bptt and exact use) equal PyTorch's."""
+    from ddtool.networks.pooling import avg_pool_2x2
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 4, 4, 3, dtype=torch.float64)
+    results = []
+    for pool in (avg_pool_2x2, lambda t: nn.functional.avg_pool2d(t, 2)):
+        y = pool(x)
+        # a loss whose gradient in x depends on x, so the second derivative is not zero
+        (g,) = torch.autograd.grad((weights * y).pow(2).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * x).sum(), x)
+        results.append((y, g, h))
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(avg_pool_2x2, (x,))
+    assert torch.autograd.gradgradcheck(avg_pool_2x2, (x,))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 6), (2, 3, 6, 5), (2, 3, 3, 3)])
+def test_fast_pooling_floors_odd_sides_like_avg_pool2d(shape):
+    from ddtool.networks.pooling import avg_pool_2x2
+
+    x = torch.randn(shape)
+    torch.testing.assert_close(avg_pool_2x2(x), nn.functional.avg_pool2d(x, 2))
+    x_last = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(avg_pool_2x2(x_last), nn.functional.avg_pool2d(x_last, 2))
+
+
+def test_fast_pooling_under_vmap():
+    from ddtool.networks.pooling import avg_pool_2x2
+
+    x = torch.randn(5, 2, 3, 4, 4)
+    torch.testing.assert_close(torch.vmap(avg_pool_2x2)(x), nn.functional.avg_pool2d(x.view(10, 3, 4, 4), 2).view(5, 2, 3, 2, 2))
+
+
+# --- instance norm with a closed-form second derivative (ddtool/networks/instance_norm.py) --------
+
+def test_instance_norm_equals_group_norm_to_the_third_derivative():
+    """Values, gradients, the gradient's gradient (bptt, exact) and one order more, in float64."""
+    from ddtool.networks.instance_norm import instance_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(4, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+
+    def derivatives(norm):
+        y = norm(x, w, b)
+        first = torch.autograd.grad((mix * y).tanh().sum(), [x, w, b], create_graph=True)
+        gx, gw, gb = first
+        second = torch.autograd.grad((gx * mix).pow(2).sum() + (gw * gw.exp()).sum() + (gb * gb * w).sum(),
+                                     [x, w, b], create_graph=True)
+        third = torch.autograd.grad(sum((d * d).sum() for d in second), [x, w, b])
+        return [y, *first, *second, *third]
+
+    fast = derivatives(lambda x, w, b: instance_norm(x, w, b, 1e-5))
+    reference = derivatives(lambda x, w, b: nn.functional.group_norm(x, 4, w, b, 1e-5))
+    for a, r in zip(fast, reference):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: instance_norm(x, w, b, 1e-5), (x, w, b))
+
+
+def test_instance_norm_module_keeps_group_norm_parameters_and_falls_back_off_the_fast_path():
+    from ddtool.networks.instance_norm import InstanceNorm
+
+    norm = InstanceNorm(6)
+    assert isinstance(norm, nn.GroupNorm) and [n for n, _ in norm.named_parameters()] == ["weight", "bias"]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 4, 4)
+    reference = nn.functional.group_norm(x, 6, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(norm(x), reference)
+    x_last = x.contiguous(memory_format=torch.channels_last)  # not the fast path's layout
+    torch.testing.assert_close(norm(x_last), reference)

@@ -244,8 +244,11 @@ def _apply_crop(x, v):
     rows = (torch.arange(h, device=x.device) + v["shift_y"].view(-1, 1) + 1).clamp(0, h + 1)  # (N, H)
     cols = (torch.arange(w, device=x.device) + v["shift_x"].view(-1, 1) + 1).clamp(0, w + 1)  # (N, W)
     batch = torch.arange(n, device=x.device).view(-1, 1, 1)
-    # Advanced indices around a slice: the result is (N, H, W, C).
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # Advanced indices around a slice: the result is (N, H, W, C). Copied back to NCHW: a
+    # channels-last batch (with one channel, even one that passes is_contiguous) makes the
+    # convolutions answer channels-last and the norms and pooling take their slower paths.
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)
 
 
 def _apply_cutout(x, v):

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from ddtool.errors import ConfigError
+from ddtool.networks.instance_norm import InstanceNorm
+from ddtool.networks.pooling import AvgPool2x2
 
 NORMS = ("instance", "batch", "layer", "group", "none")
 POOLINGS = ("avg", "max", "none")
@@ -34,7 +36,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     """
     check_choice("norm", kind, NORMS)
     if kind == "instance":
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm(channels)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "layer":
@@ -50,7 +52,7 @@ def make_pool(kind: str) -> nn.Module:
     """2x2, stride 2 pooling (or none)."""
     check_choice("pooling", kind, POOLINGS)
     if kind == "avg":
-        return nn.AvgPool2d(kernel_size=2, stride=2)
+        return AvgPool2x2()
     if kind == "max":
         return nn.MaxPool2d(kernel_size=2, stride=2)
     return nn.Identity()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ddtool.errors import ConfigError
 from ddtool.networks.layers import NORMS, Classifier, first_padding, make_norm
+from ddtool.networks.pooling import AvgPool2x2
 from ddtool.networks.registry import Choice, register_alias, register_network
 
 DOWNSAMPLING = ("stride", "avgpool")
@@ -30,7 +31,7 @@ class BasicBlock(nn.Module):
         pool_halves = stride > 1 and downsample == "avgpool"
         self.conv1 = _conv3x3(in_channels, out_channels, conv_stride)
         self.norm1 = make_norm(norm, out_channels)
-        self.pool = nn.AvgPool2d(2, 2) if pool_halves else nn.Identity()
+        self.pool = AvgPool2x2() if pool_halves else nn.Identity()
         self.conv2 = _conv3x3(out_channels, out_channels)
         self.norm2 = make_norm(norm, out_channels)
         self.act = nn.ReLU()
@@ -39,7 +40,7 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=conv_stride, bias=False),
-                nn.AvgPool2d(2, 2) if pool_halves else nn.Identity(),
+                AvgPool2x2() if pool_halves else nn.Identity(),
                 make_norm(norm, out_channels),
             )
 
