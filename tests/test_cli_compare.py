@@ -7,6 +7,8 @@ import csv
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -252,3 +254,47 @@ def test_evaluate_json_prints_the_report_alone_on_stdout(tmp_path, fashion_root)
     # ... and compare reads it back
     compared = json.loads(ok(ddtool("compare", path, "--json")).stdout)
     assert compared["groups"][0]["protocol"] == "classic (epochs 1, runs 1)"
+
+
+@pytest.mark.parametrize("set_runs,warned", [((0.58, 0.60), True), ((0.62, 0.66), False)])
+def test_evaluate_warns_when_the_set_does_not_beat_random_real_images(tmp_path, monkeypatch, set_runs, warned):
+    """A distilled set no better than random real images of its size (small images, say) says so."""
+    from ddtool.evaluation.evaluate import Accuracies
+    from ddtool.evaluation.sets import EvaluationReport
+
+    path = tmp_path / "w.h5"
+    _fashion_set(path)
+    report = EvaluationReport(protocol=get_protocol("classic"), arch="convnet", lr=0.01, labels="hard",
+                              synthetic=Accuracies(list(set_runs)), random_subset=Accuracies([0.60, 0.62]))
+    monkeypatch.setattr(commands, "evaluate_file", lambda *a, **k: [report])
+    result = ran(run("evaluate", path, "--no-record", "-q"))
+    said = " ".join(result.stderr.split())
+    assert ("WARNING: on convnet this set scores no better than random real images" in said) is warned
+    as_json = json.loads(ran(run("evaluate", path, "--no-record", "-q", "--json")).stdout)
+    assert as_json["evaluations"][0]["beats_random_subset"] is (not warned)
+
+
+def test_info_marks_an_evaluation_no_better_than_random_real_images(tmp_path):
+    path = tmp_path / "i.h5"
+    _fashion_set(path, evaluations=[_record(runs=(0.80, 0.82)), _record("classic", runs=(0.58, 0.60))])
+    lines = [line for line in ran(run("info", path)).stdout.splitlines() if "evaluation " in line]
+    assert ["NO BETTER THAN RANDOM" in line for line in lines] == [False, True]
+
+
+# ---- ddtool --help without the commands -----------------------------------------------------
+def test_the_command_list_imports_no_torch_and_reads_as_with_the_commands_loaded():
+    """`ddtool --help` answers from main.SUMMARIES (torch takes seconds to import); what it prints
+    is what the loaded commands would print, and each command carries its summary."""
+    probe = ("import sys; from click.testing import CliRunner; from ddtool.cli.main import cli; "
+             "out = CliRunner().invoke(cli, ['--help'], prog_name='ddtool').output; "
+             "print('torch' in sys.modules); print(out)")
+    lazy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    imported_torch, lazy_help = lazy.split("\n", 1)
+    assert imported_torch == "False"
+    from ddtool import distributed
+    from ddtool.cli.main import DIST_BACKENDS, SUMMARIES
+
+    assert set(SUMMARIES) == set(cli.commands) and DIST_BACKENDS == distributed.BACKENDS
+    assert all(cli.commands[name].short_help == summary for name, summary in SUMMARIES.items())
+    loaded_help = run("--help").output
+    assert lazy_help.rstrip("\n") == loaded_help.rstrip("\n")

@@ -386,8 +386,8 @@ def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str]
         return
     if as_json:
         _print_json({"set": str(path), "recorded": record and bool(rows),
-                     "evaluations": [{**r.to_record(), "protocol_label": protocol_label(r.protocol.to_dict())}
-                                     for r in rows]})
+                     "evaluations": [{**r.to_record(), "protocol_label": protocol_label(r.protocol.to_dict()),
+                                      "beats_random_subset": r.beats_random_subset} for r in rows]})
         return
     if not rows:
         return
@@ -404,6 +404,14 @@ def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str]
     count = len(rows[0].synthetic.runs)
     click.echo(f"(test accuracy %, final epoch, mean ± std over {count} run{'s' if count != 1 else ''}; "
                f"lr {rows[0].lr:.4g}, {rows[0].labels} labels; {rows[0].synthetic.seconds:.0f} s for the set on {device})")
+    for r in rows:
+        if r.beats_random_subset is False:
+            click.echo(click.wrap_text(
+                f"WARNING: on {r.arch} this set scores no better than random real images of the same size "
+                f"({r.synthetic} against {r.random_subset}): on this data the distillation did not pay for "
+                "itself. A coreset (--method herding) keeps real images; a longer run (more experts, more "
+                "iterations, --budget) or a smaller network (--arch convnet:depth=2 on small images) may help.",
+                width=100), err=True)
     if any(r.whole_dataset is None for r in rows) and reference is None:
         click.echo("The whole-dataset reference is computed once with `ddtool evaluate SET.h5 --reference` "
                    "and cached (hours on a CPU).")
@@ -503,8 +511,11 @@ def info(set_path, as_json) -> None:
         extra = "".join(f", {name.replace('_', ' ')} {100 * b['mean']:.2f} ± {100 * b['std']:.2f}"
                         for name, b in base.items())
         runs = len(e["runs"])
+        random = base.get("random_subset")
+        verdict = " (NO BETTER THAN RANDOM REAL IMAGES)" if random and e["mean"] <= random["mean"] else ""
         click.echo(f"  evaluation   {protocol_label(e['protocol'])} on {e['arch']}: {100 * e['mean']:.2f} ± "
-                   f"{100 * e['std']:.2f} over {runs} run{'s' if runs != 1 else ''}{extra} ({e.get('timestamp', '')})")
+                   f"{100 * e['std']:.2f} over {runs} run{'s' if runs != 1 else ''}{extra}{verdict} "
+                   f"({e.get('timestamp', '')})")
 
 
 def _set_summary(set_path, sset) -> dict:

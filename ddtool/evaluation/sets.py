@@ -45,6 +45,12 @@ class EvaluationReport:
         if self.kept_runs is not None:
             self.kept_runs.discard()
 
+    @property
+    def beats_random_subset(self) -> bool | None:
+        """Whether the set's mean is above its matched random baseline's (None without one): a
+        distilled set that is not has cost its run for nothing on this data."""
+        return None if self.random_subset is None else self.synthetic.mean > self.random_subset.mean
+
     def to_record(self) -> dict:
         """The dict stored in the synthetic-set file's evaluations."""
         return {
