@@ -11,12 +11,25 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
+from ddtool.cli.main import cli
 
 
 def ddtool(*args, env_extra=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "ddtool", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
+
+
+def in_process(*args, env_extra=None):
+    """The command run by click's runner in this process, read like `ddtool(...)`'s result: for
+    checks of what a command plans, says and refuses, without a new interpreter importing torch
+    (3-4 s a call). An exception other than the CLI's own exit is raised, traceback and all."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="ddtool", env=env_extra)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def ok(result):
@@ -247,28 +260,28 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
 def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_path, fashion_root):
     out = tmp_path / "b.h5"
     common = ("--ipc", 1, "--data-root", fashion_root, "-o", out, "--set", "width=8")
-    planned = ok(ddtool("distill", "--method", "datm", *common, "--budget", "20m", "--dry-run")).stdout
+    planned = ok(in_process("distill", "--method", "datm", *common, "--budget", "20m", "--dry-run")).stdout
     assert "- budget 20m 00s for experts and distillation (evaluation not included): " in planned
     assert " outer iterations at about " in planned and "stopping early if the budget runs out" in planned
     assert not out.exists()
-    user_error(ddtool("distill", "--method", "random", *common[:-2], "--budget", "5m"), "--budget sizes the runs of")
-    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "5m", "--iterations", 9),
+    user_error(in_process("distill", "--method", "random", *common[:-2], "--budget", "5m"), "--budget sizes the runs of")
+    user_error(in_process("distill", "--method", "mtt", *common, "--budget", "5m", "--iterations", 9),
                "--budget sizes iterations itself")
-    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "2s"), "too small for a useful mtt run", "--budget")
-    user_error(ddtool("distill", "--method", "mtt", *common, "--budget", "soon"), "Cannot read the duration")
+    user_error(in_process("distill", "--method", "mtt", *common, "--budget", "2s"), "too small for a useful mtt run", "--budget")
+    user_error(in_process("distill", "--method", "mtt", *common, "--budget", "soon"), "Cannot read the duration")
     assert not out.exists()
     # Fashion-MNIST on a CPU: a run that names no preset and sizes nothing gets the default budget,
     # and says so; a named preset, or a sized setting, runs as configured
-    default = ok(ddtool("distill", "--method", "mtt", *common, "--dry-run")).stdout
+    default = ok(in_process("distill", "--method", "mtt", *common, "--dry-run")).stdout
     assert "- budget 30m 00s for experts and distillation" in default
     assert "the budget is the default for fashion-mnist on a CPU" in default and "--preset fashion-cpu" in default
     assert "- method " not in default  # named, not the default
     # and with no method named, the recipe's: DATM, sized to the same budget
-    recipe = ok(ddtool("distill", *common, "--dry-run")).stdout
+    recipe = ok(in_process("distill", *common, "--dry-run")).stdout
     assert "- method datm: the default for fashion-mnist on a CPU" in recipe and "- datm: " in recipe
     assert "- budget 30m 00s for experts and distillation" in recipe
     for fixed in (("--preset", "fashion-cpu"), ("--iterations", 7)):
-        planned = ok(ddtool("distill", "--method", "mtt", *common, *fixed, "--dry-run")).stdout
+        planned = ok(in_process("distill", "--method", "mtt", *common, *fixed, "--dry-run")).stdout
         assert "- budget " not in planned and " iterations of N=" in planned
 
 
@@ -277,7 +290,7 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 
     out, cache = tmp_path / "m.h5", tmp_path / "cache"
     fashion_root = write_tiny_fashion(tmp_path / "data", train_per_class=56)  # 51 a class after validation
-    result = ok(ddtool("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out,
+    result = ok(in_process("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out,
                        "--preset", "fashion-cpu", "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)}))
     assert "preset fashion-cpu-ipc50" in result.stdout and "growing to [0, 19)" in result.stdout
     assert "to train first" in result.stdout and "Dry run" in result.stdout
@@ -287,19 +300,19 @@ def test_distill_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not out.exists() and not (cache / "runs").exists() and not (cache / "experts").exists()
     # the other methods' plans time their networks without leaving one (or a folder for it) behind
     for method, network in (("cda", "teachers"), ("herding", "feature-networks")):
-        planned = ok(ddtool("distill", "--method", method, "--ipc", 2, "--data-root", fashion_root, "-o", out,
+        planned = ok(in_process("distill", "--method", method, "--ipc", 2, "--data-root", fashion_root, "-o", out,
                             "--dry-run", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
         assert "timed here" in planned and not (cache / network).exists() and not out.exists(), planned
     assert "checkpoint of these settings" not in result.stdout and "left a checkpoint" not in result.stdout
     # --resume with nothing to resume from says so; a checkpoint a plain rerun would replace is named
     args = ("distill", "--method", "datm", "--ipc", 50, "--data-root", fashion_root, "-o", out, "--dry-run",
             "--preset", "fashion-cpu")
-    resumed = ok(ddtool(*args, "--resume", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
+    resumed = ok(in_process(*args, "--resume", env_extra={"DDTOOL_CACHE": str(cache)})).stdout
     assert "--resume: no checkpoint of these settings there, so the run starts from the beginning" in resumed
     work_dir = Path(resumed.split("checkpoints and log in ", 1)[1].split()[0])
     work_dir.mkdir(parents=True)
     (work_dir / "checkpoint.pt").write_bytes(b"")
-    rerun = ok(ddtool(*args, env_extra={"DDTOOL_CACHE": str(cache)})).stdout
+    rerun = ok(in_process(*args, env_extra={"DDTOOL_CACHE": str(cache)})).stdout
     assert "an interrupted run of these settings left a checkpoint there: this run starts afresh" in rerun
 
 
@@ -322,32 +335,32 @@ def test_cda_through_the_cli_recovers_relabels_and_evaluates_with_kd(tmp_path, f
 
 
 def test_bad_inputs_get_one_paragraph_and_exit_2(tmp_path, fashion_root):
-    user_error(ddtool("distill", "--method", "nope", "--data-root", fashion_root), "Unknown method", "mtt")
-    user_error(ddtool("distill", "--method", "random", "--ipc", 50, "--data-root", fashion_root, "--no-eval",
+    user_error(in_process("distill", "--method", "nope", "--data-root", fashion_root), "Unknown method", "mtt")
+    user_error(in_process("distill", "--method", "random", "--ipc", 50, "--data-root", fashion_root, "--no-eval",
                       "-o", tmp_path / "x.h5"), "per class")
     assert not (tmp_path / "x.h5").exists()
-    user_error(ddtool("distill", "--method", "mtt", "--set", "ee=2", "--data-root", fashion_root), "No setting 'ee'")
+    user_error(in_process("distill", "--method", "mtt", "--set", "ee=2", "--data-root", fashion_root), "No setting 'ee'")
     # an evaluation option beside --no-eval would be silently ignored
-    user_error(ddtool("distill", "--method", "random", "--no-eval", "--eval-precision", "bf16", "--data-root",
+    user_error(in_process("distill", "--method", "random", "--no-eval", "--eval-precision", "bf16", "--data-root",
                       fashion_root, "-o", tmp_path / "x.h5"), "--eval-precision", "--no-eval")
     assert not (tmp_path / "x.h5").exists()
     # a kd evaluation of a set without a teacher would fail only after the distillation
-    user_error(ddtool("distill", "--method", "random", "--protocol", "kd", "--data-root", fashion_root, "-o",
+    user_error(in_process("distill", "--method", "random", "--protocol", "kd", "--data-root", fashion_root, "-o",
                       tmp_path / "x.h5"), "random sets have no teacher", "sre2l make one")
     assert not (tmp_path / "x.h5").exists()
     (tmp_path / "empty").mkdir()
-    user_error(ddtool("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
+    user_error(in_process("distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path / "empty"),
                "looked")
-    user_error(ddtool("distill", "--dataset", "imagenet-99"), "Unknown dataset")
+    user_error(in_process("distill", "--dataset", "imagenet-99"), "Unknown dataset")
     # a mistyped --data-root is refused, not passed over for the other places data is looked for
-    user_error(ddtool("datasets", "--data-root", tmp_path / "typo"), "typo", "does not exist")
+    user_error(in_process("datasets", "--data-root", tmp_path / "typo"), "typo", "does not exist")
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file at all")
-    user_error(ddtool("info", garbage), "garbage.h5")
+    user_error(ddtool("info", garbage), "garbage.h5")  # one through a real process: exit 2, no traceback
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.zeros(3)
-    user_error(ddtool("evaluate", foreign), "foreign.h5")
+    user_error(in_process("evaluate", foreign), "foreign.h5")
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist"), reason="Debian Fashion-MNIST absent")
@@ -377,11 +390,11 @@ def test_seeds_beyond_what_files_store_are_refused_before_any_work(tmp_path, fas
     out = tmp_path / "s.h5"
     for command in ("distill", "evaluate", "buffer"):
         args = [out] if command == "evaluate" else []
-        user_error(ddtool(command, *args, "--seed", 2**63, "--data-root", fashion_root), "'--seed'", "0<=x<=")
-    user_error(ddtool("distill", "--seed", -1, "--data-root", fashion_root), "'--seed'")
+        user_error(in_process(command, *args, "--seed", 2**63, "--data-root", fashion_root), "'--seed'", "0<=x<=")
+    user_error(in_process("distill", "--seed", -1, "--data-root", fashion_root), "'--seed'")
     assert not out.exists()
     # the largest allowed seed is stored as it was given
-    ok(ddtool("distill", "--method", "random", "--ipc", 1, "--seed", 2**63 - 1, "--no-eval", "-o", out,
+    ok(in_process("distill", "--method", "random", "--ipc", 1, "--seed", 2**63 - 1, "--no-eval", "-o", out,
               "--data-root", fashion_root, "-q"))
     with h5py.File(out, "r") as f:
         assert int(f.attrs["seed"]) == 2**63 - 1
@@ -391,9 +404,9 @@ def test_an_output_that_cannot_be_written_is_one_paragraph(tmp_path):
     np.savez(tmp_path / "set.npz", images=np.zeros((10, 1, 28, 28), np.float32), labels=np.arange(10))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "-o", blocker / "set.h5"),
+    user_error(in_process("import", tmp_path / "set.npz", "--format", "npz", "-o", blocker / "set.h5"),
                "Could not write", str(blocker / "set.h5"))
-    user_error(ddtool("import", tmp_path / "set.npz", "--format", "npz", "--checkpoint", "best", "-o",
+    user_error(in_process("import", tmp_path / "set.npz", "--format", "npz", "--checkpoint", "best", "-o",
                       tmp_path / "x.h5"), "--checkpoint applies to another format")
     assert not (tmp_path / "x.h5").exists()
     assert blocker.read_text() == "not a folder"
@@ -402,7 +415,7 @@ def test_an_output_that_cannot_be_written_is_one_paragraph(tmp_path):
 def test_distill_refuses_an_output_it_could_not_write_before_any_work(tmp_path, fashion_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    failed = user_error(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root,
+    failed = user_error(in_process("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root,
                                "-o", blocker / "deeper" / "set.h5", "--dry-run"), "Could not write")
     assert "Plan:" not in failed.stdout  # refused before the plan, let alone the experts
     assert blocker.read_text() == "not a folder"
@@ -569,13 +582,13 @@ def test_the_default_output_of_an_image_folder_is_named_by_the_folder(tmp_path):
 
 def test_an_ipc_beyond_the_smallest_class_is_refused_before_any_work(tmp_path, fashion_root):
     # the tiny dataset has 11 training images a class (1 held out); mtt would train experts first
-    result = user_error(ddtool("distill", "--method", "mtt", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
+    result = user_error(in_process("distill", "--method", "mtt", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
                         "Cannot take 12 images per class", "has only 11")
     assert "Plan:" not in result.stdout
     # a method that recovers images from noise needs none, unless its evaluation's baseline does
-    user_error(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
+    user_error(in_process("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run"),
                "Cannot take 12 images per class")
-    ok(ddtool("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run", "--no-eval"))
+    ok(in_process("distill", "--method", "sre2l", "--ipc", 12, "--data-root", fashion_root, "--dry-run", "--no-eval"))
 
 
 def test_distill_replaces_a_set_only_when_asked_and_its_plan_says_so(tmp_path, fashion_root):

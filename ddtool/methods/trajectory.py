@@ -313,22 +313,8 @@ class TrajectoryMatching(Method):
             # The other ranks compute the same state as rank 0: one voice is enough.
             ctx = dataclasses.replace(ctx, log=lambda message: None, progress=False)
         data, device = ctx.data, ctx.device
-        experts = open_experts(expert_config_for(c, ctx), ctx)
-        ctx.experts_s = experts_wall_clock(experts)
-        if c.budget_s and self.budget_iteration_s and ctx.experts_s is not None:
-            wanted = experts_that_fit(c, ctx.experts_s, self.budget_workers, self.budget_iteration_s)
-            if wanted > c.experts:
-                ctx.log(f"The {c.experts} experts cost {format_duration(ctx.experts_s)}, less than the budget's share "
-                        f"for them: {wanted - c.experts} more fit.")
-                self.config = dataclasses.replace(c, experts=wanted)
-                experts.close()
-                experts = open_experts(expert_config_for(self.config, ctx), ctx)
-                ctx.experts_s = experts_wall_clock(experts)
-            self.config = fit_iterations(self, ctx.experts_s, self.budget_iteration_s)
-            if self.config.iterations != c.iterations:
-                ctx.log(f"The experts cost {format_duration(ctx.experts_s)}: the budget holds "
-                        f"{self.config.iterations} outer iterations (planned: {c.iterations}).")
-            c = self.config
+        experts = self._experts_within_budget(ctx)
+        c = self.config
         distill_started = time.perf_counter()
         spec = data.spec
         with seeded(derive_seed(ctx.seed, "student")):
@@ -386,10 +372,7 @@ class TrajectoryMatching(Method):
                 ctx.log(f"Budget of {format_duration(c.budget_s)} reached: stopping after {it} of {c.iterations} "
                         "iterations.")
                 state.budget_spent = True
-                state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
-                state.divergence_watch = watch.state_dict()
-                if distributed.is_main():
-                    save_checkpoint(checkpoint, state)
+                self._save_checkpoint(checkpoint, state, optimizers, watch)
                 break
             started = time.perf_counter()
             segments = self._draw_segments(ctx.seed, it, experts)
@@ -436,10 +419,7 @@ class TrajectoryMatching(Method):
             if c.eval_every and it % c.eval_every == 0:
                 self._validate(ctx, state, relabel)
             if it % c.checkpoint_every == 0 or it == c.iterations:
-                state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
-                state.divergence_watch = watch.state_dict()
-                if distributed.is_main():
-                    save_checkpoint(checkpoint, state)
+                self._save_checkpoint(checkpoint, state, optimizers, watch)
                 last_good = state.snapshot(images, lr, label_logits, optimizers)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{float(lr.detach()):.2e}")
             bar.update(1)
@@ -451,6 +431,37 @@ class TrajectoryMatching(Method):
         return sset
 
     # ---- pieces of the loop -----------------------------------------------------------------
+    def _experts_within_budget(self, ctx: DistillContext):
+        """The run's experts, trained or found. Under a budget, experts that cost less than their
+        share make room for more of them, and the iterations are counted again from what the
+        experts cost (self.config changes accordingly)."""
+        c = self.config
+        experts = open_experts(expert_config_for(c, ctx), ctx)
+        ctx.experts_s = experts_wall_clock(experts)
+        if not (c.budget_s and self.budget_iteration_s and ctx.experts_s is not None):
+            return experts
+        wanted = experts_that_fit(c, ctx.experts_s, self.budget_workers, self.budget_iteration_s)
+        if wanted > c.experts:
+            ctx.log(f"The {c.experts} experts cost {format_duration(ctx.experts_s)}, less than the budget's share "
+                    f"for them: {wanted - c.experts} more fit.")
+            self.config = dataclasses.replace(c, experts=wanted)
+            experts.close()
+            experts = open_experts(expert_config_for(self.config, ctx), ctx)
+            ctx.experts_s = experts_wall_clock(experts)
+        self.config = fit_iterations(self, ctx.experts_s, self.budget_iteration_s)
+        if self.config.iterations != c.iterations:
+            ctx.log(f"The experts cost {format_duration(ctx.experts_s)}: the budget holds "
+                    f"{self.config.iterations} outer iterations (planned: {c.iterations}).")
+        return experts
+
+    @staticmethod
+    def _save_checkpoint(path, state: MatchingState, optimizers: dict, watch) -> None:
+        """The run as it stands, optimizers and divergence watch included (rank 0 writes it)."""
+        state.optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+        state.divergence_watch = watch.state_dict()
+        if distributed.is_main():
+            save_checkpoint(path, state)
+
     def _budget_spent(self, ctx: DistillContext, distill_seconds: float, next_iteration: float) -> bool:
         """Whether another outer iteration (taking about `next_iteration` seconds, the last one's)
         would pass the budget, counting the experts' recorded time and `distill_seconds` so far.
