@@ -89,6 +89,8 @@ def test_help_documents_every_command():
 
 
 def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
+    # distill, info, show, export, import and evaluate through real processes; the refusals and
+    # re-runs after them in this one
     out = tmp_path / "r.h5"
     ok(ddtool("distill", "--method", "random", "--ipc", 2, "--data-root", fashion_root, "-o", out,
               "--protocol", "classic", "--eval-runs", 2, "--eval-epochs", 2, "-q"))
@@ -103,7 +105,7 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
 
     ok(ddtool("show", out, "-o", tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
-    user_error(ddtool("show", out, "-o", tmp_path / "grid.jpg"), "writes a PNG")  # not PNG bytes in a .jpg
+    user_error(in_process("show", out, "-o", tmp_path / "grid.jpg"), "writes a PNG")  # not PNG bytes in a .jpg
     assert not (tmp_path / "grid.jpg").exists()
 
     ok(ddtool("export", out, "--format", "npz", "-o", tmp_path / "r.npz"))
@@ -117,30 +119,30 @@ def test_random_set_round_trip_through_the_cli(tmp_path, fashion_root):
                           "--no-baselines", "--data-root", fashion_root, "-q")).stdout
     assert "synthetic set" in evaluated and "Recorded in" in evaluated
     # --resume of an evaluation that finished adds no second record of it
-    again = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
+    again = ok(in_process("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
                       "--no-baselines", "--data-root", fashion_root, "-q", "--resume")).stdout
     assert "already records this evaluation (record 0" in again and "Recorded in" not in again
     with h5py.File(tmp_path / "back.h5", "r") as f:
         assert list(f["evaluations"]) == ["000"]
     # ... but a record without the random baseline is not the evaluation that asks for one
-    with_baseline = ok(ddtool("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
+    with_baseline = ok(in_process("evaluate", tmp_path / "back.h5", "--protocol", "classic", "--runs", 1, "--epochs", 1,
                               "--data-root", fashion_root, "-q", "--resume")).stdout
     assert "already records" not in with_baseline and "Recorded in" in with_baseline
     # importing over a set is refused unless asked, and then says what it replaced, records included
-    refused = user_error(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
+    refused = user_error(in_process("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5",
                                 "--data-root", fashion_root))
     assert "give --overwrite to replace it" in " ".join(refused.stderr.split())
     with h5py.File(tmp_path / "back.h5", "r") as f:  # left as it was, both records included
         assert len(f["evaluations"]) == 2
-    again = ok(ddtool("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5", "--overwrite",
+    again = ok(in_process("import", tmp_path / "r.npz", "--format", "npz", "-o", tmp_path / "back.h5", "--overwrite",
                       "--data-root", fashion_root)).stdout
     assert "replacing the imported:npz set there" in again and "and its 2 evaluation records" in again, again
     # an export does not replace a file either
     exported = (tmp_path / "r.npz").read_bytes()
-    refused = user_error(ddtool("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz"))
+    refused = user_error(in_process("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz"))
     assert "export does not replace a file unless asked" in " ".join(refused.stderr.split())
     assert (tmp_path / "r.npz").read_bytes() == exported
-    ok(ddtool("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz", "--overwrite"))
+    ok(in_process("export", tmp_path / "back.h5", "--format", "npz", "-o", tmp_path / "r.npz", "--overwrite"))
 
 
 def test_an_evaluation_killed_midway_resumes_with_its_finished_runs(tmp_path, fashion_root):
