@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import dataclasses
 import json
 import os
 import re
@@ -641,7 +642,7 @@ def test_imagefolder_export(tmp_path, channels, mode):
     sset = make_set(channels=channels, ipc=3, zca=channels == 3, rich=True)
     out = export_set(sset, tmp_path / "folder", "imagefolder")
     meta = json.loads((out / "labels.json").read_text())
-    assert meta["classes"] == CLASSES and meta["folders"][0] == "T-shirt_top"
+    assert meta["classes"] == CLASSES and meta["folders"][0] == "0_T-shirt_top"
     pixels = sset.preprocessing.invert(sset.images)
     for folder in meta["folders"]:
         assert len(list((out / folder).glob("*.png"))) == 3
@@ -653,6 +654,17 @@ def test_imagefolder_export(tmp_path, channels, mode):
         assert (decoded - pixels[index]).abs().max() <= 1 / 255
     with pytest.raises(DDToolError, match="not an empty folder"):
         export_set(sset, out, "imagefolder")
+
+
+def test_torchvision_reads_an_exported_imagefolder_in_the_sets_class_order(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    classes = ["zebra", "Ankle boot", "T-shirt/top"]  # alphabetically the other way round
+    sset = make_set(channels=1, ipc=2)
+    sset = dataclasses.replace(sset, classes=classes)
+    out = export_set(sset, tmp_path / "folder", "imagefolder")
+    read = torchvision.datasets.ImageFolder(str(out))
+    assert read.classes == json.loads((out / "labels.json").read_text())["folders"]
+    assert [label for _, label in read.samples] == sset.hard_labels().tolist()
 
 
 def test_imagefolder_export_soft_labels(tmp_path):
@@ -678,6 +690,26 @@ def test_grid_png(tmp_path):
     gray = save_grid_png(make_set(channels=1), tmp_path / "gray.png")
     with Image.open(gray) as image:
         assert image.mode == "L" and image.size == (2 * (size + pad) + pad, 3 * (size + pad) + pad)
+
+
+def test_grid_png_scaled_with_class_names(tmp_path):
+    from ddtool.storage.formats import auto_grid_scale
+
+    sset = make_set(ipc=2, channels=1)
+    pad, scale = GRID_PADDING, 4
+    plain = np.asarray(Image.open(save_grid_png(sset, tmp_path / "plain.png")), dtype=np.float32)
+    with Image.open(save_grid_png(sset, tmp_path / "named.png", scale=scale, class_names=True)) as image:
+        named = np.asarray(image, dtype=np.float32)
+    margin = named.shape[1] - plain.shape[1] * scale
+    assert named.shape[0] == plain.shape[0] * scale and margin > 0
+    # every pixel of the plain grid, enlarged to scale x scale, right of the names' column
+    np.testing.assert_array_equal(named[:, margin:], plain.repeat(scale, axis=0).repeat(scale, axis=1))
+    # each row's name is written in its row of the column (dark pixels on white)
+    rows = np.split(named[pad * scale:, :margin], sset.num_classes)
+    assert all((row < 128).any() for row in rows)
+    assert auto_grid_scale(28) == 3 and auto_grid_scale(8) == 8 and auto_grid_scale(64) == 1
+    with pytest.raises(ConfigError, match="scale"):
+        save_grid_png(sset, tmp_path / "bad.png", scale=0)
 
 
 # ---------------------------------------------------------------------- appends that race, files that change

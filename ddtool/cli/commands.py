@@ -45,7 +45,7 @@ from ddtool.storage import (
     save_synthetic_set,
 )
 from ddtool.files import check_writable
-from ddtool.storage.formats import left_out_of_export
+from ddtool.storage.formats import auto_grid_scale, left_out_of_export
 
 _data_root = click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
                           help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
@@ -551,13 +551,19 @@ def _describe_timings(timings: dict) -> str:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Images shown per class (one row per class).")
-def show(set_path, output, per_class) -> None:
+@click.option("--scale", type=click.IntRange(min=1), default=None,
+              help="Each pixel drawn as scale x scale pixels [default: enough for 64-px images or larger, "
+                   "e.g. 3 for 28 px, 8 for 8 px].")
+@click.option("--class-names/--no-class-names", default=True, show_default=True,
+              help="Each row's class name at its left.")
+def show(set_path, output, per_class, scale, class_names) -> None:
     """Save the images as a PNG grid, one row per class, un-whitened and de-normalised."""
     if Path(output).suffix.lower() != ".png":
         raise ConfigError(f"`ddtool show` writes a PNG picture; name the output file .png (got {output}).")
     sset = load_synthetic_set(set_path)
-    path = save_grid_png(sset, output, max_per_class=per_class)
-    click.echo(f"Wrote {path}")
+    scale = scale or auto_grid_scale(max(sset.image_shape[1:]))
+    path = save_grid_png(sset, output, max_per_class=per_class, scale=scale, class_names=class_names)
+    click.echo(f"Wrote {path} ({sset.num_classes} rows, each pixel {scale}x{scale})")
 
 
 @cli.command("export")

@@ -49,9 +49,9 @@ def export_set(sset: SyntheticSet, out: PathLike, fmt: str) -> Path:
         <class folder>/<index>.png per image (index = position in the set, zero-padded) and
         labels.json (classes in order, their folder names, label kind, learned lr, the file of
         each image, and for soft labels the stored label vector of each image). Soft-labelled
-        images go to the folder of their argmax class. Folder names are the class names with
-        "/" and other unsafe characters replaced; note that torchvision's ImageFolder numbers
-        folders alphabetically, which need not be the set's class order (labels.json has it).
+        images go to the folder of their argmax class. Folder names are the class index and
+        name ("0_T-shirt_top"), "/" and other unsafe characters replaced, so that torchvision's
+        ImageFolder, which numbers folders in sorted order, numbers them as the set does.
     npz / torch: `out` is a file with images, labels, learned_lr (when known), classes,
         label_kind, label_temperature, dataset, ipc, method and preprocessing_<name> for every
         array of Preprocessing.to_arrays() (mean, std, and zca_* with ZCA), all in network space.
@@ -111,18 +111,17 @@ def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
 
 
 def class_folder_names(classes: Sequence[str]) -> list[str]:
-    """File-system-safe, unique folder names for the classes, in class order.
+    """File-system-safe, unique folder names for the classes, in class order, each led by its
+    zero-padded class index ("0_T-shirt_top", ..., "9_Ankle boot"; "07_Horse" among eleven
+    classes or more), so that sorting the names, as torchvision's ImageFolder numbers its classes, keeps the
+    set's class order.
 
     "/" (as in Fashion-MNIST's "T-shirt/top"), "\\", control characters and leading dots are
-    replaced; a name that clashes with an earlier one gets its class index appended.
+    replaced.
     """
-    names: list[str] = []
-    for index, name in enumerate(classes):
-        safe = re.sub(r"[\x00-\x1f/\\]", "_", name).strip().lstrip(".") or f"class_{index}"
-        if safe in names:
-            safe = f"{safe}_{index}"
-        names.append(safe)
-    return names
+    width = len(str(len(classes) - 1))
+    return [f"{index:0{width}d}_" + (re.sub(r"[\x00-\x1f/\\]", "_", name).strip().lstrip(".") or "class")
+            for index, name in enumerate(classes)]
 
 
 def _export_arrays(sset: SyntheticSet) -> dict[str, np.ndarray]:
@@ -699,17 +698,22 @@ def _scalar(value: Any, path: Path) -> float:
 
 
 # ====================================================================== grid picture
-def save_grid_png(sset: SyntheticSet, path: PathLike, max_per_class: int = 10) -> Path:
+def save_grid_png(sset: SyntheticSet, path: PathLike, max_per_class: int = 10, *, scale: int = 1,
+                  class_names: bool = False) -> Path:
     """One PNG with a row per class showing its first `max_per_class` images (by hard label,
     the argmax for soft labels), un-whitened and de-normalised with Preprocessing.invert
     (clamped, not rescaled per image, so colours are what the network sees).
 
     Size: height = K * (H + p) + p, width = cols * (W + p) + p, with p = GRID_PADDING and
     cols = min(max_per_class, the largest class count); short rows are padded with white.
-    Grayscale for 1-channel images, RGB for 3.
+    Grayscale for 1-channel images, RGB for 3. `scale` enlarges every pixel to scale x scale
+    (nearest neighbour, so small images stay sharp); `class_names` adds a column at the left
+    with each row's class name.
     """
     if max_per_class < 1:
         raise ConfigError(f"max_per_class must be at least 1, not {max_per_class}.")
+    if scale < 1:
+        raise ConfigError(f"scale must be at least 1, not {scale}.")
     labels = sset.hard_labels().cpu()
     per_class = [torch.nonzero(labels == c).flatten()[:max_per_class] for c in range(sset.num_classes)]
     cols = max(1, max(len(indices) for indices in per_class))
@@ -725,10 +729,39 @@ def save_grid_png(sset: SyntheticSet, path: PathLike, max_per_class: int = 10) -
         for col, image in enumerate(pixels):
             left = pad + col * (width + pad)
             canvas[:, top:top + height, left:left + width] = image
+    picture = _to_pil(canvas)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    if class_names:
+        picture = _with_row_names(picture, sset.classes, (height + pad) * scale, pad * scale)
     path = Path(path)
     with atomic_path(path) as tmp:
-        _to_pil(canvas).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
     return path
+
+
+def auto_grid_scale(image_size: int, at_least: int = 64) -> int:
+    """The whole-number enlargement that shows `image_size`-px images at `at_least` px or more."""
+    return max(1, -(-at_least // image_size))
+
+
+def _with_row_names(picture: Image.Image, names: list[str], row_height: int, pad: int) -> Image.Image:
+    """`picture` with a white column at its left holding each row's name, centred on the row."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(picture)
+    boxes = [measure.textbbox((0, 0), name, font=font) for name in names]
+    margin = max(box[2] - box[0] for box in boxes) + 2 * max(pad, 4)
+    white = 255 if picture.mode == "L" else (255,) * len(picture.mode)
+    named = Image.new(picture.mode, (picture.width + margin, picture.height), white)
+    named.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(named)
+    black = 0 if picture.mode == "L" else (0, 0, 0) + ((255,) if picture.mode == "RGBA" else ())
+    for row, (name, box) in enumerate(zip(names, boxes)):
+        middle = pad + row * row_height + (row_height - pad) // 2
+        draw.text((max(pad, 4) - box[0], middle - (box[1] + box[3]) // 2), name, fill=black, font=font)
+    return named
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
