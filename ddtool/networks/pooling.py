@@ -4,7 +4,7 @@ PyTorch's CPU kernels for `avg_pool2d` and its backward walk NCHW maps window by
 the maps of a distillation (IPC 10, 100 x 32 x 32 x 32 floats at width 32) they ran at a
 sixth of the memory bandwidth (13.5 ms forward, 15.4 ms backward, one thread of a 2-vCPU AMD
 EPYC), while the same result as two passes of contiguous adds takes 2.2 ms and the backward as
-one broadcast copy 5 ms. Trajectory matching runs pooling, its backward and the backward's
+a product with a 0/¼ matrix and a copy 3 ms. Trajectory matching runs pooling, its backward and the backward's
 backward at every inner step, so pooling was a fifth of an outer iteration.
 
 The pair of autograd functions below is exact, not an approximation: pooling is linear, its
@@ -32,8 +32,17 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
 
 def _upsample(g: torch.Tensor) -> torch.Tensor:
     n, c, h, w = g.shape
-    columns = (g * 0.25).reshape(-1, w, 1).expand(-1, w, 2).reshape(-1, 1, 2 * w)
-    return columns.expand(-1, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+    # Each row of w values becomes 2w (every value twice, times 1/4) by a product with a 0/¼
+    # matrix, written into the first of each pair of output rows, then copied into the second:
+    # both contiguous, where a broadcast copy of every value was 1.4x slower.
+    spread = torch.zeros(w, 2 * w, dtype=g.dtype, device=g.device)
+    columns = torch.arange(w, device=g.device)
+    spread[columns, 2 * columns] = 0.25
+    spread[columns, 2 * columns + 1] = 0.25
+    out = torch.empty(n * c * h, 2, 2 * w, dtype=g.dtype, device=g.device)
+    torch.mm(g.reshape(-1, w), spread, out=out[:, 0])
+    out[:, 1].copy_(out[:, 0])
+    return out.view(n, c, 2 * h, 2 * w)
 
 
 class _Pool(torch.autograd.Function):
