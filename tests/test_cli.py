@@ -572,7 +572,7 @@ def _write_image_folder(root, size=8):
 def test_the_default_output_of_an_image_folder_is_named_by_the_folder(tmp_path):
     from pathlib import Path
 
-    from ddtool.cli.commands import _default_output
+    from ddtool.cli.actions import _default_output
 
     assert _default_output("folder:/data/my pets", "mtt", 10, 0) == Path("distilled/my_pets_mtt_ipc10_seed0.h5")
     assert _default_output("fashion-mnist", "mtt", 10, 0) == Path("distilled/fashion-mnist_mtt_ipc10_seed0.h5")

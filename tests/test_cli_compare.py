@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
-from ddtool.cli import commands  # noqa: F401  (registers the commands)
+from ddtool.cli import actions, commands  # noqa: F401  (registers the commands)
 from ddtool.cli.main import cli
 from ddtool.evaluation import get_protocol
 from ddtool.methods import build_config, get_method_class, list_methods
@@ -266,7 +266,7 @@ def test_evaluate_warns_when_the_set_does_not_beat_random_real_images(tmp_path, 
     _fashion_set(path)
     report = EvaluationReport(protocol=get_protocol("classic"), arch="convnet", lr=0.01, labels="hard",
                               synthetic=Accuracies(list(set_runs)), random_subset=Accuracies([0.60, 0.62]))
-    monkeypatch.setattr(commands, "evaluate_file", lambda *a, **k: [report])
+    monkeypatch.setattr(actions, "evaluate_file", lambda *a, **k: [report])
     result = ran(run("evaluate", path, "--no-record", "-q"))
     said = " ".join(result.stderr.split())
     assert ("WARNING: on convnet this set scores no better than random real images" in said) is warned
@@ -282,19 +282,31 @@ def test_info_marks_an_evaluation_no_better_than_random_real_images(tmp_path):
 
 
 # ---- ddtool --help without the commands -----------------------------------------------------
-def test_the_command_list_imports_no_torch_and_reads_as_with_the_commands_loaded():
-    """`ddtool --help` answers from main.SUMMARIES (torch takes seconds to import); what it prints
-    is what the loaded commands would print, and each command carries its summary."""
-    probe = ("import sys; from click.testing import CliRunner; from ddtool.cli.main import cli; "
-             "out = CliRunner().invoke(cli, ['--help'], prog_name='ddtool').output; "
-             "print('torch' in sys.modules); print(out)")
+def test_help_imports_no_torch_and_reads_as_with_everything_loaded():
+    """`ddtool --help` answers from main.SUMMARIES and the commands' --help from their
+    declarations (torch takes seconds to import): what they print is what they print with
+    everything loaded, and the names the options offer are the registries'."""
+    probe = ("import json, sys; from click.testing import CliRunner; from ddtool.cli.main import cli; "
+             "asked = [[], ['distill', '--help'], ['evaluate', '--help'], ['import', '--help'], ['--help']]; "
+             "out = [CliRunner().invoke(cli, a, prog_name='ddtool').output for a in asked]; "
+             "print(json.dumps(['torch' in sys.modules, out]))")
     lazy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    imported_torch, lazy_help = lazy.split("\n", 1)
-    assert imported_torch == "False"
+    imported_torch, lazy_helps = json.loads(lazy)
+    assert imported_torch is False
     from ddtool import distributed
+    from ddtool.cli import buffer  # noqa: F401  (loads the buffer commands too)
+    from ddtool.cli import names
     from ddtool.cli.main import DIST_BACKENDS, SUMMARIES
+    from ddtool.data import DEFAULT_DATASET
+    from ddtool.evaluation import PROTOCOLS
+    from ddtool.storage import EXPORT_FORMATS, IMPORT_FORMATS
+    from ddtool.training import PRECISIONS
 
     assert set(SUMMARIES) == set(cli.commands) and DIST_BACKENDS == distributed.BACKENDS
     assert all(cli.commands[name].short_help == summary for name, summary in SUMMARIES.items())
-    loaded_help = run("--help").output
-    assert lazy_help.rstrip("\n") == loaded_help.rstrip("\n")
+    assert (names.DEFAULT_DATASET, names.PROTOCOL_NAMES, names.PRECISIONS, names.EXPORT_FORMATS,
+            names.IMPORT_FORMATS) == (DEFAULT_DATASET, tuple(sorted(PROTOCOLS)), PRECISIONS, EXPORT_FORMATS,
+                                      IMPORT_FORMATS)
+    for asked, lazy_help in zip([[], ["distill", "--help"], ["evaluate", "--help"], ["import", "--help"],
+                                 ["--help"]], lazy_helps):
+        assert "Usage: ddtool" in lazy_help and lazy_help == run(*asked).output

@@ -427,7 +427,7 @@ def test_a_set_is_refused_by_a_dataset_it_does_not_fit(data, trainings):
 
 
 def test_an_overridden_protocol_keeps_its_name_and_shows_its_changes():
-    from ddtool.cli.commands import protocol_label
+    from ddtool.cli.actions import protocol_label
 
     mtt = get_protocol("mtt")
     changed = mtt.with_overrides(epochs=5, runs=1)

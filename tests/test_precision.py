@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_prepared
 from ddtool import evaluation
-from ddtool.cli.commands import protocol_label
+from ddtool.cli.actions import protocol_label
 from ddtool.errors import ConfigError
 from ddtool.evaluation import get_protocol
 from ddtool.experts import ExpertConfig

@@ -6,6 +6,7 @@ group turns DDToolError into a one-paragraph message and exit status 2.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -52,7 +53,7 @@ class _Group(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in SUMMARIES:
-            _register_commands()
+            _register_commands((name,))
         return self.commands.get(name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -62,11 +63,11 @@ class _Group(click.Group):
             formatter.write_dl(sorted(SUMMARIES.items()))
 
     def invoke(self, ctx: click.Context):
-        from ddtool import distributed
-
         try:
             return super().invoke(ctx)
         except DDToolError as exc:
+            from ddtool import distributed
+
             # Under torchrun every rank prints its own failure: say which one it is.
             click.echo(click.wrap_text(f"Error{distributed.where()}: {exc}", width=100, preserve_paragraphs=True),
                        err=True)
@@ -106,6 +107,8 @@ def cli(ctx: click.Context, dist_backend: str) -> None:
       ddtool show distilled/X.h5 -o grid.png
       torchrun --nproc-per-node 2 -m ddtool distill ...   # several processes (docs/distributed.md)
     """
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return  # one process: nothing to join, and `ddtool CMD --help` need not import torch
     from ddtool import distributed
 
     if distributed.launched_by_torchrun():
@@ -121,8 +124,17 @@ def say(message: str = "", **kwargs) -> None:
         click.echo(message, **kwargs)
 
 
-def _register_commands() -> None:
-    from ddtool.cli import commands  # noqa: F401  (each module adds its commands to `cli`)
+# The commands of ddtool/cli/buffer.py; the others are declared in ddtool/cli/commands.py, which
+# imports no torch (their work is in actions.py), so that their --help is quick too.
+_BUFFER_COMMANDS = ("buffer", "buffer-merge")
+
+
+def _register_commands(names=tuple(SUMMARIES)) -> None:
+    """Import the modules that declare `names` (each adds its commands to `cli` as it loads)."""
+    if set(names) - set(_BUFFER_COMMANDS):
+        from ddtool.cli import commands  # noqa: F401
+    if set(names) & set(_BUFFER_COMMANDS):
+        from ddtool.cli import buffer  # noqa: F401
 
 
 def main() -> None:
