@@ -654,11 +654,14 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     """Accuracy against IPC per method, the matching loss over iterations, an image grid per set."""
     from ddtool.storage import save_grid_png
 
+    from ddtool.storage.formats import auto_grid_scale
+
     folder.mkdir(parents=True, exist_ok=True)
     made = []
     for c in main:
         if c.ipc == 10 and (sset := load(c)) is not None:
-            made.append(save_grid_png(sset, folder / f"grid_{c.method}_ipc10.png"))
+            made.append(save_grid_png(sset, folder / f"grid_{c.method}_ipc10.png", class_names=True,
+                                      scale=auto_grid_scale(max(sset.image_shape[1:]))))
     try:
         import matplotlib
 
@@ -667,14 +670,39 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[results]'): line plots skipped", file=sys.stderr)
         return made
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(c.method for c in main):
-        points = [(c.ipc, r["mean"] * 100, r["std"] * 100) for c in main if c.method == method
-                  and (r := own_record(c, load(c))) is not None]
-        if points:
-            ax.errorbar(*zip(*points), marker="o", capsize=3, label=method)
-    ax.set(xscale="log", xlabel="images per class", ylabel="test accuracy (%)", title="Fashion-MNIST")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    methods = list(dict.fromkeys(c.method for c in main))
+    colours = plt.get_cmap("tab10").colors
+    references, drawn = read_references(), set()
+    for index, method in enumerate(methods):  # one colour a method, in the table's order, whatever is plotted
+        cells = [(c, sset, r) for c in main if c.method == method and (sset := load(c)) is not None
+                 and (r := own_record(c, sset)) is not None]
+        if not cells:
+            continue
+        protocols = sorted({_protocol_name(c, sset) for c, sset, _ in cells})
+        coreset = method in ("random", "herding", "kcenter")  # real images: dashed
+        ax.errorbar([c.ipc for c, _, _ in cells], [r["mean"] * 100 for _, _, r in cells],
+                    [r["std"] * 100 for _, _, r in cells], marker="o", capsize=3, color=colours[index % 10],
+                    ls="--" if coreset else "-", label=f"{method} ({', '.join(protocols)})")
+        drawn.update(key for c, sset, _ in cells if (key := reference_key(c, sset)) in references)
+    # each protocol's whole-dataset reference, named under its line (levels close together share a name)
+    levels: list[tuple[float, list[str]]] = []
+    for key in sorted(drawn, key=lambda k: references[k]["mean"]):
+        level = references[key]["mean"] * 100
+        ax.axhline(level, color="grey", lw=0.8, ls=":")
+        if levels and level - levels[-1][0] < 2.5:
+            levels[-1][1].append(f"{key} {level:.1f}")
+        else:
+            levels.append((level, [f"{key} {level:.1f}"]))
+    for level, names in levels:
+        ax.annotate("whole dataset: " + "; ".join(names), (0.01, level), xycoords=("axes fraction", "data"),
+                    fontsize=6, color="dimgrey", va="top")
+    ipcs = sorted({c.ipc for c in main})
+    ax.set(xscale="log", xlabel="images per class", ylabel="test accuracy (%)",
+           title="Fashion-MNIST, ConvNet (evaluation protocol in brackets)")
+    ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(folder / "accuracy_vs_ipc.png", dpi=120)
     made.append(folder / "accuracy_vs_ipc.png")
