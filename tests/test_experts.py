@@ -436,11 +436,14 @@ def test_cli_buffer_trains_resumes_and_reports_mismatch(tmp_path, fashion_root):
     first = run()
     assert first.returncode == 0, first.stderr
     assert "Plan: 2 experts x 2 epochs" in first.stdout and "estimated time" in first.stdout
+    assert "epoch/s" in first.stderr or "it/s" in first.stderr or "%|" in first.stderr, first.stderr  # bars
     with ExpertStore.open(out) as store:
         assert (store.num_experts, store.epochs) == (2, 2)
         assert store.manifest.dataset["train_images"] == 110  # one validation image per class carved out
     again = run()
     assert again.returncode == 0 and "to train: 0" in again.stdout
+    quiet = run("--experts", "3", "-q")  # one more expert, trained without bars
+    assert quiet.returncode == 0 and "%|" not in quiet.stderr, quiet.stderr
     clash = run("--lr", "0.5")
     assert clash.returncode == 2 and "different configuration" in clash.stderr and "Traceback" not in clash.stderr
 

@@ -96,7 +96,8 @@ _STORE_FILES = ("the index file NAME.h5 and, beside it, the folder NAME.experts/
 @click.option("--compile/--no-compile", "compile_", default=None, show_default="on a CPU, for long enough experts",
               help="Train through torch.compile (the same maths, other rounding; about a minute to compile).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the time estimate, train nothing.")
-def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, compile_, dry_run,
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, compile_, dry_run, quiet,
            **settings) -> None:
     """Train expert trajectories (for mtt, tesla, datm, ftd) into an HDF5 store.
 
@@ -158,7 +159,7 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, 
     if dry_run:
         return
 
-    result = run_buffer(config, store, data, target, shard=parts, progress=True, execution=execution)
+    result = run_buffer(config, store, data, target, shard=parts, progress=not quiet, execution=execution)
     if not distributed.is_main():
         return
     with ExpertStore.open(result.path) as done:
