@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -304,9 +305,27 @@ def test_help_imports_no_torch_and_reads_as_with_everything_loaded():
 
     assert set(SUMMARIES) == set(cli.commands) and DIST_BACKENDS == distributed.BACKENDS
     assert all(cli.commands[name].short_help == summary for name, summary in SUMMARIES.items())
+    from ddtool.data import list_specs
+    from ddtool.methods import list_methods
+    from ddtool.networks import list_networks
+
     assert (names.DEFAULT_DATASET, names.PROTOCOL_NAMES, names.PRECISIONS, names.EXPORT_FORMATS,
             names.IMPORT_FORMATS) == (DEFAULT_DATASET, tuple(sorted(PROTOCOLS)), PRECISIONS, EXPORT_FORMATS,
                                       IMPORT_FORMATS)
+    assert names.METHOD_NAMES == tuple(list_methods())
+    assert names.DATASET_NAMES == tuple(spec.name for spec in list_specs())
+    assert names.NETWORK_NAMES == tuple(list_networks())
     for asked, lazy_help in zip([[], ["distill", "--help"], ["evaluate", "--help"], ["import", "--help"],
                                  ["--help"]], lazy_helps):
         assert "Usage: ddtool" in lazy_help and lazy_help == run(*asked).output
+
+
+def test_shell_completion_offers_the_registries_names():
+    env = {**os.environ, "_DDTOOL_COMPLETE": "bash_complete"}
+    asked = [(["distill", "--method", "d"], {"datm"}),
+             (["evaluate", "x.h5", "--arch", "resnet18-b"], {"resnet18-bn", "resnet18-bn-ap"}),
+             (["distill", "--protocol", "kd"], {"kd", "kd-tiny"}), (["dis"], {"distill"})]
+    for words, offered in asked:
+        answer = subprocess.run([sys.executable, "-m", "ddtool"], capture_output=True, text=True, check=True,
+                                env={**env, "COMP_WORDS": " ".join(["ddtool", *words]), "COMP_CWORD": str(len(words))})
+        assert {line.split(",", 1)[1] for line in answer.stdout.splitlines()} == offered, answer.stdout

@@ -10,7 +10,10 @@ from __future__ import annotations
 import click
 
 from ddtool.cli.main import SEED_RANGE, cli
-from ddtool.cli.names import DEFAULT_DATASET, EXPORT_FORMATS, IMPORT_FORMATS, PRECISIONS, PROTOCOL_NAMES
+from ddtool.cli.names import (
+    DATASET_NAMES, DEFAULT_DATASET, EXPORT_FORMATS, IMPORT_FORMATS, METHOD_NAMES, NETWORK_NAMES, PRECISIONS,
+    PROTOCOL_NAMES, completes,
+)
 
 _data_root = click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
                           help="Folder holding datasets (also $DDTOOL_DATA, the user cache, Debian's folders).")
@@ -45,12 +48,12 @@ def datasets(names: tuple[str, ...], data_root: str | None, download_name: str |
 
 
 @cli.command()
-@click.option("--method", "-m", default=None,
+@click.option("--method", "-m", default=None, shell_complete=completes(METHOD_NAMES),
               help="Distillation method: " + ", ".join(["mtt", "datm", "tesla", "ftd", "random", "herding", "...",
                                                          "(ddtool methods)"])
               + " [default: datm for Fashion-MNIST on a CPU, else mtt].")
 @click.option("--ipc", type=click.IntRange(min=1), default=10, show_default=True, help="Images per class.")
-@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True)
+@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True, shell_complete=completes(DATASET_NAMES))
 @_data_root
 @click.option("--preset", default=None, help="A named configuration of the method (see --list-presets).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
@@ -109,7 +112,7 @@ def distill(method, ipc, dataset, data_root, preset, settings, iterations, budge
 @click.option("--protocol", type=click.Choice(PROTOCOL_NAMES), default=None,
               help="Evaluation protocol [default: the method's own, imported MTT/TESLA/FTD/DATM sets "
                    "included (mtt; datm for soft labels); for other sets mtt with a learned lr, else classic].")
-@click.option("--arch", "archs", multiple=True,
+@click.option("--arch", "archs", multiple=True, shell_complete=completes(NETWORK_NAMES),
               help="Architecture(s) to train, e.g. convnet, resnet18, convnet:width=64 (repeat for "
                    "cross-architecture transfer) [default: the network the set was distilled for].")
 @click.option("--runs", type=click.IntRange(min=1), default=None,
@@ -197,7 +200,7 @@ def export_command(set_path, fmt, output, overwrite) -> None:
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), required=True,
               help="mtt: images/labels/lr tensors (MTT, DATM, FTD); dc: a DC-style dict; npz; torch.")
-@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True,
+@click.option("--dataset", "-d", default=DEFAULT_DATASET, show_default=True, shell_complete=completes(DATASET_NAMES),
               help="The dataset the set was distilled from.")
 @click.option("--zca/--no-zca", default=None,
               help="The images are (--zca) or are not (--no-zca) in ZCA-whitened space [default: the file's "
