@@ -11,7 +11,8 @@ One unroll, three interchangeable backends (docs/methods.md §2-3):
             so its error can be measured.
 - ``exact`` the adjoint (reverse) sweep: same recompute structure and O(1) activation
             memory in N as ``tesla``, plus one Hessian-vector product per step, which makes it
-            equal to ``bptt`` up to rounding. The default.
+            equal to ``bptt`` up to rounding. What ``auto`` picks where bptt's graph would not
+            fit in memory (methods/trajectory.py, choose_backend).
 
 The inner update is SGD, optionally with heavy-ball momentum (AST's momentum inner loop):
     v_{k+1} = μ v_k + g_k,   θ_{k+1} = θ_k − α v_{k+1},   g_k = ∇_θ ℓ_k(θ_k; X, Y)
