@@ -50,11 +50,7 @@ def _print_json(value) -> None:
 
 # ---- datasets -------------------------------------------------------------------------------
 def datasets(names: tuple[str, ...], data_root: str | None, download_name: str | None) -> None:
-    """Which datasets ddtool knows, which are found on this machine, and where.
-
-    With DATASET names (e.g. folder:/path/to/root), what ddtool reads in each: classes and their
-    images, image size, the augmentation and the network depth a run will use.
-    """
+    """`ddtool datasets` (its options and help: commands.py)."""
     if names:
         for name in names:
             _describe_dataset(name, data_root)
@@ -125,13 +121,7 @@ def _file_safe_name(dataset: str) -> str:
 def distill(method, ipc, dataset, data_root, preset, settings, iterations, budget, backend, output, resume, no_eval,
             overwrite, protocol, eval_runs, eval_epochs, compile_eval, eval_precision, from_set, list_presets, dry_run,
             seed, device, quiet) -> None:
-    """Distill a dataset into IPC synthetic images per class, save it, and evaluate it.
-
-    Finds or trains the expert trajectories it needs (cached by configuration), prints its
-    plan, checkpoints regularly (--resume continues an interrupted run to the same result),
-    saves one HDF5 file and, unless --no-eval, evaluates it beside the random-subset baseline
-    and the whole-dataset reference.
-    """
+    """`ddtool distill` (its options and help: commands.py)."""
     if no_eval:
         _refuse_evaluation_options(protocol=protocol, eval_runs=eval_runs, eval_epochs=eval_epochs,
                                    compile_eval=compile_eval, eval_precision=eval_precision)
@@ -355,12 +345,7 @@ def _evaluate_and_record(path: Path, protocol_name: str | None, archs: list[str]
 
 def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, no_record, compile_networks,
              precision, resume, hard_labels, as_json, data_root, seed, device, quiet) -> None:
-    """Train fresh networks on a synthetic set; report final-epoch test accuracy, mean ± std,
-    beside the matched random-subset baseline and the whole-dataset reference (both computed
-    once under the same protocol and cached), and record everything in the file.
-
-    Under torchrun the runs are spread over the processes (run r on rank r mod P); rank 0
-    prints and records."""
+    """`ddtool evaluate` (its options and help: commands.py)."""
     _evaluate_and_record(Path(set_path), protocol, list(archs) or None, runs, seed, data_root,
                          distributed.device_for_rank(resolve_device(device)), quiet,
                          baselines=not no_baselines, reference=reference, epochs=epochs,
@@ -370,7 +355,7 @@ def evaluate(set_path, protocol, archs, runs, epochs, no_baselines, reference, n
 
 # ---- info / show / export / import ----------------------------------------------------------
 def info(set_path, as_json) -> None:
-    """Describe a synthetic set: what it is, how it was made, how it scored."""
+    """`ddtool info` (its options and help: commands.py)."""
     sset = load_synthetic_set(set_path)
     if as_json:
         _print_json(_set_summary(set_path, sset))
@@ -440,7 +425,7 @@ def _describe_timings(timings: dict) -> str:
 
 
 def show(set_path, output, per_class, scale, class_names) -> None:
-    """Save the images as a PNG grid, one row per class, un-whitened and de-normalised."""
+    """`ddtool show` (its options and help: commands.py)."""
     if Path(output).suffix.lower() != ".png":
         raise ConfigError(f"`ddtool show` writes a PNG picture; name the output file .png (got {output}).")
     sset = load_synthetic_set(set_path)
@@ -450,12 +435,7 @@ def show(set_path, output, per_class, scale, class_names) -> None:
 
 
 def export_command(set_path, fmt, output, overwrite) -> None:
-    """Write a set as an ImageFolder of PNGs, an npz archive or a torch file.
-
-    The exports hold the images, labels, learned lr and class names, and npz and torch also the
-    preprocessing (an ImageFolder holds de-normalised PNGs); the evaluation records, seed and
-    configuration stay in SET.h5.
-    """
+    """`ddtool export` (its options and help: commands.py)."""
     _refuse_to_replace(Path(output), overwrite=overwrite, command="export")
     sset = load_synthetic_set(set_path)
     path = export_set(sset, output, fmt)
@@ -468,15 +448,7 @@ def export_command(set_path, fmt, output, overwrite) -> None:
 
 def import_command(sources, fmt, dataset, zca, learned_lr, ipc, experiment, checkpoint, soft_labels,
                    label_temperature, output, overwrite, data_root) -> None:
-    """Bring a set made elsewhere into ddtool's format, to evaluate it under the same protocol.
-
-    The input space is the file's own record where it has one (ddtool's npz and torch
-    exports; --zca/--no-zca, when given, must agree with it), for MTT/DATM/FTD files what their
-    images_zca_<it>.pt copies show, else rebuilt from the dataset, so the dataset's files must
-    be found: mean/std normalisation or, with ZCA, in its place the ZCA (eps 0.1) fitted on every
-    training image's [0, 1] pixels, as MTT and DATM fit it. The output says which space and
-    learned lr were recorded, and why.
-    """
+    """`ddtool import` (its options and help: commands.py)."""
     from ddtool.storage.formats import check_learned_lr
 
     misplaced = [option for option, applies in (("--checkpoint", checkpoint == "final" or fmt == "mtt"),
@@ -514,8 +486,7 @@ def import_command(sources, fmt, dataset, zca, learned_lr, ipc, experiment, chec
 
 
 def methods_command(name, preset, ipc, as_json) -> None:
-    """List the distillation methods, their presets and default evaluation protocols; with NAME,
-    every setting of that method: its type, default, the preset's value and meaning."""
+    """`ddtool methods` (its options and help: commands.py)."""
     if name is None:
         if preset is not None or ipc is not None:
             raise ConfigError("--preset and --ipc show one method's settings: name the method, e.g. "
@@ -610,9 +581,7 @@ def _table(headers: list[str], rows: list[list[str]], *, right: tuple[int, ...] 
 
 # ---- compare --------------------------------------------------------------------------------
 def compare(set_paths, protocol, as_json, as_csv) -> None:
-    """Compare sets by the evaluations their files record: one table of method, IPC, accuracy
-    beside the matched random baseline, size and cost, grouped by protocol, network and
-    dataset (accuracies compare only within a group; nothing is trained)."""
+    """`ddtool compare` (its options and help: commands.py)."""
     from ddtool.evaluation.compare import compare_sets
 
     if as_json and as_csv:
