@@ -667,6 +667,49 @@ def test_torchvision_reads_an_exported_imagefolder_in_the_sets_class_order(tmp_p
     assert [label for _, label in read.samples] == sset.hard_labels().tolist()
 
 
+def _read_png16(path) -> np.ndarray:
+    """A 16-bit PNG with unfiltered rows, decoded by hand (H, W, C) (PIL reads 16-bit RGB as 8-bit)."""
+    import struct
+    import zlib
+
+    data, chunks, at = path.read_bytes(), {}, 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        chunks[kind] = chunks.get(kind, b"") + data[at + 8:at + 8 + length]
+        at += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = {0: 1, 2: 3, 6: 4}[colour]
+    assert depth == 16
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = 1 + 2 * width * channels
+    rows = [raw[r * stride:(r + 1) * stride] for r in range(height)]
+    assert all(row[0] == 0 for row in rows)  # unfiltered
+    return np.frombuffer(b"".join(row[1:] for row in rows), dtype=">u2").reshape(height, width, channels)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_imagefolder_export_in_16_bits_keeps_values_outside_the_8_bit_range(tmp_path, channels):
+    sset = make_set(channels=channels, ipc=2)
+    sset = dataclasses.replace(sset, images=sset.images * 3)  # de-normalised well outside [0, 1]
+    pixels = sset.preprocessing.invert(sset.images, clamp=False)
+    assert pixels.min() < 0 and pixels.max() > 1
+    out = export_set(sset, tmp_path / "folder", "imagefolder", bit_depth=16)
+    meta = json.loads((out / "labels.json").read_text())
+    low, high = meta["pixel_range"]
+    assert meta["bit_depth"] == 16 and low == pytest.approx(float(pixels.min())) and high == pytest.approx(
+        float(pixels.max()))
+    for index, relative in enumerate(meta["files"]):
+        decoded = low + _read_png16(out / relative).astype(np.float64) / 65535 * (high - low)
+        np.testing.assert_allclose(decoded, pixels[index].permute(1, 2, 0).double().numpy(),
+                                   atol=(high - low) / 65535)
+    if channels == 1:  # and what PIL reads is the same
+        with Image.open(out / meta["files"][0]) as image:
+            assert image.mode == "I;16"
+            np.testing.assert_array_equal(np.asarray(image), _read_png16(out / meta["files"][0])[:, :, 0])
+    with pytest.raises(ConfigError, match="--bit-depth applies to the imagefolder"):
+        export_set(sset, tmp_path / "x.npz", "npz", bit_depth=16)
+
+
 def test_imagefolder_export_soft_labels(tmp_path):
     sset = make_set("probs")
     out = export_set(sset, tmp_path / "folder", "imagefolder")

@@ -434,11 +434,11 @@ def show(set_path, output, per_class, scale, class_names) -> None:
     click.echo(f"Wrote {path} ({sset.num_classes} rows, each pixel {scale}x{scale})")
 
 
-def export_command(set_path, fmt, output, overwrite) -> None:
+def export_command(set_path, fmt, output, overwrite, bit_depth) -> None:
     """`ddtool export` (its options and help: commands.py)."""
     _refuse_to_replace(Path(output), overwrite=overwrite, command="export")
     sset = load_synthetic_set(set_path)
-    path = export_set(sset, output, fmt)
+    path = export_set(sset, output, fmt, bit_depth=int(bit_depth))
     click.echo(f"Wrote {path}")
     left = left_out_of_export(sset)
     if left:

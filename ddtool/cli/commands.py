@@ -186,7 +186,10 @@ def show(set_path, output, per_class, scale, class_names) -> None:
               help="Folder (imagefolder) or file (npz, torch) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an npz or torch file at the output path (an existing "
               "image folder is never written into).")
-def export_command(set_path, fmt, output, overwrite) -> None:
+@click.option("--bit-depth", type=click.Choice(["8", "16"]), default="8", show_default=True,
+              help="imagefolder: 8-bit PNGs of the [0, 1] pixels (values outside clipped), or 16-bit PNGs of the "
+                   "set's whole value range, which labels.json records (nothing clipped).")
+def export_command(set_path, fmt, output, overwrite, bit_depth) -> None:
     """Write a set as an ImageFolder of PNGs, an npz archive or a torch file.
 
     The exports hold the images, labels, learned lr and class names, and npz and torch also the

@@ -89,12 +89,14 @@ class Preprocessing:
         x = (pixels - mean) / std
         return self.zca.apply(x) if self.zca is not None else x
 
-    def invert(self, x: torch.Tensor) -> torch.Tensor:
-        """Network space -> [0, 1] pixels, clamped (synthetic images may leave the range)."""
+    def invert(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Network space -> pixels, clamped to [0, 1] unless `clamp` is False (synthetic images
+        may leave the range)."""
         if self.zca is not None:
             x = self.zca.invert(x)
         mean, std = self._stats(x)
-        return (x * std + mean).clamp(0.0, 1.0)
+        pixels = x * std + mean
+        return pixels.clamp(0.0, 1.0) if clamp else pixels
 
     def describe(self) -> str:
         base = f"mean/std normalisation (mean={_fmt(self.mean)}, std={_fmt(self.std)})"

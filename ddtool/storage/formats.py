@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,7 +44,7 @@ PathLike = str | os.PathLike
 
 
 # ====================================================================== export
-def export_set(sset: SyntheticSet, out: PathLike, fmt: str) -> Path:
+def export_set(sset: SyntheticSet, out: PathLike, fmt: str, *, bit_depth: int = 8) -> Path:
     """Write `sset` to `out` in `fmt` (one of EXPORT_FORMATS); return the path written.
 
     imagefolder: `out` is a folder (must not exist, or be empty) receiving
@@ -52,17 +54,24 @@ def export_set(sset: SyntheticSet, out: PathLike, fmt: str) -> Path:
         images go to the folder of their argmax class. Folder names are the class index and
         name ("0_T-shirt_top"), "/" and other unsafe characters replaced, so that torchvision's
         ImageFolder, which numbers folders in sorted order, numbers them as the set does.
+        `bit_depth` 8: 8-bit PNGs of the [0, 1] pixels (values outside are clipped, as any
+        viewer shows them). 16: 16-bit PNGs of the set's whole value range, nothing clipped:
+        labels.json's "pixel_range" [low, high] gives pixel = low + png / 65535 * (high - low).
     npz / torch: `out` is a file with images, labels, learned_lr (when known), classes,
         label_kind, label_temperature, dataset, ipc, method and preprocessing_<name> for every
         array of Preprocessing.to_arrays() (mean, std, and zca_* with ZCA), all in network space.
     """
     writers: dict[str, Callable[[SyntheticSet, Path], None]] = {
-        "imagefolder": _export_imagefolder,
+        "imagefolder": lambda s, o: _export_imagefolder(s, o, bit_depth),
         "npz": _export_npz,
         "torch": _export_torch,
     }
     if fmt not in writers:
         raise ConfigError(f"Unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+    if bit_depth not in (8, 16):
+        raise ConfigError(f"PNGs are written with 8 or 16 bits a value, not {bit_depth}.")
+    if bit_depth != 8 and fmt != "imagefolder":
+        raise ConfigError(f"--bit-depth applies to the imagefolder export; {fmt} keeps the values exactly.")
     out = Path(out)
     writers[fmt](sset, out)
     return out
@@ -83,8 +92,10 @@ def left_out_of_export(sset: SyntheticSet) -> list[str]:
     return left
 
 
-def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
-    pixels = sset.preprocessing.invert(sset.images.detach().cpu())
+def _export_imagefolder(sset: SyntheticSet, out: Path, bit_depth: int = 8) -> None:
+    pixels = sset.preprocessing.invert(sset.images.detach().cpu(), clamp=bit_depth == 8)
+    # 16 bits: the set's own range, at least [0, 1], so that nothing is clipped
+    low, high = min(0.0, float(pixels.min())), max(1.0, float(pixels.max()))
     folders = class_folder_names(sset.classes)
     classes_of_images = sset.hard_labels().tolist()
     width = len(str(sset.num_images - 1))
@@ -94,7 +105,10 @@ def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
             (tmp / folder).mkdir()
         for index, (image, cls) in enumerate(zip(pixels, classes_of_images)):
             relative = f"{folders[cls]}/{index:0{width}d}.png"
-            _to_pil(image).save(tmp / relative, format="PNG")
+            if bit_depth == 16:
+                _write_png16(tmp / relative, (image - low) / (high - low))
+            else:
+                _to_pil(image).save(tmp / relative, format="PNG")
             files.append(relative)
         meta: dict[str, Any] = {
             "dataset": sset.dataset,
@@ -104,6 +118,7 @@ def _export_imagefolder(sset: SyntheticSet, out: Path) -> None:
             "label_temperature": sset.label_temperature,
             "learned_lr": sset.learned_lr,
             "files": files,
+            **({"bit_depth": 16, "pixel_range": [low, high]} if bit_depth == 16 else {"bit_depth": 8}),
         }
         if sset.is_soft:
             meta["soft_labels"] = sset.labels.cpu().tolist()
@@ -762,6 +777,24 @@ def _with_row_names(picture: Image.Image, names: list[str], row_height: int, pad
         middle = pad + row * row_height + (row_height - pad) // 2
         draw.text((max(pad, 4) - box[0], middle - (box[1] + box[3]) // 2), name, fill=black, font=font)
     return named
+
+
+def _write_png16(path: Path, image: torch.Tensor) -> None:
+    """A (C, H, W) tensor of [0, 1] values as a 16-bit PNG (gray, RGB or RGBA; PIL writes 16 bits
+    for gray only): the PNG format's own chunks, every row unfiltered."""
+    channels, height, width = image.shape
+    if channels not in (1, 3, 4):
+        raise ConfigError(f"Images with {channels} channels cannot be written as PNG (1, 3 or 4 needed).")
+    values = (image.clamp(0, 1) * 65535).round().to(torch.int32).permute(1, 2, 0).numpy().astype(">u2")
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    colour = {1: 0, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
