@@ -53,7 +53,7 @@ class _Group(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in SUMMARIES:
-            _register_commands((name,))
+            _load_command_module(name)
         return self.commands.get(name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -129,12 +129,12 @@ def say(message: str = "", **kwargs) -> None:
 _BUFFER_COMMANDS = ("buffer", "buffer-merge")
 
 
-def _register_commands(names=tuple(SUMMARIES)) -> None:
-    """Import the modules that declare `names` (each adds its commands to `cli` as it loads)."""
-    if set(names) - set(_BUFFER_COMMANDS):
-        from ddtool.cli import commands  # noqa: F401
-    if set(names) & set(_BUFFER_COMMANDS):
+def _load_command_module(name: str) -> None:
+    """Import the module that declares command `name` (it adds its commands to `cli` as it loads)."""
+    if name in _BUFFER_COMMANDS:
         from ddtool.cli import buffer  # noqa: F401
+    else:
+        from ddtool.cli import commands  # noqa: F401
 
 
 def main() -> None:

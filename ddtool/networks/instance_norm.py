@@ -96,10 +96,8 @@ class _InstanceNormBackward(torch.autograd.Function):
             mean, rstd = _statistics(x, ctx.eps)
         else:
             mean, rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
-        xr, gr = _rows(x, rows), _rows(g, rows)
-        ur = _rows(u if u is not None else torch.zeros_like(x), rows)
-        u_weight = u_weight if u_weight is not None else torch.zeros_like(weight)
-        u_bias = u_bias if u_bias is not None else torch.zeros_like(weight)
+        # (autograd hands unused outputs' cotangents in as zeros: none is None)
+        xr, gr, ur = _rows(x, rows), _rows(g, rows), _rows(u, rows)
 
         # row means; those with x̂ from those with x:  mean(v·x̂) = s·(mean(v·x) − μ·mean(v))
         u_mean, g_mean = ur.mean(1, keepdim=True), gr.mean(1, keepdim=True)
