@@ -27,7 +27,7 @@ from ddtool.durations import parse_duration
 from ddtool.errors import ConfigError
 from ddtool.evaluation import EvaluationReport, evaluate_set, get_protocol
 from ddtool.methods.base import (
-    DistillContext, Method, build_config, get_method_class, resolve_preset, run_fingerprint,
+    DistillContext, Method, build_config, current_names, get_method_class, resolve_preset, run_fingerprint,
 )
 from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
@@ -189,7 +189,8 @@ def recorded_run(path: str | Path) -> dict[str, Any]:
     sset = load_synthetic_set(path)
     method_cls = get_method_class(sset.method)
     fields = {f.name for f in dataclasses.fields(method_cls.config_class)}
-    settings = {name: value for name, value in sset.config.items() if name in fields}
+    settings = {name: value for name, value in current_names(method_cls.config_class, sset.config).items()
+                if name in fields}
     if sset.seed == UNKNOWN_SEED or (fields and not settings):
         raise ConfigError(f"{path} does not record how it was made (an imported set, or one written by another "
                           "tool): there is no run to repeat.")
@@ -208,7 +209,7 @@ def _size_to_budget(run: DistillRun, seconds: float) -> None:
         saved_plan = json.loads(saved.read_text())
         if "config" not in saved_plan:  # written before the timed iteration was kept beside it
             saved_plan = {"config": saved_plan, "iteration_s": None}
-        config = method_cls.config_class(**saved_plan["config"])
+        config = method_cls.config_class(**current_names(method_cls.config_class, saved_plan["config"]))
         # the interrupted run's timing, so that its iterations are counted as they were (none: not at all)
         iteration_s, workers = saved_plan["iteration_s"], saved_plan.get("workers", plan.workers)
         plan = dataclasses.replace(plan, config=config, iteration_s=iteration_s or plan.iteration_s)

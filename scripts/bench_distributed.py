@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
                                train_indices=full.train_indices[keep.cpu()], test_x=full.test_x[:1000],
                                test_y=full.test_y[:1000])
     config = dataclasses.replace(FASHION_CPU, experts=args.experts, expert_train_epochs=args.epochs,
-                                 max_start_epoch=args.epochs - FASHION_CPU.expert_epochs,
+                                 max_start_epoch=args.epochs - FASHION_CPU.match_span_epochs,
                                  segments_per_iteration=args.segments, iterations=args.iterations,
                                  checkpoint_every=args.iterations, eval_every=0)
     work_dir = Path(os.environ["DDTOOL_CACHE"]) / "run"

@@ -259,12 +259,13 @@ def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
     """{setting: (the set's value, the preset's now)} where the shipped preset (with the cell's
     settings) has changed since the set was made: such a set no longer shows the preset, and
     `run` would otherwise skip it as done. Settings an older set does not record are ignored."""
+    from ddtool.methods.base import current_names
     from ddtool.storage.synthetic_set import to_plain
 
     config = cell.config()
     if not is_dataclass(config):
         return {}
-    stored = sset.config or {}
+    stored = current_names(type(config), sset.config or {})  # a set made before a rename records the old name
     # the values as the file stores them (JSON: tuples as lists, floats exact), so equal means equal
     now = to_plain(asdict(config), "preset")
     return {name: (stored[name], value) for name, value in now.items()

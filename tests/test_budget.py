@@ -32,7 +32,7 @@ def context(tmp_path, data, resume=False):
 
 
 def tiny(**changes) -> trajectory_config.TrajectoryConfig:
-    base = dict(width=8, experts=2, expert_train_epochs=3, syn_steps=2, expert_epochs=1, max_start_epoch=2,
+    base = dict(width=8, experts=2, expert_train_epochs=3, syn_steps=2, match_span_epochs=1, max_start_epoch=2,
                 iterations=40, checkpoint_every=5, lr_img=10.0)
     return trajectory_config.TrajectoryConfig(**{**base, **changes})
 

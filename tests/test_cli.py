@@ -224,7 +224,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_or_lock_file(tmp_pa
 
 def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, fashion_root):
     out = tmp_path / "m.h5"
-    settings = ["width=8", "experts=1", "expert_train_epochs=2", "expert_epochs=1", "max_start_epoch=1",
+    settings = ["width=8", "experts=1", "expert_train_epochs=2", "match_span_epochs=1", "max_start_epoch=1",
                 "syn_steps=2", "checkpoint_every=1",
                 "lr_lr=1e-7"]  # the preset's 1e-5 drives α to its clamp floor here, which would hide which α is saved
     result = ok(ddtool("distill", "--method", "mtt", "--ipc", 1, "--data-root", fashion_root, "-o", out,

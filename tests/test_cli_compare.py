@@ -71,7 +71,7 @@ def test_the_meaning_check_finds_a_setting_without_one():
 def test_meanings_change_no_setting():
     # field metadata leaves the dataclass as it was: defaults, order, equality, replace
     config = TrajectoryConfig()
-    assert config.expert_epochs == 2 and config.expert_train_epochs == 20 and config.backend == "auto"
+    assert config.match_span_epochs == 2 and config.expert_train_epochs == 20 and config.backend == "auto"
     assert dataclasses.replace(config, syn_steps=5) == TrajectoryConfig(syn_steps=5)
     assert [f.name for f in dataclasses.fields(TrajectoryConfig)][:3] == ["arch", "width", "depth"]
     datm = get_method_class("datm").config_class
@@ -95,9 +95,9 @@ def test_methods_name_lists_every_setting_with_type_default_preset_value_and_mea
     assert "*" in rows["max_start_epoch_final"] and "T⁺" in rows["max_start_epoch_final"]
     assert rows["zca"].split()[:4] == ["zca", "bool", "false", "false"] and "*" not in rows["zca"]
     # the two expert spans say which is which
-    assert "M, the matching span" in rows["expert_epochs"]
+    assert "M, the matching span" in rows["match_span_epochs"]
     assert "E, how long each expert is trained" in rows["expert_train_epochs"]
-    assert "The two expert spans: expert_epochs is M" in " ".join(text.split())
+    assert "The two expert spans: match_span_epochs is M" in " ".join(text.split())
     # the base preset without --ipc
     assert _rows(ran(run("methods", "datm")).stdout)["max_start_epoch_final"].split()[3] == "4"
 

@@ -94,7 +94,7 @@ def test_buffer_over_two_ranks_reports_a_failure_resumes_and_equals_one_process(
 
 
 # ---- distill ------------------------------------------------------------------------------------
-MTT_SETTINGS = ("width=8", "depth=1", "experts=2", "expert_train_epochs=3", "expert_epochs=1", "max_start_epoch=2",
+MTT_SETTINGS = ("width=8", "depth=1", "experts=2", "expert_train_epochs=3", "match_span_epochs=1", "max_start_epoch=2",
                 "syn_steps=2", "checkpoint_every=2", "labels=learned", "segments_per_iteration=2")
 
 
@@ -154,7 +154,7 @@ def test_evaluate_over_two_ranks_equals_one_process(tmp_path, fashion_root, monk
 
 # ---- segments per iteration, in one process ---------------------------------------------------------
 def tiny_mtt(**overrides) -> TrajectoryConfig:
-    values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, expert_epochs=1,
+    values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, match_span_epochs=1,
                   max_start_epoch=2, iterations=1, checkpoint_every=1, lr_img=10.0, lr_lr=1e-6, lr_init=0.01,
                   labels="learned")
     return TrajectoryConfig(**{**values, **overrides})

@@ -27,7 +27,7 @@ def data():
 
 
 def tiny_mtt(**overrides):
-    values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, expert_epochs=1,
+    values = dict(width=8, experts=2, expert_train_epochs=3, expert_batch_size=16, syn_steps=3, match_span_epochs=1,
                   max_start_epoch=2, iterations=6, checkpoint_every=2, lr_img=10.0, lr_lr=1e-4, lr_init=0.01)
     return trajectory_config.TrajectoryConfig(**{**values, **overrides})
 
@@ -85,7 +85,7 @@ def test_unknown_method_and_setting_are_config_errors():
     with pytest.raises(ConfigError, match="no setting"):
         build_config(get_method_class("mtt"), None, {"ee": 2})
     with pytest.raises(ConfigError, match="expert_train_epochs"):
-        tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
+        tiny_mtt(max_start_epoch=3, match_span_epochs=2, expert_train_epochs=3)
     # caught at the boundary, not deep in the loop (an empty minibatch, NaN soft labels)
     for bad, match in (({"batch_syn": -1}, "batch_syn"), ({"eval_every": -1}, "eval_every"),
                        ({"soft_label_temperature": 0.0}, "soft_label_temperature"), ({"lr_label": 0.0}, "lr_label"),
@@ -140,9 +140,9 @@ def test_a_width_the_user_gives_a_network_without_one_is_refused():
 def test_last_start_epoch_may_end_on_the_experts_last_epoch():
     # Start epochs are [0, max): max 3 with 2 matched epochs reaches epoch 4 at most, which
     # 4-epoch experts hold (the config check agrees with the store's).
-    tiny_mtt(max_start_epoch=3, expert_epochs=2, expert_train_epochs=4)
+    tiny_mtt(max_start_epoch=3, match_span_epochs=2, expert_train_epochs=4)
     with pytest.raises(ConfigError, match="at least 5 epochs"):
-        tiny_mtt(max_start_epoch=4, expert_epochs=2, expert_train_epochs=4)
+        tiny_mtt(max_start_epoch=4, match_span_epochs=2, expert_train_epochs=4)
 
 
 def test_mtt_distills_and_saves_learned_lr(tmp_path, data):
@@ -190,10 +190,10 @@ def test_tesla_uses_the_target_experts_soft_labels(tmp_path, data, monkeypatch):
 
             def soft(epoch):
                 return torch.softmax(layout.functional_forward(net, store.params(expert, epoch), images) / temperature, 1)
-            torch.testing.assert_close(targets, soft(start + config.expert_epochs), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(targets, soft(start + config.match_span_epochs), rtol=1e-5, atol=1e-6)
             assert not torch.allclose(targets, soft(start), rtol=1e-3, atol=1e-4)
             assert not torch.allclose(targets, torch.softmax(  # T applied, not ignored
-                layout.functional_forward(net, store.params(expert, start + config.expert_epochs), images), 1),
+                layout.functional_forward(net, store.params(expert, start + config.match_span_epochs), images), 1),
                 rtol=1e-3, atol=1e-4)
 
 
@@ -418,7 +418,7 @@ def test_mtt_published_presets_carry_the_published_settings(setting, steps, epoc
                                                              lr_img, lr_lr, lr_init, depth):
     for cls, labels in ((trajectory.MTT, "hard"), (trajectory.TESLA, "expert_soft")):
         c = cls.presets[f"mtt-{setting}"]
-        assert (c.syn_steps, c.expert_epochs, c.max_start_epoch, c.batch_syn, c.zca, c.lr_img, c.lr_lr, c.lr_init) == (
+        assert (c.syn_steps, c.match_span_epochs, c.max_start_epoch, c.batch_syn, c.zca, c.lr_img, c.lr_lr, c.lr_init) == (
             steps, epochs, max_start, batch_syn, zca, lr_img, lr_lr, lr_init), cls.name
         # the rest of §1-2: 5000 outer iterations on 50-epoch experts (SGD lr 0.01, batch 256) of a
         # ConvNet (depth 3, the default at 32 px; ConvNetD4 on Tiny), start epochs from 0

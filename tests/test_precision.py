@@ -132,7 +132,7 @@ def test_distill_reaches_the_expert_precision_setting(data):
 
     ctx = Ctx()
     ctx.data = data
-    config = TrajectoryConfig(experts=1, expert_train_epochs=2, max_start_epoch=1, expert_epochs=1,
+    config = TrajectoryConfig(experts=1, expert_train_epochs=2, max_start_epoch=1, match_span_epochs=1,
                               expert_precision="bf16")
     assert expert_config_for(config, ctx).precision == "bf16"
     with pytest.raises(ConfigError, match="expert_precision"):

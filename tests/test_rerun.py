@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -64,3 +66,24 @@ def test_a_set_without_a_record_of_its_run_is_refused(tmp_path):
                                               dataset="fashion-mnist", ipc=1, method="mtt"))
     with pytest.raises(ConfigError, match="does not record how it was made"):
         ddtool.recorded_run(imported)
+
+
+def test_a_renamed_setting_is_taken_under_its_old_name(tmp_path):
+    """match_span_epochs was expert_epochs: sets, scripts and work folders made before keep working."""
+    from ddtool.methods.base import build_config, get_method_class, parse_overrides, run_fingerprint
+    from ddtool.storage import load_synthetic_set
+
+    mtt = get_method_class("mtt")
+    assert parse_overrides(mtt.config_class, ("expert_epochs=3",)) == {"match_span_epochs": 3}
+    old = build_config(mtt, None, {"expert_epochs": 3})
+    assert old == build_config(mtt, None, {"match_span_epochs": 3}) and old.match_span_epochs == 3
+    with pytest.raises(ConfigError, match="former name of match_span_epochs"):
+        build_config(mtt, None, {"expert_epochs": 3, "match_span_epochs": 2})
+    # a shipped set recorded before the rename is made again with its span
+    shipped = Path(__file__).parents[1] / "synthetic_sets" / "fashion-mnist_mtt_ipc10_seed0.h5"
+    recorded = ddtool.recorded_run(shipped)
+    assert "expert_epochs" not in recorded["settings"]
+    assert recorded["settings"]["match_span_epochs"] == load_synthetic_set(shipped).config["expert_epochs"]
+    # hashed under the first name, the run keeps the work folder the code before the rename gave it
+    config = build_config(mtt, None, recorded["settings"])
+    assert run_fingerprint("mtt", config, "fashion-mnist", 10, 0) == "c98d750bad9431ad"

@@ -217,6 +217,13 @@ def test_a_set_made_before_its_preset_changed_is_flagged_and_not_taken_as_done(t
     save_synthetic_set(path, sset)
     drift = results.preset_drift(cell, results.load(cell))
     assert drift == {"max_start_epoch": (preset["max_start_epoch"] - 3, preset["max_start_epoch"])}
+    # a set made before match_span_epochs was renamed records it as expert_epochs: still compared
+    renamed = {k: v for k, v in sset.config.items() if k != "match_span_epochs"}
+    sset.config = {**renamed, "max_start_epoch": preset["max_start_epoch"], "expert_epochs": 3}
+    save_synthetic_set(path, sset)
+    assert results.preset_drift(cell, results.load(cell)) == {"match_span_epochs": (3, preset["match_span_epochs"])}
+    sset.config = {**sset.config, "max_start_epoch": preset["max_start_epoch"] - 3}
+    save_synthetic_set(path, sset)
     commands, messages = [], []
     monkeypatch.setattr(results.subprocess, "run", lambda command, **kwargs: commands.append(command))
     monkeypatch.setattr(results, "ROOT", tmp_path)

@@ -39,7 +39,7 @@ def linear_forward(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def base(**overrides) -> dict:
-    values = dict(width=8, experts=2, expert_train_epochs=8, syn_steps=4, expert_epochs=2, max_start_epoch=2,
+    values = dict(width=8, experts=2, expert_train_epochs=8, syn_steps=4, match_span_epochs=2, max_start_epoch=2,
                   iterations=4, checkpoint_every=2, lr_img=10.0, lr_lr=1e-5)
     return {**values, **overrides}
 
@@ -60,7 +60,7 @@ def test_datm_window_grows_linearly_then_stays():
     ("datm-tiny-ipc10", 40, 100, 1e-4, 10, 500)])
 def test_datm_published_presets_carry_the_published_settings(name, steps, lr_img, lr_lr, lr_label, batch_syn):
     c = DATM.presets[name]
-    assert (c.syn_steps, c.expert_epochs, c.lr_img, c.lr_lr, c.lr_label, c.batch_syn) == (
+    assert (c.syn_steps, c.match_span_epochs, c.lr_img, c.lr_lr, c.lr_label, c.batch_syn) == (
         steps, 2, lr_img, lr_lr, lr_label, batch_syn)
     assert c.iterations == 10000 and c.zca and c.labels == "learned"
     assert (c.gate_threshold == 1.1) == (name == "datm-cifar10-ipc1")
@@ -273,7 +273,7 @@ def test_ast_balanced_loss_scales_with_the_start_epoch():
 
 
 def test_ast_intermediate_matching_adds_weighted_targets_at_the_right_steps():
-    config = TrajectoryConfig(**base(ast_intermediate_weight=0.3, expert_epochs=3, syn_steps=6, max_start_epoch=2))
+    config = TrajectoryConfig(**base(ast_intermediate_weight=0.3, match_span_epochs=3, syn_steps=6, max_start_epoch=2))
     unroll, _, trajectory = _unroll_for(config, start_epoch=1)
     steps = sorted((t.step, t.weight, float(t.params[0])) for t in unroll.targets)
     assert steps == [(2, 0.3, 2.0), (4, 0.3, 3.0), (6, 1.0, 4.0)]

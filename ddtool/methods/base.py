@@ -146,7 +146,9 @@ def get_method_class(name: str) -> type[Method]:
 def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> str:
     """Names the work folder of a run, so --resume finds it: the settings, and the method's
     revision, as the settings alone cannot tell a checkpoint made before a fix from one after."""
-    settings = dataclasses.asdict(config)
+    # a renamed setting is hashed under its first name: runs made before the rename stay findable
+    first_names = {new: old for old, new in getattr(type(config), "renamed_settings", {}).items()}
+    settings = {first_names.get(name, name): value for name, value in dataclasses.asdict(config).items()}
     # settings added later keep the runs made before them findable while at their default
     for name, default in _ADDED_LATER.items():
         if settings.get(name, object()) == default:
@@ -194,6 +196,7 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
         base = method_cls.presets[preset]
     else:
         base = method_cls.config_class()
+    overrides = current_names(method_cls.config_class, overrides)
     valid = {f.name for f in dataclasses.fields(method_cls.config_class)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
@@ -207,6 +210,20 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
     if given:
         raise ConfigError("; ".join(f"{unused[name]}: drop {name}={overrides[name]}" for name in given) + ".")
     return config
+
+
+def current_names(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with each old name `config_class` lists in its `renamed_settings` replaced by
+    the current one; ConfigError when a setting is given under both names."""
+    renamed = getattr(config_class, "renamed_settings", {})
+    current: dict[str, Any] = {}
+    for name, value in settings.items():
+        new = renamed.get(name, name)
+        if new != name and new in settings:
+            raise ConfigError(f"{name} is the former name of {new}, and both were given; keep {new}={settings[new]} "
+                              f"or {name}={value}, not both.")
+        current[new] = value
+    return current
 
 
 def require_finite(config: Any) -> None:
@@ -226,6 +243,7 @@ def parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}.")
         key, text = (part.strip() for part in pair.split("=", 1))
+        key = getattr(config_class, "renamed_settings", {}).get(key, key)
         if key not in hints:
             known = f"settings: {', '.join(sorted(hints))}" if hints else "this method has no settings"
             raise ConfigError(f"No setting {key!r}; {known}.")

@@ -76,7 +76,7 @@ class BudgetPlan:
 def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
     """`method` (a TrajectoryMatching) with its configuration sized to `seconds` on this machine."""
     base = method.config
-    span = base.expert_epochs
+    span = base.match_span_epochs
     probe = _sized(method, base, 2, MAX_EXPERT_EPOCHS, 1, seconds)
     expert_config = expert_config_for(probe, ctx)
     images = training_images(expert_config, ctx.data)

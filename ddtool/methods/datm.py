@@ -44,10 +44,12 @@ class DATMConfig(TrajectoryConfig):
         final = self.max_start_epoch_final or self.max_start_epoch
         if final < self.max_start_epoch:
             raise ConfigError("max_start_epoch_final must be at least max_start_epoch.")
-        if final - 1 + self.expert_epochs > self.expert_train_epochs:
-            raise ConfigError(f"Start epochs up to {final - 1} plus expert_epochs={self.expert_epochs} need experts "
-                              f"of {final - 1 + self.expert_epochs} epochs (expert_train_epochs="
-                              f"{self.expert_train_epochs}).")
+        if final - 1 + self.match_span_epochs > self.expert_train_epochs:
+            need = final - 1 + self.match_span_epochs
+            raise ConfigError(f"Start epochs up to {final - 1} plus match_span_epochs={self.match_span_epochs} need "
+                              f"experts of {need} epochs (expert_train_epochs={self.expert_train_epochs}): lower "
+                              f"max_start_epoch_final to at most {self.expert_train_epochs - self.match_span_epochs + 1}"
+                              f", or raise expert_train_epochs to {need}.")
         if self.gate_threshold < 0 or self.window_grow_iterations < 0:
             raise ConfigError("gate_threshold and window_grow_iterations must be >= 0.")
         if self.correct_only_init and self.labels != "learned":
@@ -63,7 +65,7 @@ def _datm(base: TrajectoryConfig, **changes) -> DATMConfig:
 
 
 _DATM_CIFAR = dict(experts=100, expert_train_epochs=100, expert_optimizer="gsam", zca=True, syn_steps=80,
-                   expert_epochs=2, iterations=10000)
+                   match_span_epochs=2, iterations=10000)
 
 
 # DATM's IPC-10 and IPC-50 variants, on MTT's 20-epoch experts: the window grows from a fifth
@@ -109,8 +111,8 @@ class DATM(TrajectoryMatching):
     budget_window_start_share = 0.2
 
     def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
-        final = start_epochs_below(self.budget_start_share, epochs, base.expert_epochs)
-        start = min(final, start_epochs_below(self.budget_window_start_share, epochs, base.expert_epochs))
+        final = start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)
+        start = min(final, start_epochs_below(self.budget_window_start_share, epochs, base.match_span_epochs))
         return {"max_start_epoch": start, "max_start_epoch_final": final, "window_grow_iterations": iterations}
 
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:

@@ -79,10 +79,10 @@ class MethodSettings:
 
 
 # The two expert spans read alike; the listing says which is which wherever both exist.
-EXPERT_SPANS_NOTE = ("The two expert spans: expert_epochs is M, the matching span (the expert epochs one segment "
+EXPERT_SPANS_NOTE = ("The two expert spans: match_span_epochs is M, the matching span (the expert epochs one segment "
                      "matches, from θ*_t to θ*_{t+M}); expert_train_epochs is E, how long each expert is trained "
                      "(its whole trajectory). The last start epoch plus M must fit in E: max_start_epoch - 1 + "
-                     "expert_epochs <= expert_train_epochs.")
+                     "match_span_epochs <= expert_train_epochs.")
 
 
 def describe_settings(method: str, preset: str | None = None, ipc: int | None = None) -> MethodSettings:
@@ -102,7 +102,7 @@ def describe_settings(method: str, preset: str | None = None, ipc: int | None = 
     named = preset or method_cls.default_preset
     notes = []
     names = {s.name for s in settings}
-    if {"expert_epochs", "expert_train_epochs"} <= names:
+    if {"match_span_epochs", "expert_train_epochs"} <= names:
         notes.append(EXPERT_SPANS_NOTE)
     if preset is None and method_cls.fits_budget:
         notes += _default_budget_notes(method)

@@ -174,7 +174,7 @@ class TrajectoryMatching(Method):
     def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
         """The matching settings of a budgeted run on `epochs`-epoch experts over `iterations`
         outer iterations: start epochs spread in proportion to the trajectory's length."""
-        return {"max_start_epoch": start_epochs_below(self.budget_start_share, epochs, base.expert_epochs)}
+        return {"max_start_epoch": start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)}
 
     def describe_start_epochs(self) -> str:
         low, high = self.start_epoch_range(0)
@@ -186,7 +186,7 @@ class TrajectoryMatching(Method):
             f"{self.name}: {ctx.ipc} image{'s' if ctx.ipc != 1 else ''}/class of {ctx.data.spec.name} "
             f"({ctx.ipc * ctx.data.spec.num_classes} images), "
             f"{self.student_arch()}, {c.iterations} iterations of N={c.syn_steps} student steps against "
-            f"M={c.expert_epochs} expert epochs, {self.describe_start_epochs()}, "
+            f"M={c.match_span_epochs} expert epochs, {self.describe_start_epochs()}, "
             f"backend {self.choose_backend(ctx).describe()}, labels {c.labels}, init {c.init}"
             + (f", {c.segments_per_iteration} segments per iteration" if c.segments_per_iteration > 1 else "")
             + (f", saves the images' moving average (decay {c.ema_decay}"
@@ -479,7 +479,7 @@ class TrajectoryMatching(Method):
             # Segment 0 keeps the single-segment stream: one segment per iteration draws what it always did.
             rng = generator(seed, "iteration", iteration) if index == 0 else generator(seed, "iteration", iteration,
                                                                                         index)
-            expert, start_epoch = experts.sample_segment(rng, high, c.expert_epochs, min_start=low)
+            expert, start_epoch = experts.sample_segment(rng, high, c.match_span_epochs, min_start=low)
             segments.append(Segment(expert, start_epoch, rng))
         return segments
 
@@ -522,12 +522,12 @@ class TrajectoryMatching(Method):
         """The student's unroll for one segment, with AST's options applied."""
         c = self.config
         expert_start = experts.params(expert, start_epoch).to(device)
-        final = experts.params(expert, start_epoch + c.expert_epochs).to(device)
+        final = experts.params(expert, start_epoch + c.match_span_epochs).to(device)
         targets = [MatchTarget(step=c.syn_steps, params=final, normaliser=(expert_start - final).pow(2).sum())]
         if c.ast_intermediate_weight:
-            for m in range(1, c.expert_epochs):
+            for m in range(1, c.match_span_epochs):
                 middle = experts.params(expert, start_epoch + m).to(device)
-                targets.append(MatchTarget(step=max(1, round(c.syn_steps * m / c.expert_epochs)), params=middle,
+                targets.append(MatchTarget(step=max(1, round(c.syn_steps * m / c.match_span_epochs)), params=middle,
                                            normaliser=(expert_start - middle).pow(2).sum(),
                                            weight=c.ast_intermediate_weight))
         start = expert_start
@@ -651,7 +651,7 @@ class TrajectoryMatching(Method):
         the images; a saved set needs one labelling, and its student must train on the labels the
         images were distilled for: the experts' mean logits at the last target epoch."""
         c = self.config
-        epoch = self.start_epoch_range(c.iterations)[1] - 1 + c.expert_epochs
+        epoch = self.start_epoch_range(c.iterations)[1] - 1 + c.match_span_epochs
         params = [experts.params(e, epoch).to(device) for e in range(experts.num_experts)]
 
         def relabel(images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ddtool.errors import ConfigError
 from ddtool.matching.engine import BACKENDS
@@ -27,7 +28,11 @@ AUTO_BACKEND = "auto"  # the backend setting that lets the run choose (Trajector
 class TrajectoryConfig:
     """The settings of a trajectory-matching run; each field's meaning is its `setting` text
     (`ddtool methods mtt` lists them). Notation of docs/methods.md: N = syn_steps, M =
-    expert_epochs (the matching span), E = expert_train_epochs (how long experts train)."""
+    match_span_epochs (the matching span), E = expert_train_epochs (how long experts train)."""
+
+    # Old names of renamed settings, still taken wherever settings are given (--set, a settings
+    # dict, a set file's record), so that sets and scripts made before a rename run again.
+    renamed_settings: ClassVar[dict[str, str]] = {"expert_epochs": "match_span_epochs"}
 
     # The student/expert network.
     arch: str = setting("convnet", "the network the experts and the student train, a bare name (convnet, resnet18, "
@@ -38,7 +43,7 @@ class TrajectoryConfig:
     # Experts (trained or found by configuration).
     experts: int = setting(10, "how many expert trajectories are trained (or found in the cache) and matched")
     expert_train_epochs: int = setting(20, "E, how long each expert is trained: the epochs of its whole trajectory "
-                                           "(not the matching span M, expert_epochs)")
+                                           "(not the matching span M, match_span_epochs)")
     expert_lr: float = setting(0.01, "the experts' learning rate")
     expert_momentum: float = setting(0.0, "the experts' SGD momentum")
     expert_weight_decay: float = setting(0.0, "the experts' weight decay")
@@ -55,14 +60,14 @@ class TrajectoryConfig:
     expert_seed: int = setting(0, "which buffer of experts: experts are shared by runs of any seed, this picks them")
     expert_precision: str = setting("fp32", "the experts' training forward passes: fp32, or bf16 autocast (a GPU's "
                                             "speed; a buffer of its own)")
-    # Matching (docs/methods.md notation: N = syn_steps, M = expert_epochs, T+ = max_start_epoch).
+    # Matching (docs/methods.md notation: N = syn_steps, M = match_span_epochs, T+ = max_start_epoch).
     syn_steps: int = setting(20, "N: the student's SGD steps on the synthetic set in one segment (the unroll)")
-    expert_epochs: int = setting(2, "M, the matching span: the expert epochs one segment spans (N student steps "
-                                    "from θ*_t are matched to θ*_{t+M}); not how long experts train "
-                                    "(expert_train_epochs)")
+    match_span_epochs: int = setting(2, "M, the matching span: the expert epochs one segment spans (N student steps "
+                                        "from θ*_t are matched to θ*_{t+M}; formerly expert_epochs); not how long "
+                                        "experts train (expert_train_epochs)")
     min_start_epoch: int = setting(0, "the lowest start epoch t a segment is drawn from")
     max_start_epoch: int = setting(10, "start epochs are drawn from [min_start_epoch, max_start_epoch); "
-                                       "max_start_epoch - 1 + expert_epochs must be at most expert_train_epochs")
+                                       "max_start_epoch - 1 + match_span_epochs must be at most expert_train_epochs")
     batch_syn: int = setting(0, "synthetic images in each inner step's minibatch (0: the whole set at every step)")
     backend: str = setting("auto", "the gradient's backend: auto (bptt where N steps' activations fit in a quarter "
                                    "of the device's memory, else exact) | bptt | exact | tesla")
@@ -115,7 +120,7 @@ class TrajectoryConfig:
                                    "training included (0: none); `ddtool distill --budget` sizes the run to it")
 
     def __post_init__(self) -> None:
-        positive = ("experts", "expert_train_epochs", "syn_steps", "expert_epochs", "iterations",
+        positive = ("experts", "expert_train_epochs", "syn_steps", "match_span_epochs", "iterations",
                     "checkpoint_every", "eval_epochs", "eval_networks", "segments_per_iteration")
         for name in positive:
             if getattr(self, name) < 1:
@@ -135,13 +140,13 @@ class TrajectoryConfig:
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
         # Start epochs are drawn from [min, max): the last, max - 1, needs max - 1 + M stored epochs.
-        if self.max_start_epoch - 1 + self.expert_epochs > self.expert_train_epochs:
+        if self.max_start_epoch - 1 + self.match_span_epochs > self.expert_train_epochs:
             raise ConfigError(
-                f"Start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} need experts "
-                f"trained for at least {self.max_start_epoch - 1 + self.expert_epochs} epochs "
+                f"Start epochs up to {self.max_start_epoch - 1} plus match_span_epochs={self.match_span_epochs} "
+                f"need experts trained for at least {self.max_start_epoch - 1 + self.match_span_epochs} epochs "
                 f"(expert_train_epochs={self.expert_train_epochs}): lower max_start_epoch to at most "
-                f"{self.expert_train_epochs - self.expert_epochs + 1}, or raise expert_train_epochs to "
-                f"{self.max_start_epoch - 1 + self.expert_epochs}."
+                f"{self.expert_train_epochs - self.match_span_epochs + 1}, or raise expert_train_epochs to "
+                f"{self.max_start_epoch - 1 + self.match_span_epochs}."
             )
         if ":" in self.arch:
             raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
@@ -193,10 +198,10 @@ class TrajectoryConfig:
 # "cpu": the base fits a 2-core CPU in about half an hour end to end (3 small experts x 6
 # epochs, width 32); its IPC-10 and IPC-50 variants train 20-epoch experts (about 76 min, once).
 # "gpu": the full setting (width 128, more experts and iterations).
-FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, expert_epochs=2,
+FASHION_CPU = TrajectoryConfig(width=32, experts=3, expert_train_epochs=6, syn_steps=10, match_span_epochs=2,
                                max_start_epoch=4, batch_syn=100, iterations=100, lr_img=100.0, lr_lr=1e-5,
                                lr_init=0.01, checkpoint_every=20)
-FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, expert_epochs=2,
+FASHION_GPU = TrajectoryConfig(width=128, experts=20, expert_train_epochs=30, syn_steps=40, match_span_epochs=2,
                                max_start_epoch=20, iterations=5000, lr_img=100.0, lr_lr=1e-5, lr_init=0.01,
                                checkpoint_every=200, eval_every=500)
 
@@ -235,23 +240,23 @@ def with_ipc_variants(presets: dict[str, TrajectoryConfig],
 # The published MTT settings (docs/methods.md §2): CIFAR experts are 50-epoch ConvNet-3 runs.
 _CIFAR = dict(experts=100, expert_train_epochs=50, iterations=5000)
 PUBLISHED_MTT = {
-    "cifar10-ipc1": TrajectoryConfig(syn_steps=50, expert_epochs=2, max_start_epoch=2, zca=True, lr_img=100,
+    "cifar10-ipc1": TrajectoryConfig(syn_steps=50, match_span_epochs=2, max_start_epoch=2, zca=True, lr_img=100,
                                      lr_lr=1e-7, lr_init=0.01, **_CIFAR),
-    "cifar10-ipc10": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=20, zca=True, lr_img=100,
+    "cifar10-ipc10": TrajectoryConfig(syn_steps=30, match_span_epochs=2, max_start_epoch=20, zca=True, lr_img=100,
                                       lr_lr=1e-5, lr_init=0.001, **_CIFAR),
-    "cifar10-ipc50": TrajectoryConfig(syn_steps=30, expert_epochs=2, max_start_epoch=40, zca=False, lr_img=1000,
+    "cifar10-ipc50": TrajectoryConfig(syn_steps=30, match_span_epochs=2, max_start_epoch=40, zca=False, lr_img=1000,
                                       lr_lr=1e-5, lr_init=0.001, **_CIFAR),
-    "cifar100-ipc1": TrajectoryConfig(syn_steps=20, expert_epochs=3, max_start_epoch=20, zca=True, lr_img=1000,
+    "cifar100-ipc1": TrajectoryConfig(syn_steps=20, match_span_epochs=3, max_start_epoch=20, zca=True, lr_img=1000,
                                       lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "cifar100-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=20, zca=False, lr_img=1000,
+    "cifar100-ipc10": TrajectoryConfig(syn_steps=20, match_span_epochs=2, max_start_epoch=20, zca=False, lr_img=1000,
                                        lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "cifar100-ipc50": TrajectoryConfig(syn_steps=80, expert_epochs=2, max_start_epoch=40, batch_syn=125, zca=True,
+    "cifar100-ipc50": TrajectoryConfig(syn_steps=80, match_span_epochs=2, max_start_epoch=40, batch_syn=125, zca=True,
                                        lr_img=1000, lr_lr=1e-5, lr_init=0.01, **_CIFAR),
-    "tiny-ipc1": TrajectoryConfig(syn_steps=10, expert_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4,
+    "tiny-ipc1": TrajectoryConfig(syn_steps=10, match_span_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4,
                                   lr_init=0.01, depth=4, **_CIFAR),
-    "tiny-ipc10": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=200, lr_img=1e4,
+    "tiny-ipc10": TrajectoryConfig(syn_steps=20, match_span_epochs=2, max_start_epoch=40, batch_syn=200, lr_img=1e4,
                                    lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
-    "tiny-ipc50": TrajectoryConfig(syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=300, lr_img=1e4,
+    "tiny-ipc50": TrajectoryConfig(syn_steps=20, match_span_epochs=2, max_start_epoch=40, batch_syn=300, lr_img=1e4,
                                    lr_lr=1e-4, lr_init=0.01, depth=4, **_CIFAR),
 }
 
