@@ -139,19 +139,25 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
                     data_root: str | None = None, preset: str | None = None,
                     settings: dict[str, Any] | None = None, budget: str | float | None = None, seed: int = 0,
                     device: str | torch.device = "auto", resume: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print) -> DistillRun:
+                    log: Callable[[str], None] = print, data: PreparedData | None = None,
+                    work_dir: str | Path | None = None) -> DistillRun:
     """Resolve a run: the method's preset (its variant for `ipc`) with `settings` applied, the
     data, the work folder; with `budget` (seconds, or a text such as "30m"), the configuration
     sized to it on this machine (trajectory methods). `method` None: `default_method`. Without
     a budget, a CPU run on a dataset of DEFAULT_CPU_RECIPES that names no preset and sizes
-    nothing itself gets that dataset's budget. Nothing is trained or written."""
+    nothing itself gets that dataset's budget. Nothing is trained or written.
+
+    For scripts that run many cells: `data`, the dataset already prepared (`dataset` and
+    `data_root` are then not read; it must be whitened exactly when the method whitens), and
+    `work_dir`, a folder of their own for checkpoints and the log in place of the cache's
+    folder named by the run's fingerprint (where --resume finds it)."""
     method_by_default = method is None
     method = default_method(dataset, device) if method is None else method
     method_cls = get_method_class(method)
     overrides = dict(settings or {})
     config = build_config(method_cls, preset, overrides, ipc=ipc)
     torch_device = distributed.device_for_rank(resolve_device(device) if isinstance(device, str) else device)
-    spec = get_spec(dataset)
+    spec = get_spec(dataset) if data is None else data.spec
     budget_s = None if budget is None else parse_duration(budget)
     recipe = _cpu_recipe(spec.name, torch_device)
     by_default = budget_s is None and preset is None and not SIZED_BY_BUDGET & set(overrides) and \
@@ -169,9 +175,15 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
                               f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
         config = dataclasses.replace(config, budget_s=float(budget_s))
     method_obj = method_cls(config)
-    data = prepare(spec.name, data_root, zca=method_obj.whitens, device=torch_device)
-    work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
-    ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=work_dir, data_root=data_root,
+    if data is None:
+        data = prepare(spec.name, data_root, zca=method_obj.whitens, device=torch_device)
+    elif (data.preprocessing.zca is not None) != method_obj.whitens:
+        raise ConfigError(f"{method} {'works on ZCA-whitened' if method_obj.whitens else 'does not whiten'} images "
+                          f"and the data given {'are' if data.preprocessing.zca is not None else 'are not'} "
+                          f"whitened: prepare them with zca={method_obj.whitens}.")
+    if work_dir is None:
+        work_dir = cache_root() / "runs" / run_fingerprint(method, config, data.spec.name, ipc, seed)
+    ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=Path(work_dir), data_root=data_root,
                          resume=resume, progress=progress, log=log)
     run = DistillRun(method_obj, resolve_preset(method_cls, preset, ipc), overrides, ctx,
                      budget_by_default=by_default, method_by_default=method_by_default)

@@ -77,10 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     from ddtool.data import prepare, sample_per_class
     from ddtool.device import resolve_device
     from ddtool.experts import run_buffer, store_path_for
-    from ddtool.methods.base import DistillContext
     from ddtool.methods.experts import expert_config_for
-    from ddtool.methods.trajectory import MTT
     from ddtool.methods.trajectory_config import FASHION_CPU
+    from ddtool.run import prepare_distill
     from ddtool.seeding import generator
 
     if distributed.launched_by_torchrun():
@@ -93,20 +92,21 @@ def worker(args: argparse.Namespace) -> None:
     data = dataclasses.replace(full, train_x=full.train_x[keep], train_y=full.train_y[keep],
                                train_indices=full.train_indices[keep.cpu()], test_x=full.test_x[:1000],
                                test_y=full.test_y[:1000])
-    config = dataclasses.replace(FASHION_CPU, experts=args.experts, expert_train_epochs=args.epochs,
-                                 max_start_epoch=args.epochs - FASHION_CPU.match_span_epochs,
-                                 segments_per_iteration=args.segments, iterations=args.iterations,
-                                 checkpoint_every=args.iterations, eval_every=0)
+    # the fashion-cpu preset at IPC 10 with short experts (E = --epochs, every start epoch that fits)
+    settings = {"experts": args.experts, "expert_train_epochs": args.epochs,
+                "max_start_epoch": args.epochs - FASHION_CPU.match_span_epochs,
+                "segments_per_iteration": args.segments, "iterations": args.iterations,
+                "checkpoint_every": args.iterations, "eval_every": 0}
     work_dir = Path(os.environ["DDTOOL_CACHE"]) / "run"
-    ctx = DistillContext(data=data, ipc=10, seed=0, device=device, work_dir=work_dir, progress=False,
-                         log=lambda message: None)
-    experts = expert_config_for(config, ctx)
+    run = prepare_distill("mtt", 10, preset="fashion-cpu", settings=settings, device=device, progress=False,
+                          log=lambda message: None, data=data, work_dir=work_dir)
+    experts = expert_config_for(run.config, run.ctx)
 
     distributed.barrier()
     started = time.perf_counter()
     run_buffer(experts, store_path_for(experts), data, device, progress=False)  # ends with a barrier
     buffer_seconds = time.perf_counter() - started
-    MTT(config).distill(ctx)
+    run.distill()
     if distributed.is_main():
         log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
         Path(args.result).write_text(json.dumps({

@@ -20,7 +20,6 @@ the SRe2L and CDA evaluations share it. Every evaluation is also recorded in its
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import time
@@ -31,9 +30,10 @@ import torch
 from ddtool.data import prepare, sample_per_class
 from ddtool.evaluation import Accuracies, evaluate_set, get_protocol, train_fresh_network
 from ddtool.evaluation.kd import LiveTeacher
-from ddtool.methods.base import DistillContext, build_config, get_method_class
+from ddtool.methods.base import build_config, get_method_class
 from ddtool.methods.teacher import squeeze
 from ddtool.paths import cache_dir
+from ddtool.run import prepare_distill
 from ddtool.seeding import generator
 from ddtool.storage import append_evaluation, load_synthetic_set, save_synthetic_set
 
@@ -78,12 +78,13 @@ def estimate(data, args) -> None:
     total = 0.0
     for ipc in args.ipc:
         def recover_seconds(iterations: int) -> float:
-            probe = cls(dataclasses.replace(config, iterations=iterations, relabel="live"))
-            ctx = DistillContext(data=data, ipc=ipc, seed=args.seed, device=torch.device("cpu"),
-                                 work_dir=cache_dir("runs", "curriculum-table", "estimate"), progress=False,
-                             log=lambda m: None)
+            probe = prepare_distill(cls.name, ipc, preset=PRESET, seed=args.seed, device="cpu", progress=False,
+                                    settings={"relabel_epochs": args.epochs, "iterations": iterations,
+                                              "relabel": "live"},
+                                    log=lambda m: None, data=data,
+                                    work_dir=cache_dir("runs", "curriculum-table", "estimate"))
             start = time.perf_counter()
-            probe.distill(ctx)
+            probe.distill()
             return time.perf_counter() - start
 
         def kd_seconds(epochs: int) -> float:
@@ -115,14 +116,11 @@ def run(data, args) -> None:
     started = time.perf_counter()
     for ipc in args.ipc:
         for method in METHODS:
-            cls, config = config_for(method, args.epochs)
-            ctx = DistillContext(data=data, ipc=ipc, seed=args.seed, device=torch.device("cpu"),
-                                 work_dir=cache_dir("runs", "curriculum-table", f"{method}-ipc{ipc}-seed{args.seed}"),
-                                 progress=args.progress)
             print(f"== {method} IPC {ipc}: distilling ({PRESET} preset)", flush=True)
-            start = time.perf_counter()
-            sset = cls(config).distill(ctx)
-            sset.config["seconds"] = round(time.perf_counter() - start, 1)  # as `ddtool distill` records it
+            sset = prepare_distill(method, ipc, preset=PRESET, settings={"relabel_epochs": args.epochs},
+                                   seed=args.seed, device="cpu", progress=args.progress, data=data,
+                                   work_dir=cache_dir("runs", "curriculum-table", f"{method}-ipc{ipc}-seed{args.seed}"),
+                                   ).distill()
             path = set_path(args.out_dir, method, ipc)
             save_synthetic_set(path, sset)
             print(f"== {method} IPC {ipc}: evaluating under {protocol.name} ({args.runs} runs x {args.epochs} epochs)",

@@ -19,14 +19,13 @@ import argparse
 import itertools
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from ddtool.data import prepare, sample_per_class
 from ddtool.evaluation import get_protocol, train_fresh_network
-from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides
+from ddtool.methods.base import build_config, get_method_class, parse_overrides
+from ddtool.run import prepare_distill
 from ddtool.seeding import derive_seed, generator
 
 
@@ -69,13 +68,11 @@ def main() -> None:
     for values in itertools.product(*[vals for _, vals in axes]):
         overrides = parse_overrides(method_cls.config_class, tuple(f"{k}={v}" for k, v in zip(header, values)))
         overrides["iterations"] = args.iterations
-        config = build_config(method_cls, args.preset, overrides, ipc=args.ipc)
-        method = method_cls(config)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
-            ctx = DistillContext(data=data, ipc=args.ipc, seed=args.seed, device=torch.device("cpu"),
-                                 work_dir=Path(work), progress=False, log=lambda m: None)
-            sset = method.distill(ctx)
+            run = prepare_distill(args.method, args.ipc, preset=args.preset, settings=overrides, seed=args.seed,
+                                  device="cpu", progress=False, log=lambda m: None, data=data, work_dir=work)
+            method, sset = run.method, run.distill()
         targets = sset.soft_targets() if sset.is_soft else sset.hard_labels()
         scores = [validation_score(sset.images, targets, data, args, protocol, sset.learned_lr or protocol.lr,
                                    method.student_arch(), run) for run in range(args.val_runs)]

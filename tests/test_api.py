@@ -52,3 +52,18 @@ def test_a_budget_is_checked_before_any_work(fashion_root):
         ddtool.distill("mtt", ipc=1, budget="3s", data_root=fashion_root, settings={"width": 8}, progress=False)
     with pytest.raises(ConfigError, match="has no settings to size"):
         ddtool.distill("random", ipc=1, budget="3m", data_root=fashion_root, progress=False)
+
+
+def test_a_run_on_data_already_prepared_keeps_its_log_in_the_folder_given(tmp_path, fashion_root):
+    """What scripts that run many cells use: the data prepared once, a work folder of their own."""
+    from ddtool.data import prepare
+    from ddtool.run import prepare_distill
+
+    data = prepare("fashion-mnist", fashion_root)
+    run = prepare_distill("random", ipc=1, data=data, work_dir=tmp_path / "cell", progress=False, log=lambda m: None)
+    assert run.data is data and run.work_dir == tmp_path / "cell"
+    sset = run.distill()
+    assert sset.num_images == 10 and sset.config["seconds"] >= 0 and sset.timings["hardware"]
+    # a whitening method is refused data prepared without whitening (and the other way round)
+    with pytest.raises(ConfigError, match="zca=True"):
+        prepare_distill("mtt", ipc=1, settings={"zca": True, "width": 8}, data=data, work_dir=tmp_path / "zca")
