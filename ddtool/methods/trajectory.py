@@ -332,16 +332,7 @@ class TrajectoryMatching(Method):
         if distributed.is_main():
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / self.checkpoint_name
-        state = load_checkpoint(checkpoint, device) if ctx.resume else None
-        if state is None:
-            images, hard, logits = self.initialise(ctx, experts, forward)
-            state = MatchingState(iteration=0, images=images.to(device), hard_labels=hard.to(device),
-                                  lr=torch.tensor(c.lr_init, device=device),
-                                  label_logits=logits.to(device) if logits is not None else None,
-                                  optimizer_states={})
-            self.on_start(state)
-        else:
-            ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
+        state = self._starting_state(ctx, experts, forward, checkpoint)
         resumed_after = state.elapsed
         watch = self._divergence_watch(state)
         images = state.images.requires_grad_(True)
@@ -379,21 +370,7 @@ class TrajectoryMatching(Method):
             result = self._mean_over_segments(
                 [self._segment_gradients(segments[s], experts, forward, layout, backend, dsa, state)
                  for s in my_segments])
-            diverged = watch.check_gradients(result.loss, [result.grad_images, result.grad_lr] + (
-                [result.grad_label_logits] if result.grad_label_logits is not None else []))
-            skipped = None if diverged else self.skip_reason(result)
-            lr_clamped = False
-            if not diverged and not skipped:
-                images.grad, lr.grad = result.grad_images, result.grad_lr.reshape(lr.shape)
-                if label_logits is not None:
-                    label_logits.grad = result.grad_label_logits
-                for opt in optimizers.values():
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    lr_clamped = bool(lr < c.lr_init * c.min_lr_factor)
-                    lr.clamp_(min=c.lr_init * c.min_lr_factor)
-                diverged = watch.check_update(images, lr, label_logits, result.loss, lr_clamped)
+            diverged, skipped, lr_clamped = self._update(result, images, lr, label_logits, optimizers, watch)
             if diverged:
                 elapsed = state.elapsed + time.perf_counter() - started
                 watch.record(diverged)
@@ -413,9 +390,9 @@ class TrajectoryMatching(Method):
                 if len(segments) == 1:  # one segment logs plain numbers, as always; several, a list entry each
                     expert, start_epoch = expert[0], start_epoch[0]
                 append_log(log_path, {"iteration": it, "loss": result.loss, "target_loss": result.target_loss,
-                                     "lr": float(lr.detach()),
-                                     "lr_clamped": lr_clamped, "skipped": skipped, "expert": expert,
-                                     "start_epoch": start_epoch, "seconds": time.perf_counter() - started})
+                                      "lr": float(lr.detach()), "lr_clamped": lr_clamped, "skipped": skipped,
+                                      "expert": expert, "start_epoch": start_epoch,
+                                      "seconds": time.perf_counter() - started})
             if c.eval_every and it % c.eval_every == 0:
                 self._validate(ctx, state, relabel)
             if it % c.checkpoint_every == 0 or it == c.iterations:
@@ -431,6 +408,40 @@ class TrajectoryMatching(Method):
         return sset
 
     # ---- pieces of the loop -----------------------------------------------------------------
+    def _starting_state(self, ctx: DistillContext, experts: ExpertStore, forward, checkpoint) -> MatchingState:
+        """The checkpoint's state under --resume (where there is one), else the initial set."""
+        c, device = self.config, ctx.device
+        state = load_checkpoint(checkpoint, device) if ctx.resume else None
+        if state is not None:
+            ctx.log(f"Resuming from {checkpoint} at iteration {state.iteration}.")
+            return state
+        images, hard, logits = self.initialise(ctx, experts, forward)
+        state = MatchingState(iteration=0, images=images.to(device), hard_labels=hard.to(device),
+                              lr=torch.tensor(c.lr_init, device=device),
+                              label_logits=logits.to(device) if logits is not None else None, optimizer_states={})
+        self.on_start(state)
+        return state
+
+    def _update(self, result, images, lr, label_logits, optimizers: dict, watch) -> tuple:
+        """One outer step from the iteration's gradients, unless they diverged or the method
+        skips them: (divergence or None, skip reason or None, whether α hit its floor)."""
+        c = self.config
+        diverged = watch.check_gradients(result.loss, [result.grad_images, result.grad_lr] + (
+            [result.grad_label_logits] if result.grad_label_logits is not None else []))
+        skipped = None if diverged else self.skip_reason(result)
+        if diverged or skipped:
+            return diverged, skipped, False
+        images.grad, lr.grad = result.grad_images, result.grad_lr.reshape(lr.shape)
+        if label_logits is not None:
+            label_logits.grad = result.grad_label_logits
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            lr_clamped = bool(lr < c.lr_init * c.min_lr_factor)
+            lr.clamp_(min=c.lr_init * c.min_lr_factor)
+        return watch.check_update(images, lr, label_logits, result.loss, lr_clamped), None, lr_clamped
+
     def _experts_within_budget(self, ctx: DistillContext):
         """The run's experts, trained or found. Under a budget, experts that cost less than their
         share make room for more of them, and the iterations are counted again from what the
