@@ -655,7 +655,7 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     """Accuracy against IPC per method, the matching loss over iterations, an image grid per set."""
     from ddtool.storage import save_grid_png
 
-    from ddtool.storage.formats import auto_grid_scale
+    from ddtool.storage.picture import auto_grid_scale
 
     folder.mkdir(parents=True, exist_ok=True)
     made = []

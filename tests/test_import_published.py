@@ -23,7 +23,7 @@ from ddtool import data
 from ddtool.data.preprocess import ZCA, Preprocessing
 from ddtool.errors import ConfigError, FormatError
 from ddtool.storage import import_set, load_synthetic_set
-from ddtool.storage.formats import check_learned_lr
+from ddtool.storage.importers import check_learned_lr
 
 CLASSES = ["a", "b", "c"]
 SHAPE = (1, 4, 4)  # a 16-dimensional ZCA: quick to fit

@@ -28,7 +28,7 @@ from ddtool.storage import (
     save_grid_png,
     save_synthetic_set,
 )
-from ddtool.storage.formats import GRID_PADDING
+from ddtool.storage.picture import GRID_PADDING
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover"]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "synthetic-set-format.md"
@@ -736,7 +736,7 @@ def test_grid_png(tmp_path):
 
 
 def test_grid_png_scaled_with_class_names(tmp_path):
-    from ddtool.storage.formats import auto_grid_scale
+    from ddtool.storage.picture import auto_grid_scale
 
     sset = make_set(ipc=2, channels=1)
     pad, scale = GRID_PADDING, 4

@@ -42,7 +42,8 @@ from ddtool.storage import (
     save_synthetic_set,
 )
 from ddtool.files import check_writable
-from ddtool.storage.formats import auto_grid_scale, left_out_of_export
+from ddtool.storage.export import left_out_of_export
+from ddtool.storage.picture import auto_grid_scale
 
 def _print_json(value) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
@@ -449,7 +450,7 @@ def export_command(set_path, fmt, output, overwrite, bit_depth) -> None:
 def import_command(sources, fmt, dataset, zca, learned_lr, ipc, experiment, checkpoint, soft_labels,
                    label_temperature, output, overwrite, data_root) -> None:
     """`ddtool import` (its options and help: commands.py)."""
-    from ddtool.storage.formats import check_learned_lr
+    from ddtool.storage.importers import check_learned_lr
 
     misplaced = [option for option, applies in (("--checkpoint", checkpoint == "final" or fmt == "mtt"),
                                                 ("--experiment", experiment == 0 or fmt == "dc")) if not applies]

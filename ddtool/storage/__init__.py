@@ -1,17 +1,11 @@
-"""The synthetic-set HDF5 format, import/export (atomic writes: ddtool.files).
+"""The synthetic-set HDF5 format (h5file), export, import of other tools' sets, the grid picture
+(atomic writes: ddtool.files).
 
 Layout of the file: docs/synthetic-set-format.md.
 """
 
 from ddtool.files import atomic_directory, atomic_path
-from ddtool.storage.formats import (
-    EXPORT_FORMATS,
-    IMPORT_FORMATS,
-    class_folder_names,
-    export_set,
-    import_set,
-    save_grid_png,
-)
+from ddtool.storage.export import EXPORT_FORMATS, class_folder_names, export_set
 from ddtool.storage.h5file import (
     FORMAT_MARKER,
     SCHEMA_VERSION,
@@ -19,6 +13,8 @@ from ddtool.storage.h5file import (
     load_synthetic_set,
     save_synthetic_set,
 )
+from ddtool.storage.importers import IMPORT_FORMATS, import_set
+from ddtool.storage.picture import save_grid_png
 from ddtool.storage.synthetic_set import (
     EVALUATION_REQUIRED_KEYS,
     LABEL_KINDS,

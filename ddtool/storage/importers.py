@@ -1,180 +1,32 @@
-"""Export synthetic sets to other formats, import sets made by other tools, draw a grid.
+"""Import sets made by other tools: "mtt" (MTT/DATM/FTD tensors saved with torch.save), "dc"
+(Dataset Condensation result dicts), "npz" and "torch" (also what `export` writes).
 
-Export: "imagefolder" (PNGs, one folder per class), "npz", "torch" (.pt dict).
-Import: "mtt" (MTT/DATM/FTD tensors saved with torch.save), "dc" (Dataset Condensation
-result dicts), "npz" and "torch" (also what export writes).
-
-Images are always kept in network space by npz/torch; PNGs hold pixels recovered with
-`Preprocessing.invert` (rounded to 8 bits, so they are for looking at and for tools that
-want pictures, not a lossless copy). `.pt` files are read with torch.load(weights_only=True):
-tensors and plain containers only, never arbitrary pickled code.
+`.pt` files are read with torch.load(weights_only=True): tensors and plain containers only,
+never arbitrary pickled code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ddtool.data.preprocess import Preprocessing
 from ddtool.errors import ConfigError, FormatError
-from ddtool.files import atomic_directory, atomic_path, save_torch
+from ddtool.storage.export import PREPROCESSING_PREFIX
 from ddtool.storage.synthetic_set import SyntheticSet, to_plain
 
-EXPORT_FORMATS = ("imagefolder", "npz", "torch")
 IMPORT_FORMATS = ("mtt", "dc", "npz", "torch")
-
-# Grid picture: pixels between tiles, and the value (white) of padding and empty tiles.
-GRID_PADDING = 2
-_GRID_BACKGROUND = 1.0
-
-_PREPROCESSING_PREFIX = "preprocessing_"
 
 PathLike = str | os.PathLike
 
 
-# ====================================================================== export
-def export_set(sset: SyntheticSet, out: PathLike, fmt: str, *, bit_depth: int = 8) -> Path:
-    """Write `sset` to `out` in `fmt` (one of EXPORT_FORMATS); return the path written.
-
-    imagefolder: `out` is a folder (must not exist, or be empty) receiving
-        <class folder>/<index>.png per image (index = position in the set, zero-padded) and
-        labels.json (classes in order, their folder names, label kind, learned lr, the file of
-        each image, and for soft labels the stored label vector of each image). Soft-labelled
-        images go to the folder of their argmax class. Folder names are the class index and
-        name ("0_T-shirt_top"), "/" and other unsafe characters replaced, so that torchvision's
-        ImageFolder, which numbers folders in sorted order, numbers them as the set does.
-        `bit_depth` 8: 8-bit PNGs of the [0, 1] pixels (values outside are clipped, as any
-        viewer shows them). 16: 16-bit PNGs of the set's whole value range, nothing clipped:
-        labels.json's "pixel_range" [low, high] gives pixel = low + png / 65535 * (high - low).
-    npz / torch: `out` is a file with images, labels, learned_lr (when known), classes,
-        label_kind, label_temperature, dataset, ipc, method and preprocessing_<name> for every
-        array of Preprocessing.to_arrays() (mean, std, and zca_* with ZCA), all in network space.
-    """
-    writers: dict[str, Callable[[SyntheticSet, Path], None]] = {
-        "imagefolder": lambda s, o: _export_imagefolder(s, o, bit_depth),
-        "npz": _export_npz,
-        "torch": _export_torch,
-    }
-    if fmt not in writers:
-        raise ConfigError(f"Unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
-    if bit_depth not in (8, 16):
-        raise ConfigError(f"PNGs are written with 8 or 16 bits a value, not {bit_depth}.")
-    if bit_depth != 8 and fmt != "imagefolder":
-        raise ConfigError(f"--bit-depth applies to the imagefolder export; {fmt} keeps the values exactly.")
-    out = Path(out)
-    writers[fmt](sset, out)
-    return out
-
-
-def left_out_of_export(sset: SyntheticSet) -> list[str]:
-    """What a set needs for its own evaluation that no export format holds (the curriculum
-    sets' stored views and teacher, without which the kd protocol cannot train on them)."""
-    left = []
-    logits = sset.extras.get("kd_logits")
-    if logits is not None:
-        left.append(f"the stored soft labels ({logits.shape[0]} epochs of augmented views)")
-    others = sorted(name for name in sset.extras if not name.startswith("kd_"))
-    if others:
-        left.append(f"the method's arrays {', '.join(others)}")
-    if sset.teacher is not None:
-        left.append(f"the teacher network ({sset.teacher['arch']})")
-    return left
-
-
-def _export_imagefolder(sset: SyntheticSet, out: Path, bit_depth: int = 8) -> None:
-    pixels = sset.preprocessing.invert(sset.images.detach().cpu(), clamp=bit_depth == 8)
-    # 16 bits: the set's own range, at least [0, 1], so that nothing is clipped
-    low, high = min(0.0, float(pixels.min())), max(1.0, float(pixels.max()))
-    folders = class_folder_names(sset.classes)
-    classes_of_images = sset.hard_labels().tolist()
-    width = len(str(sset.num_images - 1))
-    files = []
-    with atomic_directory(out) as tmp:
-        for folder in folders:
-            (tmp / folder).mkdir()
-        for index, (image, cls) in enumerate(zip(pixels, classes_of_images)):
-            relative = f"{folders[cls]}/{index:0{width}d}.png"
-            if bit_depth == 16:
-                _write_png16(tmp / relative, (image - low) / (high - low))
-            else:
-                _to_pil(image).save(tmp / relative, format="PNG")
-            files.append(relative)
-        meta: dict[str, Any] = {
-            "dataset": sset.dataset,
-            "classes": sset.classes,
-            "folders": folders,
-            "label_kind": sset.label_kind,
-            "label_temperature": sset.label_temperature,
-            "learned_lr": sset.learned_lr,
-            "files": files,
-            **({"bit_depth": 16, "pixel_range": [low, high]} if bit_depth == 16 else {"bit_depth": 8}),
-        }
-        if sset.is_soft:
-            meta["soft_labels"] = sset.labels.cpu().tolist()
-        (tmp / "labels.json").write_text(json.dumps(meta, indent=1))
-
-
-def class_folder_names(classes: Sequence[str]) -> list[str]:
-    """File-system-safe, unique folder names for the classes, in class order, each led by its
-    zero-padded class index ("0_T-shirt_top", ..., "9_Ankle boot"; "07_Horse" among eleven
-    classes or more), so that sorting the names, as torchvision's ImageFolder numbers its classes, keeps the
-    set's class order.
-
-    "/" (as in Fashion-MNIST's "T-shirt/top"), "\\", control characters and leading dots are
-    replaced.
-    """
-    width = len(str(len(classes) - 1))
-    return [f"{index:0{width}d}_" + (re.sub(r"[\x00-\x1f/\\]", "_", name).strip().lstrip(".") or "class")
-            for index, name in enumerate(classes)]
-
-
-def _export_arrays(sset: SyntheticSet) -> dict[str, np.ndarray]:
-    """The contents shared by the npz and torch exports, as numpy arrays."""
-    arrays = {
-        "images": sset.images.detach().cpu().numpy(),
-        "labels": sset.labels.cpu().numpy(),
-        "classes": np.asarray(sset.classes, dtype=str),
-        "label_kind": np.asarray(sset.label_kind),
-        "label_temperature": np.float64(sset.label_temperature),
-        "dataset": np.asarray(sset.dataset),
-        "ipc": np.int64(sset.ipc),
-        "method": np.asarray(sset.method),
-    }
-    if sset.learned_lr is not None:
-        arrays["learned_lr"] = np.float64(sset.learned_lr)
-    for name, value in sset.preprocessing.to_arrays().items():
-        arrays[_PREPROCESSING_PREFIX + name] = np.asarray(value)
-    return arrays
-
-
-def _export_npz(sset: SyntheticSet, out: Path) -> None:
-    arrays = _export_arrays(sset)
-    # A file handle, not a name: np.savez would append ".npz" to the temporary name.
-    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-
-
-def _export_torch(sset: SyntheticSet, out: Path) -> None:
-    # Strings stay strings (the class names a list); everything numeric becomes a tensor.
-    content = {
-        name: (array.tolist() if array.dtype.kind == "U" else torch.from_numpy(np.array(array)))
-        for name, array in _export_arrays(sset).items()
-    }
-    save_torch(content, out)
-
-
-# ====================================================================== import
 # MTT, DATM and FTD write the un-whitened copy images_zca_<it>.pt only for sets under this many
 # images per class (unless run with --force_save), so below it a run with ZCA leaves one at every
 # save; at or above it the files cannot tell whether the images are whitened.
@@ -631,8 +483,8 @@ def _from_export_dict(content: dict[str, Any], path: Path) -> dict[str, Any]:
     for key in ("label_kind", "label_temperature", "ipc"):
         if key in content:
             found[key] = _plain(content[key])
-    pre = {key[len(_PREPROCESSING_PREFIX):]: _numpy(value) for key, value in content.items()
-           if key.startswith(_PREPROCESSING_PREFIX)}
+    pre = {key[len(PREPROCESSING_PREFIX):]: _numpy(value) for key, value in content.items()
+           if key.startswith(PREPROCESSING_PREFIX)}
     if pre:
         found["preprocessing"] = Preprocessing.from_arrays(pre)
     config = {key: _plain(content[key]) for key in ("dataset", "method") if key in content}
@@ -712,94 +564,3 @@ def _scalar(value: Any, path: Path) -> float:
         raise FormatError(f"The learned lr in {path} is not a single number ({exc}).") from None
 
 
-# ====================================================================== grid picture
-def save_grid_png(sset: SyntheticSet, path: PathLike, max_per_class: int = 10, *, scale: int = 1,
-                  class_names: bool = False) -> Path:
-    """One PNG with a row per class showing its first `max_per_class` images (by hard label,
-    the argmax for soft labels), un-whitened and de-normalised with Preprocessing.invert
-    (clamped, not rescaled per image, so colours are what the network sees).
-
-    Size: height = K * (H + p) + p, width = cols * (W + p) + p, with p = GRID_PADDING and
-    cols = min(max_per_class, the largest class count); short rows are padded with white.
-    Grayscale for 1-channel images, RGB for 3. `scale` enlarges every pixel to scale x scale
-    (nearest neighbour, so small images stay sharp); `class_names` adds a column at the left
-    with each row's class name.
-    """
-    if max_per_class < 1:
-        raise ConfigError(f"max_per_class must be at least 1, not {max_per_class}.")
-    if scale < 1:
-        raise ConfigError(f"scale must be at least 1, not {scale}.")
-    labels = sset.hard_labels().cpu()
-    per_class = [torch.nonzero(labels == c).flatten()[:max_per_class] for c in range(sset.num_classes)]
-    cols = max(1, max(len(indices) for indices in per_class))
-    channels, height, width = sset.image_shape
-    pad = GRID_PADDING
-    canvas = torch.full((channels, sset.num_classes * (height + pad) + pad, cols * (width + pad) + pad),
-                        _GRID_BACKGROUND)
-    for row, indices in enumerate(per_class):
-        if len(indices) == 0:
-            continue
-        pixels = sset.preprocessing.invert(sset.images[indices].detach().cpu())
-        top = pad + row * (height + pad)
-        for col, image in enumerate(pixels):
-            left = pad + col * (width + pad)
-            canvas[:, top:top + height, left:left + width] = image
-    picture = _to_pil(canvas)
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    if class_names:
-        picture = _with_row_names(picture, sset.classes, (height + pad) * scale, pad * scale)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
-    return path
-
-
-def auto_grid_scale(image_size: int, at_least: int = 64) -> int:
-    """The whole-number enlargement that shows `image_size`-px images at `at_least` px or more."""
-    return max(1, -(-at_least // image_size))
-
-
-def _with_row_names(picture: Image.Image, names: list[str], row_height: int, pad: int) -> Image.Image:
-    """`picture` with a white column at its left holding each row's name, centred on the row."""
-    from PIL import ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(picture)
-    boxes = [measure.textbbox((0, 0), name, font=font) for name in names]
-    margin = max(box[2] - box[0] for box in boxes) + 2 * max(pad, 4)
-    white = 255 if picture.mode == "L" else (255,) * len(picture.mode)
-    named = Image.new(picture.mode, (picture.width + margin, picture.height), white)
-    named.paste(picture, (margin, 0))
-    draw = ImageDraw.Draw(named)
-    black = 0 if picture.mode == "L" else (0, 0, 0) + ((255,) if picture.mode == "RGBA" else ())
-    for row, (name, box) in enumerate(zip(names, boxes)):
-        middle = pad + row * row_height + (row_height - pad) // 2
-        draw.text((max(pad, 4) - box[0], middle - (box[1] + box[3]) // 2), name, fill=black, font=font)
-    return named
-
-
-def _write_png16(path: Path, image: torch.Tensor) -> None:
-    """A (C, H, W) tensor of [0, 1] values as a 16-bit PNG (gray, RGB or RGBA; PIL writes 16 bits
-    for gray only): the PNG format's own chunks, every row unfiltered."""
-    channels, height, width = image.shape
-    if channels not in (1, 3, 4):
-        raise ConfigError(f"Images with {channels} channels cannot be written as PNG (1, 3 or 4 needed).")
-    values = (image.clamp(0, 1) * 65535).round().to(torch.int32).permute(1, 2, 0).numpy().astype(">u2")
-    rows = b"".join(b"\x00" + row.tobytes() for row in values)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    colour = {1: 0, 3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """A (C, H, W) tensor of [0, 1] pixels as an 8-bit PIL image (L, RGB or RGBA)."""
-    if image.shape[0] not in (1, 3, 4):
-        raise ConfigError(f"Images with {image.shape[0]} channels cannot be written as PNG (1, 3 or 4 needed).")
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array)  # mode from the shape
