@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_prepared
 from ddtool.errors import ConfigError, DDToolError
-from ddtool.methods import datm, trajectory, trajectory_config
+from ddtool.methods import datm, trajectory, trajectory_config, trajectory_costs
 from ddtool.methods.base import DistillContext, build_config, get_method_class, resolve_preset, run_fingerprint
 from ddtool.methods.coresets import Herding, KCenter
 
@@ -539,9 +539,9 @@ def test_the_auto_backend_takes_bptt_where_its_graph_fits_and_the_set_records_th
     sset = method.distill(ctx)
     assert used == ["bptt"] and sset.config["backend"] == "bptt"  # what computed it, not "auto"
     # the measured graph, N times over, against a quarter of the memory installed
-    need = 3 * method._bptt_step_bytes(ctx)
+    need = 3 * trajectory_costs.bptt_step_bytes(method.config, ctx)
     assert need > 0
-    monkeypatch.setattr(trajectory, "device_memory", lambda device: 4 * need - 4)
+    monkeypatch.setattr(trajectory_costs, "device_memory", lambda device: 4 * need - 4)
     tight = trajectory.MTT(tiny_mtt(iterations=2))
     assert tight.choose_backend(ctx).name == "exact"
     assert "would pass a quarter" in tight.choose_backend(ctx).reason

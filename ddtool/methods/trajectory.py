@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -45,8 +44,9 @@ from ddtool.durations import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
 from ddtool.methods.initialisation import representative_indices
 from ddtool.methods.matching_state import MatchingState, append_log, keep_log_until, load_checkpoint, save_checkpoint
+from ddtool.methods.trajectory_costs import BackendChoice, choose_backend, time_outer_iteration
 from ddtool.methods.trajectory_config import (
-    AUTO_BACKEND, FASHION_CPU, FASHION_GPU, PUBLISHED_MTT, MTT_IPC_CHANGES, TrajectoryConfig, start_epochs_below,
+    FASHION_CPU, FASHION_GPU, PUBLISHED_MTT, MTT_IPC_CHANGES, TrajectoryConfig, start_epochs_below,
     with_ipc_variants,
 )
 from ddtool.networks import ParamLayout, create_network, format_arch, network_options
@@ -55,22 +55,6 @@ from ddtool.seeding import derive_seed, generator, seeded
 from ddtool.storage import SyntheticSet
 
 Relabel = Callable[[torch.Tensor], torch.Tensor]  # images -> label logits
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    name: str  # a key of ddtool.matching.engine.BACKENDS
-    reason: str
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.reason})"
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory installed on `device` (a GPU's own; a CPU's, the machine's RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -206,98 +190,17 @@ class TrajectoryMatching(Method):
                      + (f", plus a validation every {c.eval_every} iterations" if c.eval_every else ""))
         return lines
 
-    def choose_backend(self, ctx: DistillContext) -> "BackendChoice":
-        """The gradient backend this run uses: the configured one, or for "auto" bptt when N
-        steps of its graph (one step's saved tensors, measured, times N) fit in a quarter of
-        the device's memory, else exact. The same choice on the same machine every time (it
-        reads the memory installed, not what is free), so a resumed run continues alike."""
-        c = self.config
-        if c.backend != AUTO_BACKEND:
-            return BackendChoice(c.backend, "as configured")
+    def choose_backend(self, ctx: DistillContext) -> BackendChoice:
+        """The gradient backend this run uses (see trajectory_costs.choose_backend), chosen once
+        per IPC and device."""
         cached = getattr(self, "_backend_choice", None)
-        if cached is not None and cached[0] == (ctx.ipc, ctx.device):
-            return cached[1]
-        need = c.syn_steps * self._bptt_step_bytes(ctx)
-        memory = device_memory(ctx.device)
-        if need <= memory / 4:
-            choice = BackendChoice("bptt", f"auto: N={c.syn_steps} steps' graph, about {need / 2**30:.2f} GiB, fits "
-                                           f"in a quarter of the {memory / 2**30:.0f} GiB here")
-        else:
-            choice = BackendChoice("exact", f"auto: bptt's graph of N={c.syn_steps} steps, about "
-                                            f"{need / 2**30:.1f} GiB, would pass a quarter of the "
-                                            f"{memory / 2**30:.0f} GiB here; exact keeps one step's")
-        self._backend_choice = ((ctx.ipc, ctx.device), choice)
-        return choice
-
-    def _stand_in_network(self, ctx: DistillContext) -> tuple[torch.nn.Module, ParamLayout]:
-        """A fresh student network on the run's device, for plans that measure before any
-        expert exists (seeded apart from the run's own draws)."""
-        c, spec = self.config, ctx.data.spec
-        with seeded(derive_seed(ctx.seed, "timing")):
-            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
-                                 image_size=spec.image_size, **c.arch_options()).to(ctx.device)
-        return net, ParamLayout.from_module(net)
-
-    def _bptt_step_bytes(self, ctx: DistillContext) -> int:
-        """Bytes of the tensors one inner step's double-backward graph keeps alive (bptt keeps
-        N of them), counted over one stand-in step with autograd's saved-tensor hooks."""
-        c, spec, device = self.config, ctx.data.spec, ctx.device
-        net, layout = self._stand_in_network(ctx)
-        rng = generator(ctx.seed, "timing")
-        count = c.batch_syn or ctx.ipc * spec.num_classes
-        images = torch.randn(count, spec.channels, spec.image_size, spec.image_size, generator=rng).to(device)
-        images.requires_grad_(True)
-        hard = torch.arange(count, device=device) % spec.num_classes
-        theta = layout.flatten(net).to(device).requires_grad_(True)
-        storages: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = images
-            if dsa is not None:
-                x = dsa.apply(x, dsa.sample(count, spec.image_size, spec.image_size, rng).to(device))
-            loss = F.cross_entropy(layout.functional_forward(net, theta, x), hard)
-            torch.autograd.grad(loss, theta, create_graph=True)
-        return sum(storages.values())
+        if cached is None or cached[0] != (ctx.ipc, ctx.device):
+            self._backend_choice = ((ctx.ipc, ctx.device), choose_backend(self.config, ctx))
+        return self._backend_choice[1]
 
     def time_iteration(self, ctx: DistillContext, steps: int = 3) -> float:
-        """Seconds an outer iteration should take on this device: `steps` inner steps of a
-        stand-in segment (a fresh network's weights for the expert's, random images of the set's
-        size), timed after a warm-up and scaled to syn_steps and this process's segments. The
-        experts are not needed, so a plan can say it before they are trained."""
-        c, spec, device = self.config, ctx.data.spec, ctx.device
-        net, layout = self._stand_in_network(ctx)
-        start = layout.flatten(net).to(device)
-        rng = generator(ctx.seed, "timing")
-        shape = (ctx.ipc * spec.num_classes, spec.channels, spec.image_size, spec.image_size)
-        images = torch.randn(shape, generator=rng).to(device).requires_grad_(True)
-        hard = torch.arange(spec.num_classes, device=device).repeat_interleave(ctx.ipc)
-        dsa = DSA(DSAConfig(flip=spec.flip)) if c.augment else None
-        steps = min(steps, c.syn_steps)
-        backend = get_backend(self.choose_backend(ctx).name)
-
-        def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return layout.functional_forward(net, flat, x)
-
-        def one_segment() -> float:
-            began = time.perf_counter()
-            unroll = Unroll(forward=forward, start=start, steps=self._inner_steps(torch.Size(shape), rng, dsa)[:steps],
-                            targets=[MatchTarget(step=steps, params=start.detach() + 0.01, normaliser=start.new_tensor(1.0))],
-                            augmenter=dsa, momentum=c.ast_inner_momentum)
-            lr = torch.tensor(c.lr_init, device=device, requires_grad=True)
-            result = backend(unroll, SyntheticBatch(images=images, lr=lr,
-                                                    fixed_targets=hard, label_temperature=c.soft_label_temperature))
-            float(result.loss)  # waits for the device
-            return time.perf_counter() - began
-
-        one_segment()  # warm-up: first calls allocate and pick kernels
-        segments = len(distributed.indices_of_this_rank(c.segments_per_iteration))
-        return one_segment() / steps * c.syn_steps * segments
+        """Seconds an outer iteration should take here (see trajectory_costs.time_outer_iteration)."""
+        return time_outer_iteration(self.config, ctx, self.choose_backend(ctx).name, self._inner_steps, steps)
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
         c = self.config
