@@ -203,15 +203,7 @@ class TrajectoryMatching(Method):
         return time_outer_iteration(self.config, ctx, self.choose_backend(ctx).name, self._inner_steps, steps)
 
     def distill(self, ctx: DistillContext) -> SyntheticSet:
-        c = self.config
-        world = distributed.world_size()
-        if c.segments_per_iteration % world:
-            raise ConfigError(
-                f"segments_per_iteration={c.segments_per_iteration} cannot be split evenly over {world} processes. "
-                f"Each outer iteration matches that many segments, segment s on process s mod {world}; set it to a "
-                f"multiple of {world} (--set segments_per_iteration={world} * k). The result depends only on it, "
-                "not on the number of processes."
-            )
+        self._check_segments_split()
         if not distributed.is_main():
             # The other ranks compute the same state as rank 0: one voice is enough.
             ctx = dataclasses.replace(ctx, log=lambda message: None, progress=False)
@@ -220,13 +212,7 @@ class TrajectoryMatching(Method):
         c = self.config
         distill_started = time.perf_counter()
         spec = data.spec
-        with seeded(derive_seed(ctx.seed, "student")):
-            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
-                                 image_size=spec.image_size, **c.arch_options()).to(device)
-        layout = ParamLayout.from_module(net)
-        if layout.total != experts.layout.total:
-            raise DDToolError(f"The experts have {experts.layout.total} parameters but a {c.arch} with "
-                              f"{c.arch_options()} has {layout.total}: they were trained for another architecture.")
+        net, layout = self._student_network(ctx, experts)
 
         def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return layout.functional_forward(net, flat, x)
@@ -238,13 +224,7 @@ class TrajectoryMatching(Method):
         state = self._starting_state(ctx, experts, forward, checkpoint)
         resumed_after = state.elapsed
         watch = self._divergence_watch(state)
-        images = state.images.requires_grad_(True)
-        lr = state.lr.requires_grad_(True)
-        label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
-        optimizers = self._optimizers(images, lr, label_logits, state.lr_scale)
-        if state.optimizer_states:
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state.optimizer_states[name])
+        images, lr, label_logits, optimizers = self._learnables(state)
 
         chosen = self.choose_backend(ctx)
         ctx.log(f"Gradient backend: {chosen.describe()}.")
@@ -451,6 +431,46 @@ class TrajectoryMatching(Method):
         return Unroll(forward=forward, start=start, steps=self._inner_steps(shape, rng, dsa), targets=targets,
                       augmenter=dsa, momentum=c.ast_inner_momentum, inner_loss_scale=scale)
 
+    def _check_segments_split(self) -> None:
+        c, world = self.config, distributed.world_size()
+        if c.segments_per_iteration % world:
+            raise ConfigError(
+                f"segments_per_iteration={c.segments_per_iteration} cannot be split evenly over {world} processes. "
+                f"Each outer iteration matches that many segments, segment s on process s mod {world}; set it to a "
+                f"multiple of {world} (--set segments_per_iteration={world} * k). The result depends only on it, "
+                "not on the number of processes."
+            )
+
+    def _student_network(self, ctx: DistillContext, experts: ExpertStore) -> tuple[torch.nn.Module, ParamLayout]:
+        """The network whose weights the experts' trajectories hold (seeded: its buffers and
+        layout are what matter; its weights come from the experts)."""
+        c, spec = self.config, ctx.data.spec
+        with seeded(derive_seed(ctx.seed, "student")):
+            net = create_network(c.arch, channels=spec.channels, num_classes=spec.num_classes,
+                                 image_size=spec.image_size, **c.arch_options()).to(ctx.device)
+        layout = ParamLayout.from_module(net)
+        if layout.total != experts.layout.total:
+            raise DDToolError(f"The experts have {experts.layout.total} parameters but a {c.arch} with "
+                              f"{c.arch_options()} has {layout.total}: they were trained for another architecture.")
+        return net, layout
+
+    def _learnables(self, state: MatchingState, rates_from_scale: bool = False) -> tuple:
+        """The state's images, α and label logits as leaves to learn, and their optimizers with
+        the state's momentum (where it has any); `rates_from_scale`: their learning rates those
+        of the state's lr_scale rather than the saved ones."""
+        images = state.images.requires_grad_(True)
+        lr = state.lr.requires_grad_(True)
+        label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
+        optimizers = self._optimizers(images, lr, label_logits, state.lr_scale)
+        if state.optimizer_states:
+            for name, opt in optimizers.items():
+                rates = [group["lr"] for group in opt.param_groups]
+                opt.load_state_dict(state.optimizer_states[name])
+                if rates_from_scale:
+                    for group, rate in zip(opt.param_groups, rates):
+                        group["lr"] = rate
+        return images, lr, label_logits, optimizers
+
     def _optimizers(self, images, lr, label_logits, lr_scale: float) -> dict[str, torch.optim.Optimizer]:
         c = self.config
         optimizers = {
@@ -507,17 +527,9 @@ class TrajectoryMatching(Method):
                 f"than saving a broken set. To try: {watch.advice()} (--set key=value).")
         ctx.log(f"Iteration {it + 1}: {why}. Rolled back to iteration {last_good.iteration} and halved the outer "
                 f"learning rates (rollback {state.rollbacks} of at most {self.config.max_rollbacks}).")
-        images = state.images.requires_grad_(True)
-        lr = state.lr.requires_grad_(True)
-        label_logits = state.label_logits.requires_grad_(True) if state.label_logits is not None else None
-        optimizers = self._optimizers(images, lr, label_logits, state.lr_scale)
-        for name, opt in optimizers.items():
-            # the saved state brings its momentum and the rates of its time, which may already be
-            # halved once or more: the rates come from the scale, which counts every rollback
-            scaled_rates = [group["lr"] for group in opt.param_groups]
-            opt.load_state_dict(state.optimizer_states[name])
-            for group, rate in zip(opt.param_groups, scaled_rates):
-                group["lr"] = rate
+        # the saved state brings its momentum and the rates of its time, which may already be
+        # halved once or more: the rates come from the scale, which counts every rollback
+        images, lr, label_logits, optimizers = self._learnables(state, rates_from_scale=True)
         state.images, state.lr, state.label_logits = images, lr, label_logits
         return state, images, lr, label_logits, optimizers
 
