@@ -27,8 +27,10 @@ from ddtool.durations import parse_duration
 from ddtool.errors import ConfigError
 from ddtool.evaluation import EvaluationReport, evaluate_set, get_protocol
 from ddtool.methods.base import (
-    DistillContext, Method, build_config, current_names, get_method_class, resolve_preset, run_fingerprint,
+    DEFAULT_CPU_RECIPES, DEFAULT_METHOD, DistillContext, Method, build_config, current_names, get_method_class,
+    resolve_preset, run_fingerprint,
 )
+from ddtool.methods.budget import SIZED_BY_BUDGET
 from ddtool.networks import create_network, same_network
 from ddtool.paths import cache_root
 from ddtool.storage import UNKNOWN_SEED, SyntheticSet, append_evaluation, load_synthetic_set
@@ -36,13 +38,6 @@ from ddtool.files import write_atomically
 
 BUDGET_PLAN = "budget_plan.json"  # in the work folder: the sized configuration --resume continues
 
-# The default recipe of `ddtool distill` on these datasets with a CPU, chosen on the validation
-# split (docs/budget.md): the method when none is named, and the budget a method that can be
-# sized to one gets when the run names no preset and sizes nothing itself. Elsewhere the
-# default method is DEFAULT_METHOD and a method's default preset runs as it is.
-DEFAULT_METHOD = "mtt"
-DEFAULT_CPU_RECIPES = {"fashion-mnist": {"method": "datm", "budget_s": 30 * 60.0}}
-SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "budget_s"})
 
 
 @dataclass

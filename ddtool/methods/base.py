@@ -126,6 +126,13 @@ class Method(ABC):
 
 METHODS: dict[str, type[Method]] = {}
 
+# The default recipe of `ddtool distill` on these datasets with a CPU, chosen on the validation
+# split (docs/budget.md): the method when none is named, and the budget a method that can be
+# sized to one gets when the run names no preset and sizes nothing itself (ddtool.run). Elsewhere
+# the default method is DEFAULT_METHOD and a method's default preset runs as it is.
+DEFAULT_METHOD = "mtt"
+DEFAULT_CPU_RECIPES = {"fashion-mnist": {"method": "datm", "budget_s": 30 * 60.0}}
+
 
 def register_method(name: str):
     def decorate(cls: type[Method]) -> type[Method]:

@@ -46,6 +46,8 @@ MAX_EXPERT_EPOCHS = 20  # longer budgets train more experts instead
 MAX_EXPERTS = 20
 MIN_EXPERT_EPOCHS = 4
 MIN_ITERATIONS = 50
+# The settings a budget sizes: given as well, they are refused (ddtool.run)
+SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "budget_s"})
 INIT_SECONDS = 20.0  # loading the experts, initialising the images (correct-only: scoring a pool), saving
 
 

@@ -113,7 +113,8 @@ def describe_settings(method: str, preset: str | None = None, ipc: int | None = 
 
 def _default_budget_notes(method: str) -> list[str]:
     from ddtool.durations import format_duration
-    from ddtool.run import DEFAULT_CPU_RECIPES, SIZED_BY_BUDGET
+    from ddtool.methods.base import DEFAULT_CPU_RECIPES
+    from ddtool.methods.budget import SIZED_BY_BUDGET
 
     sized = sorted(SIZED_BY_BUDGET - {"budget_s"})
     return [f"Without --preset, `ddtool distill --method {method}` on a CPU with {dataset} sizes "
