@@ -24,7 +24,7 @@ from ddtool import distributed
 from ddtool.data import prepare
 from ddtool.errors import ConfigError
 from ddtool.evaluation import evaluate_set, get_protocol
-from ddtool.experts import ExpertConfig, Shard, run_buffer
+from ddtool.experts import ExpertConfig, Shard, for_data, run_buffer
 from ddtool.experts.store import experts_folder
 from ddtool.methods import trajectory
 from ddtool.methods.base import DistillContext, build_config, get_method_class, parse_overrides, run_fingerprint
@@ -66,8 +66,9 @@ BUFFER_ARGS = ["--width", 4, "--depth", 1, "--experts", 3, "--epochs", 2, "--bat
 
 
 def test_buffer_over_two_ranks_reports_a_failure_resumes_and_equals_one_process(tmp_path, fashion_root):
-    config = ExpertConfig(arch_options={"width": 4, "depth": 1}, experts=3, epochs=2, batch_size=16)
     data = prepare("fashion-mnist", fashion_root)
+    # as `ddtool buffer` makes it: with the digest of its images
+    config = for_data(ExpertConfig(arch_options={"width": 4, "depth": 1}, experts=3, epochs=2, batch_size=16), data)
     reference = run_buffer(config, tmp_path / "one" / "store.h5", data, progress=False).path
     store = tmp_path / "store.h5"
     # What an interrupted run leaves behind: rank 0's shard store holds expert 0 already.

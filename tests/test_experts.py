@@ -20,8 +20,8 @@ import ddtool.experts.runner as runner_module
 import ddtool.experts.train as train_module
 from ddtool.errors import ConfigError, DDToolError, FormatError
 from ddtool.experts import (
-    GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, merge_shards, read_manifest,
-    run_buffer, train_expert,
+    GSAM, SAM, ExpertConfig, ExpertStore, Shard, find_or_plan_store, for_data, merge_shards, read_manifest,
+    run_buffer, store_path_for, train_expert,
 )
 from ddtool.experts.execution import ExpertExecution, plan_execution
 from ddtool.experts.losses import expert_loss, input_gradient_penalty
@@ -421,6 +421,26 @@ def test_cache_lookup_finds_a_store_by_configuration(tmp_path, data):
     assert read_manifest(path).fingerprint == config.fingerprint()
 
 
+def test_a_store_is_of_its_images_and_one_from_before_that_serves_data_alike(tmp_path, data):
+    config = tiny_config(experts=1, epochs=1)
+    other = tiny_prepared("fashion-mnist", per_class=4, seed=1)  # same name and size, other images
+    mine, theirs = for_data(config, data, tmp_path), for_data(config, other, tmp_path)
+    assert mine.data_digest == data.content_digest() and mine.data_digest != theirs.data_digest
+    assert store_path_for(mine, tmp_path) != store_path_for(theirs, tmp_path)
+    assert mine.fingerprint() == config.fingerprint()  # the trajectories' settings: the same
+    # a store made before stores named their images: found for data alike, as it always was...
+    path = store_path_for(config, tmp_path)
+    run_buffer(config, path, data, progress=False)
+    assert for_data(config, data, tmp_path) == config
+    assert find_or_plan_store(for_data(config, data, tmp_path), tmp_path) == (path, [])
+    # ...and not for images of another size under the same name: those get a store of their own
+    smaller = tiny_prepared("fashion-mnist", size=6, per_class=4)
+    assert for_data(config, smaller, tmp_path).data_digest == smaller.content_digest()
+    # once a store of the images exists, it is the one found
+    run_buffer(mine, store_path_for(mine, tmp_path), data, progress=False)
+    assert for_data(config, data, tmp_path) == mine
+
+
 # -- the CLI, through a real process ------------------------------------------------------------
 
 
@@ -575,7 +595,8 @@ def test_buffer_help_names_the_store_files_and_the_presets_experts():
         described = text.split("Options:", 1)[1].split(f"{option} ", 1)[1].split(" --", 1)[0]
         assert "[default: " in described and len(described.split("[default:")[0].split()) > 2, option
     # each example trains exactly the experts the distill runs it names use
-    ctx = SimpleNamespace(data=SimpleNamespace(spec=SimpleNamespace(name="fashion-mnist")))  # all it reads
+    ctx = SimpleNamespace(data=SimpleNamespace(spec=SimpleNamespace(name="fashion-mnist"),  # all it reads
+                                               content_digest=lambda: "the images"))
     examples = {
         "--width 32 --experts 3 --epochs 20": [("mtt", None, 10), ("mtt", "fashion-cpu", 50), ("datm", None, 10),
                                                ("tesla", None, 50)],
@@ -585,7 +606,7 @@ def test_buffer_help_names_the_store_files_and_the_presets_experts():
     }
     for flags, runs in examples.items():
         assert f"ddtool buffer {flags} #" in text
-        config = config_from_options(buffer.make_context("buffer", flags.split()).params)
+        config = for_data(config_from_options(buffer.make_context("buffer", flags.split()).params), ctx.data)
         for method, preset, ipc in runs:
             wanted = expert_config_for(build_config(get_method_class(method), preset, {}, ipc=ipc), ctx)
             assert config.fingerprint() == wanted.fingerprint() and config.experts == wanted.experts, (flags, method)

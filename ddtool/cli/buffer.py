@@ -16,7 +16,7 @@ from ddtool.errors import ConfigError
 from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
 from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
 from ddtool.durations import format_duration
-from ddtool.experts.plan import estimate_training_time, inspect_store, store_path_for
+from ddtool.experts.plan import estimate_training_time, for_data, inspect_store, store_path_for
 from ddtool.experts.runner import Shard, merge_shards, run_buffer
 from ddtool.experts.store import ExpertStore, experts_folder, read_manifest
 from ddtool.training import PRECISIONS
@@ -87,7 +87,7 @@ _STORE_FILES = ("the index file NAME.h5 and, beside it, the folder NAME.experts/
                    "store: -o NAME.h5 --shard 0/2 writes NAME.shard-0-of-2.h5 (and NAME.shard-0-of-2.experts/); "
                    "merge the shards with `ddtool buffer-merge`.")
 @click.option("--output", "-o", "--out", "out", type=click.Path(dir_okay=False), metavar="NAME.h5",
-              show_default="in the cache, where `ddtool distill` finds it: experts/<fingerprint>.h5 in "
+              show_default="in the cache, where `ddtool distill` finds it: experts/<settings>-<images>.h5 in "
                            "$DDTOOL_CACHE or ~/.cache/ddtool",
               help=f"The expert store to write or extend: {_STORE_FILES}.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
@@ -123,13 +123,14 @@ def buffer(dataset, data_root, arch, width, depth, shard, out, device, workers, 
                           f"{world} processes split them already (expert i on rank i mod {world}). Drop --shard.")
     target = distributed.device_for_rank(resolve_device(device))
     parts = Shard.parse(shard) if shard else None  # None: all experts (over the ranks under torchrun)
+    say(f"Loading {config.dataset}{' with ZCA whitening' if config.zca else ''} ...", err=True)
+    data = prepare(config.dataset, data_root, zca=config.zca, device=target)
+    config = for_data(config, data)  # a cached store's name includes the images'
     store = Path(out) if out else store_path_for(config)
     path = parts.store_path(store) if parts else store
 
-    stored = inspect_store(config, path)  # before loading data: a clashing store fails fast
+    stored = inspect_store(config, path)  # before any training: a clashing store fails now
     have = stored.present
-    say(f"Loading {config.dataset}{' with ZCA whitening' if config.zca else ''} ...", err=True)
-    data = prepare(config.dataset, data_root, zca=config.zca, device=target)
     mine = [i for i in range(config.experts) if parts is None or parts.owns(i)]
     missing = [i for i in mine if i not in have]
     busiest = max(sum(1 for i in missing if i % world == r) for r in range(world))  # experts per rank, at most

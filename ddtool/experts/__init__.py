@@ -4,6 +4,7 @@
     train_expert(config, index, data, device) -> Trajectory
     run_buffer(config, store_path, data, device, shard=(i, n)) -> BufferResult
     merge_shards(paths, out) -> Path
+    for_data(config, data) -> config             with its data's digest (or a store's from before)
     find_or_plan_store(config, cache_dir) -> (path, missing expert indices)
     estimate_training_time(config, data, device, experts) -> TrainingEstimate
     ExpertStore.open(path, num_experts=None): params / segment / sample_segment / check_compatible
@@ -14,7 +15,7 @@ from ddtool.experts.config import ExpertConfig
 from ddtool.experts.manifest import ExpertRecord, StoreManifest
 from ddtool.experts.optim import GSAM, SAM, build_optimizer
 from ddtool.experts.plan import (
-    TrainingEstimate, default_cache_dir, estimate_training_time, find_or_plan_store,
+    TrainingEstimate, default_cache_dir, estimate_training_time, find_or_plan_store, for_data,
     store_path_for,
 )
 from ddtool.experts.runner import BufferResult, Shard, merge_shards, run_buffer
@@ -24,6 +25,6 @@ from ddtool.experts.train import Trajectory, train_expert
 __all__ = [
     "BufferResult", "ExpertConfig", "ExpertRecord", "ExpertStore", "GSAM", "SAM", "Shard", "StoreManifest",
     "TrainingEstimate", "Trajectory", "build_optimizer", "default_cache_dir", "estimate_training_time",
-    "find_or_plan_store", "merge_shards", "read_manifest", "run_buffer",
+    "find_or_plan_store", "for_data", "merge_shards", "read_manifest", "run_buffer",
     "store_path_for", "train_expert",
 ]

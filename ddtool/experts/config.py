@@ -57,6 +57,10 @@ class ExpertConfig:
     # Cap on the number of training images (a seeded subset): quick runs and tests.
     train_subset: int | None = None
     precision: str = "fp32"  # of the training forward passes (ddtool.training.PRECISIONS)
+    # The digest of the images the experts learn from (PreparedData.content_digest; set by
+    # experts.plan.for_data): part of a cached store's name, so that other images under the same
+    # dataset name make another store. None: a name without it, as stores had before.
+    data_digest: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", canonical_name(self.dataset))

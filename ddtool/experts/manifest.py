@@ -191,6 +191,19 @@ def compatibility_differences(manifest: StoreManifest, *, dataset: str, arch: st
     return out
 
 
+def data_differences(manifest: StoreManifest, data: PreparedData) -> list[str]:
+    """How `data` differs from what the store's experts learnt from, as far as the manifest
+    records it: image geometry, classes, the training split and the test images' count, the
+    normalisation ([] if alike in all of them)."""
+    spec, recorded = data.spec, manifest.dataset
+    here = {"image_size": spec.image_size, "channels": spec.channels, "num_classes": spec.num_classes,
+            "test_images": int(data.test_x.shape[0]),
+            "train_split_sha256": _tensor_hash(data.train_indices.to(torch.int64))}
+    out = [f"{key}: {recorded.get(key)!r} in the store vs {value!r} here" for key, value in here.items()
+           if recorded.get(key) != value]
+    return out + preprocessing_differences(manifest.preprocessing, describe_preprocessing(data.preprocessing))
+
+
 def merge_differences(a: StoreManifest, b: StoreManifest) -> list[str]:
     """Why experts of store `b` may not join store `a` ([] if they may)."""
     out = []

@@ -1,8 +1,10 @@
 """Finding a cached store by configuration, and estimating what training the rest costs.
 
-Stores live in `<cache>/experts/<fingerprint>.h5` (cache: $DDTOOL_CACHE, else
-~/.cache/ddtool). A store serves any request for K experts of its fingerprint once it holds
-experts 0..K-1; `ddtool buffer` / `run_buffer` on the same path adds the missing ones.
+Stores live in `<cache>/experts/<fingerprint>-<data digest>.h5` (cache: $DDTOOL_CACHE, else
+~/.cache/ddtool): the settings that make the trajectories, and the images they learn from
+(stores made before the digest was part of the name keep `<fingerprint>.h5`: `for_data`). A
+store serves any request for K experts of its name once it holds experts 0..K-1; `ddtool
+buffer` / `run_buffer` on the same path adds the missing ones.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from ddtool.data import PreparedData
 from ddtool.experts.config import ExpertConfig
 from ddtool.experts.execution import ExpertExecution, plan_execution, torch_threads
-from ddtool.experts.manifest import raise_if_differences, settings_differences
+from ddtool.experts.manifest import data_differences, raise_if_differences, settings_differences
 from ddtool.experts.store import experts_folder, read_manifest, scan_expert_folder
 from ddtool.experts.train import build_setup, run_epoch, training_split
 from ddtool.paths import cache_root
@@ -32,8 +34,26 @@ def default_cache_dir() -> Path:
 
 
 def store_path_for(config: ExpertConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the cache keeps `config`'s store: named by its fingerprint and its data's digest."""
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return folder / f"{config.fingerprint()}.h5"
+    data = f"-{config.data_digest}" if config.data_digest else ""
+    return folder / f"{config.fingerprint()}{data}.h5"
+
+
+def for_data(config: ExpertConfig, data: PreparedData, cache_dir: str | os.PathLike | None = None) -> ExpertConfig:
+    """`config` for the experts of `data`: with the digest of its images, which names its store
+    in the cache beside the fingerprint, so that other images under the same dataset name
+    (another --data-root, an image folder edited since) make another store. A cached store named
+    before stores carried that digest still serves when its manifest records data alike (image
+    geometry, classes, training split, normalisation), as it did then."""
+    config = dataclasses.replace(config, data_digest=data.content_digest())
+    if store_path_for(config, cache_dir).exists():
+        return config
+    unrecorded = dataclasses.replace(config, data_digest=None)
+    path = store_path_for(unrecorded, cache_dir)
+    if path.exists() and not data_differences(read_manifest(path), data):
+        return unrecorded
+    return config
 
 
 def find_or_plan_store(config: ExpertConfig, cache_dir: str | os.PathLike | None = None) -> tuple[Path, list[int]]:

@@ -10,6 +10,7 @@ from ddtool.experts import (
     ExpertStore,
     estimate_training_time,
     find_or_plan_store,
+    for_data,
     run_buffer,
 )
 from ddtool.durations import format_duration
@@ -18,8 +19,8 @@ from ddtool.methods.base import DistillContext
 
 
 def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
-    """The expert buffer a TrajectoryConfig needs on the run's dataset."""
-    return ExpertConfig(
+    """The expert buffer a TrajectoryConfig needs on the run's data (experts.plan.for_data)."""
+    return for_data(ExpertConfig(
         dataset=ctx.data.spec.name,
         arch=config.arch,
         arch_options=config.arch_options(),
@@ -39,7 +40,7 @@ def expert_config_for(config, ctx: DistillContext) -> ExpertConfig:
         ast_input_grad_penalty=config.expert_ast_input_grad_penalty,
         seed=config.expert_seed,
         precision=config.expert_precision,
-    )
+    ), ctx.data)
 
 
 def describe_expert_plan(expert_config: ExpertConfig, ctx: DistillContext,
