@@ -138,6 +138,24 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
     assert mtt.max_start_epoch == 16 and mtt.expert_train_epochs == 20
 
 
+def test_a_budget_lengthens_the_unroll_where_enough_iterations_of_it_fit(tmp_path, data, monkeypatch):
+    # an outer iteration costs a tenth of a second per student step here
+    monkeypatch.setattr(trajectory.TrajectoryMatching, "time_iteration", lambda self, ctx: 0.1 * self.config.syn_steps)
+    ctx = context(tmp_path, data)
+    roomy = budget.fit_budget(trajectory.MTT(tiny()), ctx, 3600)
+    assert roomy.config.syn_steps == budget.LONG_UNROLL and roomy.iteration_s == pytest.approx(3.0)
+    assert f"N={budget.LONG_UNROLL} student steps" in roomy.describe()[0]
+    assert roomy.config.iterations >= budget.LONG_UNROLL_ITERATIONS
+    # where fewer than LONG_UNROLL_ITERATIONS long ones fit (3 s each), the preset's unroll stays
+    short = budget.fit_budget(trajectory.MTT(tiny()), ctx, 200)
+    assert (200 - short.experts_s - budget.INIT_SECONDS) / 3.0 < budget.LONG_UNROLL_ITERATIONS
+    assert short.config.syn_steps == tiny().syn_steps and short.config.iterations >= budget.MIN_ITERATIONS
+    # a preset that unrolls as long or longer keeps its own
+    assert budget.fit_budget(trajectory.MTT(tiny(syn_steps=40)), ctx, 3600).config.syn_steps == 40
+    # sized by the budget, the unroll is not a setting to give beside it
+    assert "syn_steps" in budget.SIZED_BY_BUDGET
+
+
 def test_a_resumed_budgeted_run_keeps_the_sizing_of_the_run_it_continues(tmp_path, fashion_root):
     from ddtool.run import BUDGET_PLAN, prepare_distill
 
