@@ -187,7 +187,11 @@ def test_iterations_are_counted_again_from_what_the_experts_actually_cost(tmp_pa
     assert grown.iterations == int((1000 - 500 - budget.INIT_SECONDS) / 2.0) > 100
     assert grown.window_grow_iterations == grown.iterations  # DATM's window still spans every iteration
     assert (grown.experts, grown.expert_train_epochs) == (2, 20)
-    assert budget.fit_iterations(method, 900.0, 2.0) is config  # fewer fit: the loop's own check stops it
+    # more experts than planned (or slower ones): fewer iterations, and the window grows over those
+    fewer = budget.fit_iterations(method, 900.0, 2.0)
+    assert fewer.iterations == int((1000 - 900 - budget.INIT_SECONDS) / 2.0) < 100
+    assert fewer.window_grow_iterations == fewer.iterations
+    assert budget.fit_iterations(method, 2000.0, 2.0).iterations == 1  # nothing left: the loop stops at once
 
     # inside a run: a budgeted MTT whose experts cost less than planned runs the iterations that fit
     ctx = context(tmp_path, data)

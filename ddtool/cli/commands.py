@@ -61,9 +61,10 @@ def datasets(names: tuple[str, ...], data_root: str | None, download_name: str |
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Shortcut for --set iterations=N.")
 @click.option("--budget", metavar="DURATION", default=None,
               help="Wall-clock budget for experts and distillation (e.g. 30m, 1h30m; evaluation not included): "
-                   "the plan times this machine and sizes the experts and iterations to fit, and the run stops "
-                   "in time with its set saved (trajectory methods). [default: 30m for Fashion-MNIST on a CPU "
-                   "when no --preset and no iterations or experts are given, else none]")
+                   "the plan times this machine and sizes the experts, the unroll and the iterations to fit, and "
+                   "the run stops in time with its set saved (trajectory methods). [default: 30m for "
+                   "Fashion-MNIST on a CPU when no --preset and none of experts, expert_train_epochs, syn_steps "
+                   "or iterations are given, else none]")
 @click.option("--backend", type=click.Choice(["auto", "exact", "bptt", "tesla"]), default=None,
               help="Gradient backend of trajectory matching: bptt (fastest; memory grows with N), exact (the "
                    "same gradient in constant memory), tesla (TESLA's first-order rule). Default auto: bptt when "

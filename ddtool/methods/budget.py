@@ -17,7 +17,9 @@ machine before any work:
 - distillation: as many outer iterations as the rest of the budget holds at the timed speed of
   one, after INIT_SECONDS for loading the experts and initialising, counted again once the
   experts are trained (their estimate is of uncompiled training, so compiled experts leave more
-  time than planned, and that time goes to more iterations: `fit_iterations`); the loop also stops
+  time than planned, which goes to another round of experts where one fits, else to more
+  iterations; after a further round, fewer: `fit_iterations`, so that a schedule over the
+  iterations such as DATM's window runs its whole course); the loop also stops
   before an iteration that would pass the budget (the `budget_s` setting), so a slower machine
   than timed still ends in time, with its set checkpointed and saved.
 
@@ -166,11 +168,12 @@ def experts_that_fit(config, experts_s: float, workers: int, iteration_s: float)
 
 def fit_iterations(method, experts_s: float, iteration_s: float):
     """`method`'s budgeted configuration with its iterations (and what follows them, such as
-    DATM's window) counted again from the experts' actual cost, or unchanged when fewer would
-    fit than planned (the loop's budget check stops it in time)."""
+    DATM's window) counted again from the experts' actual cost: more where they cost less than
+    planned, fewer where more of them were trained (`experts_that_fit`) or they took longer, so
+    that a schedule over the iterations (DATM's window) runs its whole course in the budget."""
     c = method.config
-    iterations = iterations_left(c.budget_s, experts_s, iteration_s)
-    if iterations <= c.iterations:
+    iterations = max(1, iterations_left(c.budget_s, experts_s, iteration_s))
+    if iterations == c.iterations:
         return c
     return _sized(method, c, c.experts, c.expert_train_epochs, iterations, c.budget_s)
 
