@@ -47,9 +47,11 @@ def cli_config_and_data(flags: list[str], fashion_root: Path):
     """The ExpertConfig and prepared data `ddtool buffer FLAGS` trains with (for reference stores)."""
     from ddtool.cli.buffer import buffer, config_from_options
     from ddtool.data import prepare
+    from ddtool.experts import for_data
 
     config = config_from_options(buffer.make_context("buffer", list(flags)).params)
-    return config, prepare(config.dataset, str(fashion_root), zca=config.zca, device=torch.device("cpu"))
+    data = prepare(config.dataset, str(fashion_root), zca=config.zca, device=torch.device("cpu"))
+    return for_data(config, data), data
 
 
 def trained_now(stdout: str) -> int:
