@@ -219,13 +219,18 @@ def build_config(method_cls: type[Method], preset: str | None, overrides: dict[s
     return config
 
 
+def current_name(config_class: type, name: str) -> str:
+    """The setting `name` of `config_class` as it is called now (an old name from its
+    `renamed_settings` becomes the new one; any other name stays)."""
+    return getattr(config_class, "renamed_settings", {}).get(name, name)
+
+
 def current_names(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
     """`settings` with each old name `config_class` lists in its `renamed_settings` replaced by
     the current one; ConfigError when a setting is given under both names."""
-    renamed = getattr(config_class, "renamed_settings", {})
     current: dict[str, Any] = {}
     for name, value in settings.items():
-        new = renamed.get(name, name)
+        new = current_name(config_class, name)
         if new != name and new in settings:
             raise ConfigError(f"{name} is the former name of {new}, and both were given; keep {new}={settings[new]} "
                               f"or {name}={value}, not both.")
@@ -250,7 +255,7 @@ def parse_overrides(config_class: type, pairs: tuple[str, ...]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}.")
         key, text = (part.strip() for part in pair.split("=", 1))
-        key = getattr(config_class, "renamed_settings", {}).get(key, key)
+        key = current_name(config_class, key)
         if key not in hints:
             known = f"settings: {', '.join(sorted(hints))}" if hints else "this method has no settings"
             raise ConfigError(f"No setting {key!r}; {known}.")
