@@ -84,8 +84,15 @@ def test_unknown_method_and_setting_are_config_errors():
         get_method_class("nope")
     with pytest.raises(ConfigError, match="no setting"):
         build_config(get_method_class("mtt"), None, {"ee": 2})
-    with pytest.raises(ConfigError, match="expert_train_epochs"):
+    with pytest.raises(ConfigError, match="lower max_start_epoch to at most 2, or raise expert_train_epochs to 4"):
         tiny_mtt(max_start_epoch=3, match_span_epochs=2, expert_train_epochs=3)
+    # a span longer than the experts: no start epoch fits it, so the span is what to lower
+    with pytest.raises(ConfigError, match="lower match_span_epochs to at most 3 with max_start_epoch=1, or raise "
+                                          "expert_train_epochs to 6"):
+        tiny_mtt(max_start_epoch=2, match_span_epochs=5, expert_train_epochs=3)
+    with pytest.raises(ConfigError, match="lower max_start_epoch_final to at most 2, or raise expert_train_epochs"):
+        datm.DATMConfig(**{**dataclasses.asdict(tiny_mtt()), "labels": "learned", "max_start_epoch": 1, "max_start_epoch_final": 4,
+                           "match_span_epochs": 2, "expert_train_epochs": 3})
     # caught at the boundary, not deep in the loop (an empty minibatch, NaN soft labels)
     for bad, match in (({"batch_syn": -1}, "batch_syn"), ({"eval_every": -1}, "eval_every"),
                        ({"soft_label_temperature": 0.0}, "soft_label_temperature"), ({"lr_label": 0.0}, "lr_label"),

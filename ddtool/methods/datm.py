@@ -45,11 +45,7 @@ class DATMConfig(TrajectoryConfig):
         if final < self.max_start_epoch:
             raise ConfigError("max_start_epoch_final must be at least max_start_epoch.")
         if final - 1 + self.match_span_epochs > self.expert_train_epochs:
-            need = final - 1 + self.match_span_epochs
-            raise ConfigError(f"Start epochs up to {final - 1} plus match_span_epochs={self.match_span_epochs} need "
-                              f"experts of {need} epochs (expert_train_epochs={self.expert_train_epochs}): lower "
-                              f"max_start_epoch_final to at most {self.expert_train_epochs - self.match_span_epochs + 1}"
-                              f", or raise expert_train_epochs to {need}.")
+            raise ConfigError(self.span_error("max_start_epoch_final", final))
         if self.gate_threshold < 0 or self.window_grow_iterations < 0:
             raise ConfigError("gate_threshold and window_grow_iterations must be >= 0.")
         if self.correct_only_init and self.labels != "learned":

@@ -141,13 +141,7 @@ class TrajectoryConfig:
             raise ConfigError("Need 0 <= min_start_epoch < max_start_epoch.")
         # Start epochs are drawn from [min, max): the last, max - 1, needs max - 1 + M stored epochs.
         if self.max_start_epoch - 1 + self.match_span_epochs > self.expert_train_epochs:
-            raise ConfigError(
-                f"Start epochs up to {self.max_start_epoch - 1} plus match_span_epochs={self.match_span_epochs} "
-                f"need experts trained for at least {self.max_start_epoch - 1 + self.match_span_epochs} epochs "
-                f"(expert_train_epochs={self.expert_train_epochs}): lower max_start_epoch to at most "
-                f"{self.expert_train_epochs - self.match_span_epochs + 1}, or raise expert_train_epochs to "
-                f"{self.max_start_epoch - 1 + self.match_span_epochs}."
-            )
+            raise ConfigError(self.span_error("max_start_epoch", self.max_start_epoch))
         if ":" in self.arch:
             raise ConfigError(f"arch={self.arch!r}: name the network alone (e.g. arch=convnet, or an alias such as "
                               "arch=convnet-bn); width and depth are settings of their own.")
@@ -177,6 +171,18 @@ class TrajectoryConfig:
         if min(self.lr_floor_patience, self.loss_window) < 1:
             raise ConfigError("lr_floor_patience and loss_window count iterations: at least 1.")
         check_precision(self.expert_precision, "expert_precision")
+
+    def span_error(self, start_setting: str, max_start: int) -> str:
+        """Why start epochs below `max_start` (the setting `start_setting`) plus the span M do
+        not fit in the experts' E epochs, and which settings to change."""
+        last, span, epochs = max_start - 1, self.match_span_epochs, self.expert_train_epochs
+        if span <= epochs:  # start epochs below E - M + 1 leave room for the span
+            lower = f"lower {start_setting} to at most {epochs - span + 1}"
+        else:  # no start epoch does: the span itself must shrink
+            lower = f"lower match_span_epochs to at most {epochs}" + (f" with {start_setting}=1" if last else "")
+        return (f"Start epochs up to {last} plus match_span_epochs={span} need experts trained for at least "
+                f"{last + span} epochs (expert_train_epochs={epochs}): {lower}, or raise expert_train_epochs to "
+                f"{last + span}.")
 
     def unused_settings(self) -> dict[str, str]:
         """{setting: why} for the settings the chosen network ignores (build_config refuses them
