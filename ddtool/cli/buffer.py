@@ -17,7 +17,8 @@ from ddtool.experts.config import LR_DECAYS, OPTIMIZERS, ExpertConfig
 from ddtool.experts.execution import UNCOMPILED_NOTE, plan_execution, training_images
 from ddtool.durations import format_duration
 from ddtool.experts.plan import estimate_training_time, for_data, inspect_store, store_path_for
-from ddtool.experts.runner import Shard, merge_shards, run_buffer
+from ddtool.experts.merge import merge_shards
+from ddtool.experts.runner import Shard, run_buffer
 from ddtool.experts.store import ExpertStore, experts_folder, read_manifest
 from ddtool.training import PRECISIONS
 

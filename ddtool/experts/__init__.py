@@ -18,7 +18,8 @@ from ddtool.experts.plan import (
     TrainingEstimate, default_cache_dir, estimate_training_time, find_or_plan_store, for_data,
     store_path_for,
 )
-from ddtool.experts.runner import BufferResult, Shard, merge_shards, run_buffer
+from ddtool.experts.merge import merge_shards
+from ddtool.experts.runner import BufferResult, Shard, run_buffer
 from ddtool.experts.store import ExpertStore, read_manifest
 from ddtool.experts.train import Trajectory, train_expert
 

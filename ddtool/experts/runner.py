@@ -1,4 +1,4 @@
-"""Filling a store: train the experts it lacks (resumable, shardable), and merge shards.
+"""Filling a store: train the experts it lacks (resumable, shardable; shards merge through experts/merge.py).
 
 Resuming is skipping: an expert is a pure function of (configuration, index), so experts
 already in the store are skipped and an interrupted expert continues from its per-epoch
@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,16 +41,14 @@ from ddtool.errors import ConfigError, DDToolError, FormatError
 from ddtool.experts.config import ExpertConfig
 from ddtool.experts.execution import ExpertExecution, plan_execution, torch_threads
 from ddtool.experts.checkpoint import load_progress
-from ddtool.experts.manifest import (
-    ExpertRecord, StoreManifest, build_manifest, merge_differences, raise_if_differences,
-)
+from ddtool.experts.manifest import ExpertRecord, build_manifest
 from ddtool.experts.plan import stored_experts
-from ddtool.experts.store import (
-    StoreWriter, expert_file_name, experts_folder, read_expert_record, read_manifest,
-)
+from ddtool.experts.merge import merge_shards, remove_store
+from ddtool.experts.progress import ShardProgress, WorkersProgress
+from ddtool.experts.store import StoreWriter, expert_file_name, experts_folder, read_expert_record
 from ddtool.experts.train import Trajectory, expert_layout, train_expert, training_split
 from ddtool.memory import keep_freed_memory, keeping_freed_memory
-from ddtool.files import exclusive_lock, write_atomically
+from ddtool.files import exclusive_lock
 from ddtool.training import EpochStats
 
 
@@ -150,7 +147,7 @@ def _train_one_at_a_time(config: ExpertConfig, data: PreparedData, device: torch
     """Train the experts `claims` gets, in this process; the experts trained."""
     trained = []
     with ExitStack() as bars, torch_threads(execution.threads):
-        report = _Progress(bars, total, done, config.epochs) if progress else None
+        report = ShardProgress(bars, total, done, config.epochs) if progress else None
         claims.on_adopt = report.finish_expert if report else None
         while claims.pending:
             index = claims.claim()
@@ -228,7 +225,7 @@ def _train_in_workers(config: ExpertConfig, data: PreparedData, device: torch.de
     trained = []
     try:
         with ExitStack() as bars:
-            report = _WorkersProgress(bars, total, done, config.epochs, len(claims.pending), execution.workers) \
+            report = WorkersProgress(bars, total, done, config.epochs, len(claims.pending), execution.workers) \
                 if progress else None
             claims.on_adopt = report.adopted if report else None
             while claims.pending or running:
@@ -391,7 +388,7 @@ def _describe_holder(holder: str) -> str:
     return f"another process (pid {pid}{where})"
 
 
-def _drain(events, report: "_WorkersProgress | None") -> None:
+def _drain(events, report: "WorkersProgress | None") -> None:
     while True:
         try:
             index, done, stats, seconds = events.get_nowait()
@@ -428,152 +425,7 @@ def _run_over_ranks(config: ExpertConfig, store: Path, data: PreparedData, devic
         if paths:
             merge_shards(paths, store)
         for path in paths:  # the merged store hard-links (or copies) their expert files
-            _remove_store(path)
+            remove_store(path)
     distributed.barrier()  # no rank reads the store before it is merged
     return BufferResult(store, tuple(sorted(i for r in reports for i in r.trained)),
                         tuple(sorted(i for r in reports for i in r.skipped)))
-
-
-def _remove_store(path: Path) -> None:
-    shutil.rmtree(experts_folder(path), ignore_errors=True)
-    path.unlink(missing_ok=True)
-
-
-def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Merge shard stores (and `out`, if it exists) into the store `out`, experts in index
-    order; an expert `out` holds already is kept. ConfigError if they differ in configuration
-    or hold the same expert twice, FormatError if a shard's expert file is missing or
-    unreadable. Everything is checked before anything is written, and a merge that fails
-    part-way is undone: it leaves no new file behind and `out` as it was."""
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ConfigError("Nothing to merge: name the shard stores.")
-    out = Path(out)
-    manifests = [read_manifest(p) for p in paths]
-    reference, reference_path = manifests[0], paths[0]
-    for path, manifest in zip(paths[1:], manifests[1:]):
-        raise_if_differences(
-            merge_differences(reference, manifest),
-            f"The shards {reference_path} and {path} were trained with different configurations",
-            "Only shards of one configuration (one `ddtool buffer` command with different --shard) merge.",
-        )
-    owner: dict[int, Path] = {}
-    for path, manifest in zip(paths, manifests):
-        for record in manifest.experts:
-            if record.index in owner and owner[record.index] != path:
-                raise ConfigError(f"Expert {record.index} is in both {owner[record.index]} and {path}; "
-                                  "merge each shard once.")
-            owner[record.index] = path
-    sources = [_checked_expert_file(path, manifest, record)
-               for path, manifest in zip(paths, manifests) for record in manifest.experts]
-    if out.exists():  # before anything is written: an `out` of another configuration stays as it is
-        raise_if_differences(
-            merge_differences(read_manifest(out), reference),
-            f"The expert store {out} was made with a different configuration",
-            "Use another --out path, or the same settings as that store.",
-        )
-    with _undone_on_failure(out):
-        writer = StoreWriter.open(out, reference)
-        held = writer.completed()
-        for index, source in sources:
-            if index not in held:
-                writer.add_file(source)
-        writer.flush()
-    return out
-
-
-def _checked_expert_file(store: Path, manifest: StoreManifest, record: ExpertRecord) -> tuple[int, Path]:
-    """(index, file) of an expert the store's index lists; FormatError if the file is missing,
-    unreadable or not that expert."""
-    file = store.parent / record.file
-    folder = experts_folder(store)
-    try:
-        found = read_expert_record(file, manifest.fingerprint, manifest.epochs)
-        if found.index != record.index:
-            raise FormatError(f"{file} holds expert {found.index}, not {record.index}.")
-    except FormatError as exc:
-        problem = f"its file {file} does not exist" if not file.exists() else str(exc).rstrip(".")
-        raise FormatError(
-            f"Expert {record.index} of the store {store} cannot be read: {problem}. A store is its index file "
-            f"{store.name} and the folder {folder.name}/ beside it, which holds the experts' files; copy or move "
-            f"the two together (is {folder} missing?). Nothing was merged or written."
-        ) from None
-    return record.index, file
-
-
-@contextmanager
-def _undone_on_failure(out: Path) -> Iterator[None]:
-    """If the block fails, remove what it added to the store `out`: the files new in its
-    folder (the folder too, if it was new) and the index if it was new; an existing index
-    gets its old bytes back."""
-    folder = experts_folder(out)
-    index = out.read_bytes() if out.exists() else None
-    folder_existed = folder.exists()
-    before = set(folder.iterdir()) if folder.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        if not folder_existed:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif folder.is_dir():
-            for file in set(folder.iterdir()) - before:
-                file.unlink(missing_ok=True)
-        if index is None:
-            out.unlink(missing_ok=True)
-        elif out.read_bytes() != index:
-            write_atomically(out, index)
-        raise
-
-
-class _Progress:
-    """Two tqdm bars: experts of this shard, and epochs of the current expert (images/s, ETA)."""
-
-    def __init__(self, bars: ExitStack, total: int, done: int, epochs: int):
-        self.epochs = epochs
-        self.experts = bars.enter_context(tqdm(total=total, initial=done, desc="experts", unit="expert",
-                                               position=0, dynamic_ncols=True))
-        self.epoch_bar = bars.enter_context(tqdm(total=epochs, desc="epochs", unit="epoch", position=1,
-                                                 leave=False, dynamic_ncols=True))
-
-    def start_expert(self, index: int):
-        self.epoch_bar.reset(total=self.epochs)
-        self.epoch_bar.set_description(f"expert {index}", refresh=False)
-        self.epoch_bar.set_postfix_str("", refresh=False)  # the previous expert's numbers
-
-        def on_epoch(done: int, stats: EpochStats, seconds: float) -> None:
-            self.epoch_bar.update(done - self.epoch_bar.n)  # a resumed expert jumps to its epoch
-            self.epoch_bar.set_postfix(loss=f"{stats.loss:.3f}", img_s=f"{stats.images / max(seconds, 1e-9):,.0f}")
-
-        return on_epoch
-
-    def finish_expert(self, test_accuracy: float) -> None:
-        self.experts.update(1)
-        self.experts.set_postfix(last_test_acc=f"{test_accuracy:.4f}")
-
-
-class _WorkersProgress:
-    """Two tqdm bars for experts trained side by side: experts, and epochs over all of them."""
-
-    def __init__(self, bars: ExitStack, total: int, done: int, epochs: int, to_train: int, workers: int):
-        self.epochs = epochs  # an expert's
-        self.experts = bars.enter_context(tqdm(total=total, initial=done, desc="experts", unit="expert",
-                                               position=0, dynamic_ncols=True))
-        self.epoch_bar = bars.enter_context(tqdm(total=epochs * to_train, desc=f"epochs ({workers} experts at a time)",
-                                                 unit="epoch", position=1, leave=False, dynamic_ncols=True))
-        self.seen: dict[int, int] = {}
-
-    def epoch(self, index: int, done: int, stats: EpochStats, seconds: float) -> None:
-        # a resumed expert's first report counts its earlier epochs too
-        self.epoch_bar.update(done - self.seen.get(index, 0))
-        self.seen[index] = done
-        self.epoch_bar.set_postfix(expert=index, loss=f"{stats.loss:.3f}",
-                                   img_s=f"{stats.images / max(seconds, 1e-9):,.0f}")
-
-    def finish_expert(self, test_accuracy: float) -> None:
-        self.experts.update(1)
-        self.experts.set_postfix(last_test_acc=f"{test_accuracy:.4f}")
-
-    def adopted(self, test_accuracy: float) -> None:
-        """An expert another process trained: its epochs count as done here too."""
-        self.epoch_bar.update(self.epochs)
-        self.finish_expert(test_accuracy)
