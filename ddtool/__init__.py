@@ -11,7 +11,7 @@ The Python API mirrors the commands (the same configurations, presets and settin
     again = ddtool.distill(**ddtool.recorded_run("fmnist_datm10.h5"))  # the same run, from the set's record
 
 Architecture, one concern per subpackage, in the order data flows:
-data -> networks -> augment -> experts -> matching -> methods -> storage -> evaluation -> run
+data -> networks -> augment -> experts -> matching -> storage -> evaluation -> methods -> run
 -> cli. `ddtool.run` is where a run is assembled; the CLI parses and prints over it.
 """
 

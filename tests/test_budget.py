@@ -214,6 +214,11 @@ def test_experts_that_train_faster_than_timed_make_room_for_more_rounds_of_them(
     # a round always leaves the least number of iterations their time (50 x 10 s + 20 s here)
     assert budget.experts_that_fit(config, 200.0, 2, 10.0) == 4
     assert budget.experts_that_fit(config, 690.0, 2, 2.0) == 2
+    # a run given the long unroll keeps the iterations it was chosen for: after a second round
+    # 400 s are left, enough for 50 iterations of 3 s (and the set-up), not for 150
+    long = dataclasses.replace(config, syn_steps=budget.LONG_UNROLL)
+    assert budget.experts_that_fit(config, 200.0, 2, 3.0) == 6
+    assert budget.experts_that_fit(long, 200.0, 2, 3.0) == 4
 
     # inside a run: one expert was planned; the budget's share holds a second, trained before matching
     monkeypatch.setattr(budget, "INIT_SECONDS", 0.0)

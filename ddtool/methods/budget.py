@@ -9,7 +9,8 @@ machine before any work:
   the budget (E at most MAX_EXPERT_EPOCHS; a budget with room beyond that trains more experts,
   a round of them at a time, up to MAX_EXPERTS). Expert speed is timed uncompiled, so compiled
   experts finish early: once they are trained, their recorded cost says how long a round took,
-  and further rounds are trained while they fit in the share (`experts_that_fit`);
+  and further rounds are trained while they fit in the share and leave the iterations the
+  unroll needs (`experts_that_fit`);
 - matching: start epochs spread over the trajectory in proportion to E (the method's
   `budget_settings`), so longer experts are matched further along;
 - the unroll: N = LONG_UNROLL student steps (where the preset has fewer) when the rest of the
@@ -151,16 +152,24 @@ def iterations_left(seconds: float, experts_s: float, iteration_s: float) -> int
     return int((seconds - experts_s - INIT_SECONDS) / iteration_s)
 
 
+def least_iterations(config) -> int:
+    """The outer iterations a budgeted run keeps when it adds experts: LONG_UNROLL_ITERATIONS once
+    its unroll is LONG_UNROLL steps or more (what the long unroll was chosen for), else
+    MIN_ITERATIONS."""
+    return LONG_UNROLL_ITERATIONS if config.syn_steps >= LONG_UNROLL else MIN_ITERATIONS
+
+
 def experts_that_fit(config, experts_s: float, workers: int, iteration_s: float) -> int:
     """How many experts `config`'s budget holds, now that its `config.experts` cost `experts_s`
     (their recorded wall-clock): more rounds of `workers` experts, each costing what a round
-    cost so far, while the experts stay within EXPERT_SHARE of the budget and MIN_ITERATIONS
+    cost so far, while the experts stay within EXPERT_SHARE of the budget and `least_iterations`
     outer iterations of `iteration_s` still fit after them."""
     rounds = math.ceil(config.experts / workers)
     round_s = experts_s / rounds
     experts = config.experts
+    kept_s = least_iterations(config) * iteration_s + INIT_SECONDS
     while (experts + workers <= MAX_EXPERTS and experts_s + round_s <= EXPERT_SHARE * config.budget_s
-           and config.budget_s - experts_s - round_s >= MIN_ITERATIONS * iteration_s + INIT_SECONDS):
+           and config.budget_s - experts_s - round_s >= kept_s):
         experts += workers
         experts_s += round_s
     return experts
