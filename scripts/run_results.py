@@ -81,11 +81,14 @@ class Cell:
     archs: tuple[str, ...] = ()  # () : the network the set was distilled for
     baselines: bool = True  # also train the matched random-subset baseline
     preset: str | None = None  # None: the method's default (its fashion-cpu presets)
+    budget: str | None = None  # a wall-clock budget ("30m"): the default recipe sized to it, no preset named
     notes: dict = field(default_factory=dict, compare=False)
 
     def recipe(self) -> list[str]:
         """The `ddtool distill` arguments that choose the set: method, IPC, preset, settings."""
         arguments = ["--method", self.method, "--ipc", str(self.ipc)]
+        if self.budget:  # the default recipe: the method's preset for the IPC, sized to the budget on this machine
+            return arguments + ["--budget", self.budget]
         # named even when it is the method's default: without a preset, distill would size a
         # trajectory run to its default time budget instead of running the preset as it is
         preset = self.preset or self.method_class().default_preset
@@ -190,8 +193,21 @@ def gpu_table(ipcs=(1, 10, 50)) -> list[Cell]:
             for method in GPU_METHODS for ipc in ipcs]
 
 
-TABLES = {"main": main_table, "ablation": ablation_table, "cross-arch": cross_arch_table, "gpu": gpu_table}
-DEFAULT_TABLES = ("main", "ablation", "cross-arch")  # what a plain `run` makes: a CPU's tables
+# The default recipe of `ddtool distill` on a CPU (DATM sized to a wall-clock budget,
+# docs/budget.md) at the budgets the accuracy-against-time plot shows, per IPC.
+BUDGETS = ((1, "60m"), (10, "10m"), (10, "30m"), (10, "60m"), (50, "60m"))
+
+
+def budget_table() -> list[Cell]:
+    return [Cell(key=f"datm-ipc{ipc}-{budget}", label=f"IPC {ipc}, {budget}", method="datm", ipc=ipc, budget=budget,
+                 path=SETS / "budget" / f"{DATASET}_datm_ipc{ipc}_budget{budget}_seed0.h5") for ipc, budget in BUDGETS]
+
+
+TABLES = {"main": main_table, "ablation": ablation_table, "cross-arch": cross_arch_table, "gpu": gpu_table,
+          "budget": budget_table}
+# What a plain `run` makes: a CPU's tables. The budget table's runs time themselves against the
+# clock, so they are made only when named, on a machine with nothing else running.
+DEFAULT_TABLES = ("main", "ablation", "cross-arch")
 
 
 # ---- reading what is done ------------------------------------------------------------------------
@@ -263,7 +279,7 @@ def preset_drift(cell: Cell, sset) -> dict[str, tuple]:
     from ddtool.storage.synthetic_set import to_plain
 
     config = cell.config()
-    if not is_dataclass(config):
+    if not is_dataclass(config) or cell.budget:  # a budget sizes the run on the machine, not from the preset alone
         return {}
     stored = current_names(type(config), sset.config or {})  # a set made before a rename records the old name
     # the values as the file stores them (JSON: tuples as lists, floats exact), so equal means equal
@@ -602,7 +618,48 @@ def render_gpu(cells: list[Cell]) -> str:
     return render_main(cells)
 
 
-RENDER = {"main": render_main, "ablation": render_ablation, "cross-arch": render_cross_arch, "gpu": render_gpu}
+def budget_points(cells: list[Cell]) -> list[tuple[Cell, object, dict]]:
+    """(cell, set, its own evaluation record) for each budget cell that is made and evaluated."""
+    return [(c, sset, record) for c in cells if (sset := load(c)) is not None
+            and (record := own_record(c, sset)) is not None]
+
+
+def bars_at(ipc: int) -> dict[str, dict | None]:
+    """The bars a budgeted set is read against at `ipc`, from the main table's sets: herding
+    (its own protocol), and random real images with a teacher's soft labels (the random subset
+    the curriculum rows are evaluated beside, under the kd protocol)."""
+    main = {c.key: c for c in main_table(ipcs=(ipc,))}
+    herding = main[f"herding-ipc{ipc}"]
+    record = own_record(herding, load(herding))
+    kd = next((base for key in (f"sre2l-ipc{ipc}", f"cda-ipc{ipc}") if (sset := load(main[key])) is not None
+               and (r := own_record(main[key], sset)) is not None
+               and (base := r.get("baselines", {}).get("random_subset"))), None)
+    return {"herding": record, "random + KD": kd}
+
+
+def render_budget(cells: list[Cell]) -> str:
+    lines = ["| IPC | budget | cost: experts + distillation (`timings`) | test accuracy, datm protocol | matched random "
+             "subset | herding (classic) | random + teacher's soft labels (kd) |", "|---|---|---|---|---|---|---|"]
+    made = {c.key: (sset, record) for c, sset, record in budget_points(cells)}
+    for c in cells:
+        bars = bars_at(c.ipc)
+        herding = pct(bars["herding"]["mean"], bars["herding"]["std"]) if bars["herding"] else "-"
+        kd = pct(bars["random + KD"]["mean"], bars["random + KD"]["std"]) if bars["random + KD"] else "-"
+        if c.key not in made:
+            lines.append(f"| {c.ipc} | {c.budget} | not run | | | {herding} | {kd} |")
+            continue
+        sset, record = made[c.key]
+        t = sset.timings or {}
+        cost = (f"{t['total_s'] / 60:.1f} min ({t['experts_s'] / 60:.1f} + {t['distill_s'] / 60:.1f})"
+                if t.get("total_s") is not None and t.get("experts_s") is not None else "-")
+        base = record.get("baselines", {}).get("random_subset")
+        lines.append(f"| {c.ipc} | {c.budget} | {cost} | {pct(record['mean'], record['std'])} | "
+                     f"{pct(base['mean'], base['std']) if base else '-'} | {herding} | {kd} |")
+    return "\n".join(lines)
+
+
+RENDER = {"main": render_main, "ablation": render_ablation, "cross-arch": render_cross_arch, "gpu": render_gpu,
+          "budget": render_budget}
 
 
 def table_records(name: str, cells: list[Cell]):
@@ -651,8 +708,9 @@ def write_tables(tables: dict[str, str], page: Path = RESULTS_PAGE) -> list[str]
     return written
 
 
-def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[Path]:
-    """Accuracy against IPC per method, the matching loss over iterations, an image grid per set."""
+def plots(main: list[Cell], ablation: list[Cell], budget: list[Cell], folder: Path = PLOTS) -> list[Path]:
+    """Accuracy against IPC per method, the matching loss over iterations, accuracy against a
+    budget's wall-clock, an image grid per set."""
     from ddtool.storage import save_grid_png
 
     from ddtool.storage.picture import auto_grid_scale
@@ -719,8 +777,40 @@ def plots(main: list[Cell], ablation: list[Cell], folder: Path = PLOTS) -> list[
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "matching_loss.png", dpi=120)
+    made.append(folder / "matching_loss.png")
+    if (path := plot_budget(plt, budget, folder)) is not None:
+        made.append(path)
     plt.close("all")
-    return made + [folder / "matching_loss.png"]
+    return made
+
+
+def plot_budget(plt, cells: list[Cell], folder: Path) -> Path | None:
+    """Test accuracy against the wall-clock a set cost (experts + distillation), one panel per
+    IPC with budgeted sets, beside the bars whose cost is near zero: the matched random subset,
+    herding, random real images with a teacher's soft labels."""
+    points = budget_points(cells)
+    ipcs = sorted({c.ipc for c, _, _ in points})
+    if not ipcs:
+        return None
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs) + 1.5, 4), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        mine = sorted(((sset.timings["total_s"] / 60, record) for c, sset, record in points
+                       if c.ipc == ipc and (sset.timings or {}).get("total_s") is not None), key=lambda p: p[0])
+        ax.errorbar([m for m, _ in mine], [100 * r["mean"] for _, r in mine], [100 * r["std"] for _, r in mine],
+                    marker="o", capsize=3, color="tab:blue", label="default recipe (DATM, budgeted)")
+        bars = {"matched random subset": next((base for _, r in mine
+                                               if (base := r.get("baselines", {}).get("random_subset"))), None),
+                **bars_at(ipc)}
+        for (name, figures), style in zip(bars.items(), ("--", "-.", ":")):
+            if figures:
+                ax.axhline(100 * figures["mean"], color="grey", ls=style, lw=1,
+                           label=f"{name} {100 * figures['mean']:.1f}")
+        ax.set(xlabel="minutes: experts + distillation (2-core CPU)", ylabel="test accuracy (%)",
+               title=f"Fashion-MNIST, IPC {ipc}", xlim=(0, max(65, max(m for m, _ in mine) + 5)))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy_vs_budget.png", dpi=120)
+    return folder / "accuracy_vs_budget.png"
 
 
 def render_tables() -> dict[str, str]:
@@ -834,7 +924,7 @@ def main() -> None:
     if write_tables({"files": render_files()}, SETS / "README.md"):
         print("synthetic_sets/README.md file list updated")
     if args.make_plots:
-        for path in plots(main_table(), ablation_table()):
+        for path in plots(main_table(), ablation_table(), budget_table()):
             print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -110,10 +110,39 @@ def test_plots_are_written_as_png(tmp_path, results):
     pytest.importorskip("matplotlib")
     cells = [_evaluated_set(tmp_path / f"m{ipc}.h5", results, "mtt", ipc, 0.7 + ipc / 1000) for ipc in (1, 10)]
     (tmp_path / "m10.log.jsonl").write_text('{"iteration": 0, "loss": 0.9}\n{"iteration": 1, "loss": 0.8}\n')
-    made = results.plots(cells, [], folder=tmp_path / "plots")
+    made = results.plots(cells, [], [], folder=tmp_path / "plots")
     assert {p.name for p in made} == {"grid_mtt_ipc10.png", "accuracy_vs_ipc.png", "matching_loss.png"}
+    budget = [_budgeted_set(tmp_path / "b10.h5", results, "10m", 540.0, 0.78),
+              _budgeted_set(tmp_path / "b30.h5", results, "30m", 1790.0, 0.82)]
+    made = results.plots(cells, [], budget, folder=tmp_path / "plots")
+    assert "accuracy_vs_budget.png" in {p.name for p in made}
     for path in made:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 300
+
+
+def _budgeted_set(path, results, budget: str, total_s: float, mean: float):
+    sset = make_set(channels=1, size=6)
+    sset.method = "datm"
+    sset.config = {"student_arch": "convnet:width=32"}
+    sset.timings = {"experts_s": 0.7 * total_s, "distill_s": 0.3 * total_s, "total_s": total_s, "hardware": "cpu"}
+    save_synthetic_set(path, sset)
+    append_evaluation(path, _record("datm", 1000, 5, "convnet:width=32", mean))
+    return results.Cell(key=f"datm-ipc10-{budget}", label=budget, method="datm", ipc=10, budget=budget, path=path)
+
+
+def test_budget_table_reads_each_sets_cost_and_the_bars_beside_it(tmp_path, results):
+    budget = [_budgeted_set(tmp_path / "b30.h5", results, "30m", 1800.0, 0.82),
+              results.Cell(key="datm-ipc10-60m", label="60m", method="datm", ipc=10, budget="60m",
+                           path=tmp_path / "absent.h5")]
+    assert budget[0].recipe() == ["--method", "datm", "--ipc", "10", "--budget", "30m"]  # no preset: the default recipe
+    assert results.preset_drift(budget[0], results.load(budget[0])) == {}  # sized by the machine, not the preset
+    rows = results.render_budget(budget).splitlines()[2:]
+    # the herding and random + KD bars are the shipped main-table sets' records at IPC 10
+    herding = results.own_record(*(lambda c: (c, results.load(c)))(
+        next(c for c in results.main_table(ipcs=(10,)) if c.method == "herding")))
+    shown = f"{100 * herding['mean']:.2f} ± {100 * herding['std']:.2f}"
+    assert rows[0].startswith("| 10 | 30m | 30.0 min (21.0 + 9.0) | 82.00 ± 0.00 | 50.00 ± 1.00 | " + shown)
+    assert rows[1].startswith("| 10 | 60m | not run |")
 
 
 def test_whole_dataset_reference_is_trained_once_per_recipe_and_shown(tmp_path, results, fashion_root, monkeypatch):
