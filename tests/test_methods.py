@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -556,3 +557,26 @@ def test_the_auto_backend_takes_bptt_where_its_graph_fits_and_the_set_records_th
     assert trajectory.MTT(tiny_mtt(backend="exact")).choose_backend(ctx).name == "exact"
     assert run_fingerprint("mtt", tiny_mtt(), "fashion-mnist", 1, 0) == \
         run_fingerprint("mtt", tiny_mtt(backend="exact"), "fashion-mnist", 1, 0)
+
+
+def test_an_outer_iterations_timing_is_not_taken_from_one_slow_segment(tmp_path, data, monkeypatch):
+    # a warm-up, then three timed segments of which the first ran beside something else (10x
+    # slower): the budget sizes the run by the typical one, not by the outlier or the mean
+    durations = iter([0.5, 0.2, 0.02, 0.02])
+    real = trajectory_costs.get_backend
+
+    def slow_backend(name):
+        backend = real(name)
+
+        def run(unroll, syn):
+            result = backend(unroll, syn)
+            time.sleep(next(durations))
+            return result
+        return run
+
+    monkeypatch.setattr(trajectory_costs, "get_backend", slow_backend)
+    config = tiny_mtt(syn_steps=3)
+    ctx = context(tmp_path, data)
+    seconds = trajectory_costs.time_outer_iteration(config, ctx, "bptt", trajectory.MTT(config)._inner_steps)
+    assert 0.02 <= seconds < 0.06  # 0.2 s would mean the slow segment was taken, 0.08 the mean
+    assert next(durations, None) is None  # every timing was made

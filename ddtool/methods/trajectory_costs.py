@@ -9,6 +9,7 @@ random images of the set's size, on the run's device.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,8 @@ from ddtool.methods.base import DistillContext
 from ddtool.methods.trajectory_config import AUTO_BACKEND, TrajectoryConfig
 from ddtool.networks import ParamLayout, create_network
 from ddtool.seeding import derive_seed, generator, seeded
+
+TIMED_SEGMENTS = 3  # timings of an outer iteration's stand-in segment, of which the median counts
 
 # (set's shape, generator, DSA or None) -> the inner steps of one segment (TrajectoryMatching._inner_steps)
 InnerSteps = Callable[[torch.Size, torch.Generator, DSA | None], list[InnerStep]]
@@ -103,7 +106,11 @@ def time_outer_iteration(config: TrajectoryConfig, ctx: DistillContext, backend:
     """Seconds an outer iteration should take on this device: `steps` inner steps of a stand-in
     segment (a fresh network's weights for the expert's, random images of the set's size) on
     `backend`, timed after a warm-up and scaled to syn_steps and this process's segments. The
-    experts are not needed, so a plan can say it before they are trained."""
+    experts are not needed, so a plan can say it before they are trained.
+
+    The median of TIMED_SEGMENTS timings: a budget sizes the run by it (and chooses its unroll),
+    and a single short timing is at the mercy of whatever else runs for that second (a process
+    that is ending took one here to 3x the speed the run then had)."""
     c, spec, device = config, ctx.data.spec, ctx.device
     net, layout = stand_in_network(c, ctx)
     start = layout.flatten(net).to(device)
@@ -131,4 +138,5 @@ def time_outer_iteration(config: TrajectoryConfig, ctx: DistillContext, backend:
 
     one_segment()  # warm-up: first calls allocate and pick kernels
     segments = len(distributed.indices_of_this_rank(c.segments_per_iteration))
-    return one_segment() / steps * c.syn_steps * segments
+    timed = statistics.median(one_segment() for _ in range(TIMED_SEGMENTS))
+    return timed / steps * c.syn_steps * segments
