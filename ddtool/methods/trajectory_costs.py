@@ -109,8 +109,8 @@ def time_outer_iteration(config: TrajectoryConfig, ctx: DistillContext, backend:
     experts are not needed, so a plan can say it before they are trained.
 
     The median of TIMED_SEGMENTS timings: a budget sizes the run by it (and chooses its unroll),
-    and a single short timing is at the mercy of whatever else runs for that second (a process
-    that is ending took one here to 3x the speed the run then had)."""
+    and a single short timing is at the mercy of whatever else runs during it (another process
+    ending can make it read several times slower than the run will go)."""
     c, spec, device = config, ctx.data.spec, ctx.device
     net, layout = stand_in_network(c, ctx)
     start = layout.flatten(net).to(device)
