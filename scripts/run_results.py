@@ -343,7 +343,7 @@ def adopt_recorded_baselines(cells: list[Cell], log) -> int:
     prepared, recorded = {}, []
     for cell in cells:
         sset = load(cell)
-        if sset is None or not any(r.get("baselines", {}).get("random_subset") for r in sset.evaluations):
+        if sset is None or not any(random_baseline(r) for r in sset.evaluations):
             continue
         zca = sset.preprocessing.zca  # describe() names a ZCA's eps, not its fit
         data_for = (sset.dataset, sset.preprocessing.describe(),
@@ -481,6 +481,16 @@ def pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def pct_of(figures: dict | None) -> str:
+    """An accuracy record's mean ± std, or "-" where there is none."""
+    return pct(figures["mean"], figures["std"]) if figures else "-"
+
+
+def random_baseline(record: dict) -> dict | None:
+    """The matched random-subset baseline an evaluation record carries, or None."""
+    return record.get("baselines", {}).get("random_subset")
+
+
 def minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.0f}"
 
@@ -513,7 +523,7 @@ def render_main(cells: list[Cell], references_path: Path = REFERENCES) -> str:
                 continue
             protocol = f"{record['protocol']['name']} ({record['protocol']['epochs']} ep)"
             accs.append(pct(record["mean"], record["std"]))
-            base = record.get("baselines", {}).get("random_subset")
+            base = random_baseline(record)
             randoms.append(f"{c.ipc}: {pct(base['mean'], base['std'])}" if base else "")
             times.append(f"{c.ipc}: {minutes(sset.config.get('seconds'))} + {evaluation_minutes(record)}")
         lines.append(f"| {method} | {protocol} | " + " | ".join(accs) + f" | {'; '.join(r for r in randoms if r)} | "
@@ -533,8 +543,8 @@ def render_ablation(cells: list[Cell]) -> str:
         experts = sset.config.get("expert_optimizer", "sgd")
         lines.append(f"| {c.label} | {pct(record['mean'], record['std'])} | {minutes(sset.config.get('seconds'))} | "
                      f"{evaluation_minutes(record)} | {experts} |")
-    base = next((r.get("baselines", {}).get("random_subset") for c in cells if (s := load(c))
-                 for r in [find_evaluation(c, s, None)] if r and r.get("baselines", {}).get("random_subset")), None)
+    base = next((random_baseline(r) for c in cells if (s := load(c))
+                 for r in [find_evaluation(c, s, None)] if r and random_baseline(r)), None)
     if base:
         lines.append(f"| random real images (matched baseline) | {pct(base['mean'], base['std'])} | | | |")
     return "\n".join(lines)
@@ -551,7 +561,7 @@ def render_cross_arch(cells: list[Cell]) -> str:
                 cells_.append("not run")
                 continue
             where = "" if str(record.get("device", "cpu")).startswith("cpu") else " (GPU)"
-            base = record.get("baselines", {}).get("random_subset") if c.baselines else None
+            base = random_baseline(record) if c.baselines else None
             cells_.append(pct(record["mean"], record["std"]) + where + (f" [{100 * base['mean']:.2f}]" if base else ""))
         lines.append(f"| {c.label} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
@@ -633,7 +643,7 @@ def bars_at(ipc: int) -> dict[str, dict | None]:
     record = own_record(herding, load(herding))
     kd = next((base for key in (f"sre2l-ipc{ipc}", f"cda-ipc{ipc}") if (sset := load(main[key])) is not None
                and (r := own_record(main[key], sset)) is not None
-               and (base := r.get("baselines", {}).get("random_subset"))), None)
+               and (base := random_baseline(r))), None)
     return {"herding": record, "random + KD": kd}
 
 
@@ -641,10 +651,9 @@ def render_budget(cells: list[Cell]) -> str:
     lines = ["| IPC | budget | cost: experts + distillation (`timings`) | test accuracy, datm protocol | matched random "
              "subset | herding (classic) | random + teacher's soft labels (kd) |", "|---|---|---|---|---|---|---|"]
     made = {c.key: (sset, record) for c, sset, record in budget_points(cells)}
+    bars = {ipc: bars_at(ipc) for ipc in {c.ipc for c in cells}}  # read once per IPC, not per row
     for c in cells:
-        bars = bars_at(c.ipc)
-        herding = pct(bars["herding"]["mean"], bars["herding"]["std"]) if bars["herding"] else "-"
-        kd = pct(bars["random + KD"]["mean"], bars["random + KD"]["std"]) if bars["random + KD"] else "-"
+        herding, kd = pct_of(bars[c.ipc]["herding"]), pct_of(bars[c.ipc]["random + KD"])
         if c.key not in made:
             lines.append(f"| {c.ipc} | {c.budget} | not run | | | {herding} | {kd} |")
             continue
@@ -652,9 +661,8 @@ def render_budget(cells: list[Cell]) -> str:
         t = sset.timings or {}
         cost = (f"{t['total_s'] / 60:.1f} min ({t['experts_s'] / 60:.1f} + {t['distill_s'] / 60:.1f})"
                 if t.get("total_s") is not None and t.get("experts_s") is not None else "-")
-        base = record.get("baselines", {}).get("random_subset")
-        lines.append(f"| {c.ipc} | {c.budget} | {cost} | {pct(record['mean'], record['std'])} | "
-                     f"{pct(base['mean'], base['std']) if base else '-'} | {herding} | {kd} |")
+        lines.append(f"| {c.ipc} | {c.budget} | {cost} | {pct_of(record)} | {pct_of(random_baseline(record))} | "
+                     f"{herding} | {kd} |")
     return "\n".join(lines)
 
 
@@ -679,7 +687,7 @@ def hardware_note(records) -> str:
     hardware of each run (theirs and their baselines') since 2026-12-01, older ones do not."""
     named, unnamed = {}, 0
     for record in records:
-        for acc in (record, record.get("baselines", {}).get("random_subset")):
+        for acc in (record, random_baseline(record)):
             if not acc:
                 continue
             hardware = acc.get("hardware") or {}
@@ -799,7 +807,7 @@ def plot_budget(plt, cells: list[Cell], folder: Path) -> Path | None:
         ax.errorbar([m for m, _ in mine], [100 * r["mean"] for _, r in mine], [100 * r["std"] for _, r in mine],
                     marker="o", capsize=3, color="tab:blue", label="default recipe (DATM, budgeted)")
         bars = {"matched random subset": next((base for _, r in mine
-                                               if (base := r.get("baselines", {}).get("random_subset"))), None),
+                                               if (base := random_baseline(r))), None),
                 **bars_at(ipc)}
         for (name, figures), style in zip(bars.items(), ("--", "-.", ":")):
             if figures:
