@@ -132,7 +132,7 @@ def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
     if base.syn_steps < LONG_UNROLL:
         longer = dataclasses.replace(sized, syn_steps=LONG_UNROLL)
         longer_s = type(method)(longer).time_iteration(ctx)
-        if iterations_left(seconds, experts_s, longer_s) >= LONG_UNROLL_ITERATIONS:
+        if iterations_left(seconds, experts_s, longer_s) >= least_iterations(longer):
             base, iteration_s = dataclasses.replace(base, syn_steps=LONG_UNROLL), longer_s
     iterations = iterations_left(seconds, experts_s, iteration_s)
     if iterations < MIN_ITERATIONS:
