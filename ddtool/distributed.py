@@ -19,7 +19,7 @@ import contextlib
 import os
 import re
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -160,6 +160,21 @@ def broadcast_object(obj: T) -> T:
     with _peers_expected():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_rank_zero(decide: Callable[[], T]) -> T:
+    """`decide()` on every rank, and rank 0's outcome on all: its result, or the ConfigError it
+    raised, raised on every rank. For decisions that measure this machine (a budget's timings):
+    each process would measure its own, and ranks that decided apart would wait on each other
+    for ever."""
+    try:
+        outcome: T | ConfigError = decide()
+    except ConfigError as error:
+        outcome = error
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, ConfigError):
+        raise outcome
+    return outcome
 
 
 @contextlib.contextmanager

@@ -210,7 +210,8 @@ def _size_to_budget(run: DistillRun, seconds: float) -> None:
 
     method_cls = type(run.method)
     saved = run.work_dir / BUDGET_PLAN
-    plan = fit_budget(run.method, run.ctx, seconds)
+    # each process times this machine for itself; under torchrun all take rank 0's sizing
+    plan = distributed.decided_by_rank_zero(lambda: fit_budget(run.method, run.ctx, seconds))
     if run.ctx.resume and saved.exists():
         # the interrupted run's sizing, so that it continues on the same experts and schedule
         saved_plan = json.loads(saved.read_text())

@@ -198,3 +198,52 @@ def test_segments_must_split_evenly_over_the_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match="multiple of 2"):
         MTT(tiny_mtt(segments_per_iteration=3)).distill(context(tmp_path, tiny_prepared(per_class=6)))
+
+
+# ---- decisions that measure the machine -------------------------------------------------------------
+RANK_ZERO_DECIDES = """
+from ddtool import distributed
+from ddtool.errors import ConfigError
+
+distributed.init_from_env("gloo")
+
+
+def refused_on_rank_zero():
+    if distributed.rank() == 0:
+        raise ConfigError("rank 0 refused")
+    return "fine"
+
+
+print("took", distributed.decided_by_rank_zero(lambda: 10 + distributed.rank()))
+try:
+    distributed.decided_by_rank_zero(refused_on_rank_zero)
+except ConfigError as error:
+    print("raised", error)
+distributed.shutdown()
+"""
+
+
+def test_every_rank_takes_rank_zeros_decision_and_its_refusal(tmp_path):
+    script = tmp_path / "decide.py"
+    script.write_text(RANK_ZERO_DECIDES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120))
+    assert done.stdout.count("took 10") == 2 and "took 11" not in done.stdout
+    # rank 1 decided "fine", rank 0 refused: both raise rank 0's error
+    assert done.stdout.count("raised rank 0 refused") == 2, done.stdout
+
+
+def test_a_budgets_sizing_is_rank_zeros_on_every_rank(tmp_path, fashion_root, monkeypatch):
+    from ddtool.methods.budget import BudgetPlan
+    from ddtool.run import prepare_distill
+
+    def rank_zeros(outcome):  # what rank 1 receives: rank 0 timed another iteration and sized 7 of them
+        if isinstance(outcome, BudgetPlan):
+            return replace(outcome, config=replace(outcome.config, iterations=7), iteration_s=9.0)
+        return outcome
+
+    monkeypatch.setattr(distributed, "broadcast_object", rank_zeros)
+    run = prepare_distill("mtt", ipc=1, data_root=fashion_root, settings={"width": 8}, budget="10m", progress=False)
+    assert run.config.iterations == 7 and run.method.budget_iteration_s == 9.0 and run.budget.iteration_s == 9.0
