@@ -234,3 +234,48 @@ def test_experts_that_train_faster_than_timed_make_room_for_more_rounds_of_them(
     sset = mtt.distill(ctx)
     assert sset.config["experts"] == 2 and any("1 more fit" in m for m in messages), messages
     assert ctx.experts_s > one
+
+
+def test_a_run_that_trained_its_experts_times_its_iteration_again_and_its_resume_keeps_that(tmp_path, data,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(budget, "INIT_SECONDS", 0.0)
+    monkeypatch.setattr(budget, "LONG_UNROLL", 4)  # tiny stand-ins for 30 steps and 150 iterations
+    monkeypatch.setattr(budget, "LONG_UNROLL_ITERATIONS", 30)
+    monkeypatch.setattr(budget, "MAX_EXPERTS", 2)
+    seconds_at = {2: 1.0, 4: 2.0}  # an iteration of N = 2 or 4 steps, timed after the experts
+    monkeypatch.setattr(trajectory.MTT, "time_iteration", lambda self, ctx, steps=3: seconds_at[self.config.syn_steps])
+
+    # the rule: the faster of the plan's timing and the new one; the long unroll where it now fits
+    planned = trajectory.MTT(tiny(syn_steps=2, budget_s=100.0))
+    planned.budget_iteration_s = 9.0  # the plan's timing, taken while something else ran
+    config, iteration_s = budget.timed_again(planned, None, experts_s=30.0)
+    assert (config.syn_steps, iteration_s) == (4, 2.0)  # (100 - 30) / 2 = 35 iterations of N = 4 fit
+    config, iteration_s = budget.timed_again(planned, None, experts_s=50.0)
+    assert (config.syn_steps, iteration_s) == (2, 1.0)  # 25 of them would not: N = 2, timed faster now
+    planned.budget_iteration_s = 0.5
+    assert budget.timed_again(planned, None, experts_s=50.0)[1] == 0.5  # the plan's, when it was faster
+
+    # inside a run that trains its experts (a buffer of its own): it unrolls 4 steps, as many as fit
+    config = tiny(syn_steps=2, iterations=3, expert_seed=7, budget_s=100.0)
+    mtt = trajectory.MTT(config)
+    mtt.budget_iteration_s = 9.0
+    messages = []
+    ctx = context(tmp_path, data)
+    ctx.log = messages.append
+    sset = mtt.distill(ctx)
+    assert ctx.experts_trained_s > 0 and sset.config["syn_steps"] == 4
+    assert sset.config["iterations"] == int((100.0 - ctx.experts_s) / 2.0)
+    assert any("timed again after the experts: 2 s at N=4 (planned: 9 s at N=2)" in m for m in messages), messages
+    assert json.loads((tmp_path / "run" / budget.RETIMED).read_text()) == {"syn_steps": 4, "iteration_s": 2.0}
+
+    # --resume (its experts now cached) takes the figures from the work folder, not a new timing
+    monkeypatch.setattr(trajectory.MTT, "time_iteration", lambda self, ctx, steps=3: pytest.fail("timed again"))
+    resumed = trajectory.MTT(config)
+    resumed.budget_iteration_s = 9.0
+    again = resumed.distill(context(tmp_path, data, resume=True))
+    assert again.config["iterations"] == sset.config["iterations"] and torch.equal(again.images, sset.images)
+    # a fresh run on cached experts keeps the plan's timing and drops the figures of the last
+    fresh = trajectory.MTT(dataclasses.replace(config, iterations=1))
+    fresh.budget_iteration_s = 50.0
+    fresh.distill(context(tmp_path, data))
+    assert fresh.config.syn_steps == 2 and not (tmp_path / "run" / budget.RETIMED).exists()

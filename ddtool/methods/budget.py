@@ -20,9 +20,11 @@ machine before any work:
   experts are trained (their estimate is of uncompiled training, so compiled experts leave more
   time than planned, which goes to another round of experts where one fits, else to more
   iterations; after a further round, fewer: `fit_iterations`, so that a schedule over the
-  iterations such as DATM's window runs its whole course); the loop also stops
-  before an iteration that would pass the budget (the `budget_s` setting), so a slower machine
-  than timed still ends in time, with its set checkpointed and saved.
+  iterations such as DATM's window runs its whole course). Where the experts were trained in
+  the run, the outer iteration is timed again before that count (`timed_again`): a timing
+  taken while something else was ending on the machine would otherwise size the whole run.
+  The loop also stops before an iteration that would pass the budget (the `budget_s` setting),
+  so a slower machine than timed still ends in time, with its set checkpointed and saved.
 
 A budget too small for MIN_EXPERT_EPOCHS-epoch experts and MIN_ITERATIONS iterations is refused,
 naming the least that works. The shares were chosen on the validation split
@@ -59,6 +61,7 @@ LONG_UNROLL = 30
 LONG_UNROLL_ITERATIONS = 150
 # The settings a budget sizes: given as well, they are refused (ddtool.run)
 SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "syn_steps", "budget_s"})
+RETIMED = "budget_retimed.json"  # in the work folder: the outer iteration as timed again after the experts
 INIT_SECONDS = 20.0  # loading the experts, initialising the images (correct-only: scoring a pool), saving
 
 
@@ -173,6 +176,22 @@ def experts_that_fit(config, experts_s: float, workers: int, iteration_s: float)
         experts += workers
         experts_s += round_s
     return experts
+
+
+def timed_again(method, ctx: DistillContext, experts_s: float):
+    """(configuration, seconds an outer iteration) after experts trained in this process, minutes
+    to hours after the plan timed an iteration: the iteration timed again and the faster of the
+    two timings kept, since whatever else ran on the machine during either only ever slowed it.
+    A run the plan's timing left at the preset's unroll takes the long one if, timed now, enough
+    iterations of it fit after what the experts cost (the rule of `fit_budget`)."""
+    c = method.config
+    iteration_s = min(method.budget_iteration_s, method.time_iteration(ctx))
+    if c.syn_steps < LONG_UNROLL:  # a budget's unroll is never given, so the plan chose the shorter
+        longer = dataclasses.replace(c, syn_steps=LONG_UNROLL)
+        longer_s = type(method)(longer).time_iteration(ctx)
+        if iterations_left(c.budget_s, experts_s, longer_s) >= least_iterations(longer):
+            return longer, longer_s
+    return c, iteration_s
 
 
 def fit_iterations(method, experts_s: float, iteration_s: float):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -34,11 +35,12 @@ from ddtool.augment import DSA, DSAConfig
 from ddtool.data import sample_per_class
 from ddtool.errors import ConfigError, DDToolError
 from ddtool.evaluation import get_protocol, train_fresh_network
+from ddtool.files import write_atomically
 from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.methods.budget import experts_that_fit, fit_iterations
+from ddtool.methods.budget import RETIMED, experts_that_fit, fit_iterations, timed_again
 from ddtool.methods.divergence import Divergence, DivergenceWatch
 from ddtool.durations import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
@@ -194,8 +196,8 @@ class TrajectoryMatching(Method):
         """The gradient backend this run uses (see trajectory_costs.choose_backend), chosen once
         per IPC and device."""
         cached = getattr(self, "_backend_choice", None)
-        if cached is None or cached[0] != (ctx.ipc, ctx.device):
-            self._backend_choice = ((ctx.ipc, ctx.device), choose_backend(self.config, ctx))
+        if cached is None or cached[0] != (ctx.ipc, ctx.device, self.config):  # a budget may change N
+            self._backend_choice = ((ctx.ipc, ctx.device, self.config), choose_backend(self.config, ctx))
         return self._backend_choice[1]
 
     def time_iteration(self, ctx: DistillContext, steps: int = 3) -> float:
@@ -334,6 +336,8 @@ class TrajectoryMatching(Method):
         ctx.experts_s = experts_wall_clock(experts)
         if not (c.budget_s and self.budget_iteration_s and ctx.experts_s is not None):
             return experts
+        self._time_again_after_experts(ctx)
+        c = self.config
         wanted = experts_that_fit(c, ctx.experts_s, self.budget_workers, self.budget_iteration_s)
         if wanted > c.experts:
             ctx.log(f"The {c.experts} experts cost {format_duration(ctx.experts_s)}, less than the budget's share "
@@ -347,6 +351,30 @@ class TrajectoryMatching(Method):
             ctx.log(f"The experts cost {format_duration(ctx.experts_s)}: the budget holds "
                     f"{self.config.iterations} outer iterations (planned: {c.iterations}).")
         return experts
+
+    def _time_again_after_experts(self, ctx: DistillContext) -> None:
+        """A budgeted run whose experts trained here times its outer iteration again
+        (budget.timed_again), which may lengthen the unroll; the figures are kept in the work
+        folder, and a resumed run takes them from there, so that it counts its iterations as the
+        interrupted one did. A run on cached experts keeps the plan's timing, taken moments ago."""
+        path = ctx.work_dir / RETIMED
+        if ctx.resume and path.exists():
+            figures = json.loads(path.read_text())
+        elif ctx.experts_trained_s:
+            config, iteration_s = distributed.decided_by_rank_zero(lambda: timed_again(self, ctx, ctx.experts_s))
+            figures = {"syn_steps": config.syn_steps, "iteration_s": iteration_s}
+            if distributed.is_main():
+                ctx.work_dir.mkdir(parents=True, exist_ok=True)
+                write_atomically(path, json.dumps(figures).encode())
+        else:
+            if distributed.is_main():
+                path.unlink(missing_ok=True)  # an earlier run's, which a later --resume must not take
+            return
+        planned_steps, planned_s = self.config.syn_steps, self.budget_iteration_s
+        self.config = dataclasses.replace(self.config, syn_steps=figures["syn_steps"])
+        self.budget_iteration_s = figures["iteration_s"]
+        ctx.log(f"An outer iteration timed again after the experts: {format_step(self.budget_iteration_s)} at "
+                f"N={self.config.syn_steps} (planned: {format_step(planned_s)} at N={planned_steps}).")
 
     @staticmethod
     def _save_checkpoint(path, state: MatchingState, optimizers: dict, watch) -> None:
