@@ -54,6 +54,7 @@ class DistillRun:
     recorded_from: str | None = None  # the set whose recorded settings this run repeats (recorded_run)
     recorded_changes: dict = dataclasses.field(default_factory=dict)  # what the user changed of them
     method_by_default: bool = False  # the dataset's default method on a CPU, not one named
+    budget_recipe: dict = dataclasses.field(default_factory=dict)  # the method's budgeted settings it took
 
     @property
     def data(self) -> PreparedData:
@@ -86,6 +87,10 @@ class DistillRun:
             if self.budget_by_default:
                 lines.append(f"the budget is the default for {data.spec.name} on a CPU: --budget changes it, "
                              f"--preset {self.method.default_preset} runs the preset as it is")
+            if self.budget_recipe:
+                taken = ", ".join(f"{k}={v}" for k, v in self.budget_recipe.items())
+                lines.append(f"a budgeted {self.method.name} run at IPC {self.ctx.ipc} also takes {taken} (chosen "
+                             f"on the validation split; --set changes it)")
             if self.budget_reused:
                 lines.append("the budget's sizing is the interrupted run's (--resume), not measured again")
         lines += self.method.plan(self.ctx)
@@ -155,6 +160,7 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
     spec = get_spec(dataset) if data is None else data.spec
     budget_s = None if budget is None else parse_duration(budget)
     recipe = _cpu_recipe(spec.name, torch_device)
+    budgeted: dict[str, Any] = {}  # the method's budget recipe, where the user did not set it
     by_default = budget_s is None and preset is None and not SIZED_BY_BUDGET & set(overrides) and \
         method_cls.fits_budget and recipe is not None
     if by_default:
@@ -168,7 +174,9 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
         if sized_by_budget:
             raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
                               f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
-        config = dataclasses.replace(config, budget_s=float(budget_s))
+        budgeted = {name: value for name, value in method_cls.budget_recipes.get(ipc, {}).items()
+                    if name not in overrides}
+        config = dataclasses.replace(config, budget_s=float(budget_s), **budgeted)
     method_obj = method_cls(config)
     if data is None:
         data = prepare(spec.name, data_root, zca=method_obj.whitens, device=torch_device)
@@ -181,7 +189,8 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
     ctx = DistillContext(data=data, ipc=ipc, seed=seed, device=torch_device, work_dir=Path(work_dir), data_root=data_root,
                          resume=resume, progress=progress, log=log)
     run = DistillRun(method_obj, resolve_preset(method_cls, preset, ipc), overrides, ctx,
-                     budget_by_default=by_default, method_by_default=method_by_default)
+                     budget_by_default=by_default, method_by_default=method_by_default,
+                     budget_recipe=budgeted)
     if budget_s is not None:
         _size_to_budget(run, budget_s)
     return run

@@ -279,3 +279,19 @@ def test_a_run_that_trained_its_experts_times_its_iteration_again_and_its_resume
     fresh.budget_iteration_s = 50.0
     fresh.distill(context(tmp_path, data))
     assert fresh.config.syn_steps == 2 and not (tmp_path / "run" / budget.RETIMED).exists()
+
+
+def test_a_budgeted_datm_run_at_ipc_10_takes_the_budgets_recipe_unless_told_otherwise(fashion_root):
+    from ddtool.run import prepare_distill
+
+    common = dict(data_root=fashion_root, budget="10m", progress=False)
+    run = prepare_distill("datm", ipc=10, settings={"width": 8}, **common)
+    assert run.config.ast_inner_momentum == 0.5 and run.budget_recipe == {"ast_inner_momentum": 0.5}
+    assert any("also takes ast_inner_momentum=0.5" in line for line in run.plan())
+    # a setting given wins; another IPC, or no budget, runs the preset's
+    told = prepare_distill("datm", ipc=10, settings={"width": 8, "ast_inner_momentum": 0.0}, **common)
+    assert told.config.ast_inner_momentum == 0.0 and not any("also takes" in line for line in told.plan())
+    assert prepare_distill("datm", ipc=1, settings={"width": 8}, **common).config.ast_inner_momentum == 0.0
+    preset = prepare_distill("datm", ipc=10, data_root=fashion_root, preset="fashion-cpu", settings={"width": 8})
+    assert preset.budget is None and preset.config.ast_inner_momentum == 0.0
+    assert prepare_distill("mtt", ipc=10, settings={"width": 8}, **common).config.ast_inner_momentum == 0.0

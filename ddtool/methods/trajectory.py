@@ -156,6 +156,9 @@ class TrajectoryMatching(Method):
     budget_workers: int = 1  # experts the budget's sizing expects to train at once here
     # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
     budget_start_share = 0.8
+    # Per IPC, settings a budgeted run takes unless they are given (--set): chosen for the
+    # budget's sizing on the validation split (docs/budget.md).
+    budget_recipes: dict[int, dict] = {}
 
     def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
         """The matching settings of a budgeted run on `epochs`-epoch experts over `iterations`
