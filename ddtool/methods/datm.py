@@ -103,9 +103,9 @@ class DATM(TrajectoryMatching):
                                  lr_label=10.0),
     }, DATM_IPC_CHANGES)
     # AST's momentum inner loop at IPC 10: on the validation split, at the shape the 30-minute
-    # budget gives (4 experts x 20 epochs, N = 30, 143 iterations; 3 networks each) 85.02 against
-    # 84.03 without it, and in the ablation's budget 80.68 against 79.96; about 1 % slower an
-    # iteration. Not tried at IPC 1 (N = 80) or 50.
+    # budget gives (4 experts x 20 epochs, N = 30, 143 iterations; 3 networks each) 85.27 against
+    # 83.73 without it, and in the ablation's budget 80.68 against 79.96; about 1 % slower an
+    # iteration (docs/budget.md). Not tried at IPC 1 (N = 80) or 50.
     budget_recipes = {10: {"ast_inner_momentum": 0.5}}
     # A budgeted run's window: from a fifth of the trajectory, growing over all its iterations
     # to four fifths (the IPC-10 variant's [0, 4) -> [0, 16) on 20-epoch experts).
