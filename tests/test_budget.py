@@ -281,16 +281,19 @@ def test_a_run_that_trained_its_experts_times_its_iteration_again_and_its_resume
     assert fresh.config.syn_steps == 2 and not (tmp_path / "run" / budget.RETIMED).exists()
 
 
-def test_a_budgeted_datm_run_at_ipc_10_takes_the_budgets_recipe_unless_told_otherwise(fashion_root):
+def test_a_budgeted_datm_run_at_ipc_10_takes_the_budgets_recipe_unless_told_otherwise(fashion_root, monkeypatch):
+    from ddtool import run as runs
     from ddtool.run import prepare_distill
 
     common = dict(data_root=fashion_root, budget="10m", progress=False)
     run = prepare_distill("datm", ipc=10, settings={"width": 8}, **common)
     assert run.config.ast_inner_momentum == 0.5 and run.budget_recipe == {"ast_inner_momentum": 0.5}
     assert any("also takes ast_inner_momentum=0.5" in line for line in run.plan())
-    # a setting given wins; another IPC, or no budget, runs the preset's
+    # a setting given wins; another IPC, or no budget, runs the preset's (the sizing, which
+    # changes none of this, skipped for speed)
+    monkeypatch.setattr(runs, "_size_to_budget", lambda run, seconds: None)
     told = prepare_distill("datm", ipc=10, settings={"width": 8, "ast_inner_momentum": 0.0}, **common)
-    assert told.config.ast_inner_momentum == 0.0 and not any("also takes" in line for line in told.plan())
+    assert told.config.ast_inner_momentum == 0.0 and told.budget_recipe == {}
     assert prepare_distill("datm", ipc=1, settings={"width": 8}, **common).config.ast_inner_momentum == 0.0
     preset = prepare_distill("datm", ipc=10, data_root=fashion_root, preset="fashion-cpu", settings={"width": 8})
     assert preset.budget is None and preset.config.ast_inner_momentum == 0.0
