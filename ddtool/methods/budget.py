@@ -132,11 +132,8 @@ def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
             recorded = experts_wall_clock(store)
         if recorded is not None:
             experts_s, cached = recorded, True
-    if base.syn_steps < LONG_UNROLL:
-        longer = dataclasses.replace(sized, syn_steps=LONG_UNROLL)
-        longer_s = type(method)(longer).time_iteration(ctx)
-        if iterations_left(seconds, experts_s, longer_s) >= least_iterations(longer):
-            base, iteration_s = dataclasses.replace(base, syn_steps=LONG_UNROLL), longer_s
+    if base.syn_steps < LONG_UNROLL and (longer_s := long_unroll_s(method, sized, ctx, seconds, experts_s)):
+        base, iteration_s = dataclasses.replace(base, syn_steps=LONG_UNROLL), longer_s
     iterations = iterations_left(seconds, experts_s, iteration_s)
     if iterations < MIN_ITERATIONS:
         raise ConfigError(
@@ -153,6 +150,14 @@ def iterations_left(seconds: float, experts_s: float, iteration_s: float) -> int
     """Outer iterations of `iteration_s` seconds that fit in `seconds` after the experts' cost and
     the set-up."""
     return int((seconds - experts_s - INIT_SECONDS) / iteration_s)
+
+
+def long_unroll_s(method, config, ctx: DistillContext, seconds: float, experts_s: float) -> float | None:
+    """Seconds an outer iteration of `config` unrolled LONG_UNROLL steps takes here, timed now, if
+    `seconds` hold `least_iterations` of them after the experts' cost; else None."""
+    longer = dataclasses.replace(config, syn_steps=LONG_UNROLL)
+    longer_s = type(method)(longer).time_iteration(ctx)
+    return longer_s if iterations_left(seconds, experts_s, longer_s) >= least_iterations(longer) else None
 
 
 def least_iterations(config) -> int:
@@ -186,11 +191,9 @@ def timed_again(method, ctx: DistillContext, experts_s: float):
     iterations of it fit after what the experts cost (the rule of `fit_budget`)."""
     c = method.config
     iteration_s = min(method.budget_iteration_s, method.time_iteration(ctx))
-    if c.syn_steps < LONG_UNROLL:  # a budget's unroll is never given, so the plan chose the shorter
-        longer = dataclasses.replace(c, syn_steps=LONG_UNROLL)
-        longer_s = type(method)(longer).time_iteration(ctx)
-        if iterations_left(c.budget_s, experts_s, longer_s) >= least_iterations(longer):
-            return longer, longer_s
+    # a budget's unroll is never given, so one shorter than LONG_UNROLL is the plan's choice
+    if c.syn_steps < LONG_UNROLL and (longer_s := long_unroll_s(method, c, ctx, c.budget_s, experts_s)):
+        return dataclasses.replace(c, syn_steps=LONG_UNROLL), longer_s
     return c, iteration_s
 
 
