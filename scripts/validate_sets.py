@@ -15,30 +15,18 @@ networks of run r get the same seed in every set, as in `ddtool evaluate`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import ddtool
 from ddtool.data import prepare
-from ddtool.evaluation import get_protocol, train_fresh_network
+from ddtool.errors import ConfigError
+from ddtool.evaluation import Protocol, get_protocol, train_fresh_network
 from ddtool.evaluation.sets import SetLearning
 from ddtool.memory import keep_freed_memory
-from ddtool.methods.base import get_method_class
+from ddtool.methods.base import get_method_class, parse_overrides
 from ddtool.seeding import derive_seed
-
-
-def protocol_changes(pairs: list[str]) -> dict:
-    """['epochs=2000', 'augment=false'] -> {'epochs': 2000, 'augment': False} (values read as JSON)."""
-    changes = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with a JSON value (2000, 0.5, false).") from None
-    return changes
 
 
 def validate(path: str, runs: int, changes: dict, compile: bool) -> list[float]:
@@ -69,7 +57,10 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="train eagerly instead of through torch.compile")
     args = parser.parse_args()
     keep_freed_memory()
-    changes = protocol_changes(args.changes)
+    try:
+        changes = parse_overrides(Protocol, tuple(args.changes))
+    except ConfigError as error:
+        raise SystemExit(f"--set: {error}") from None
     for path in args.sets:
         accuracies = validate(path, args.runs, changes, compile=not args.no_compile)
         mean = sum(accuracies) / len(accuracies)
