@@ -214,11 +214,14 @@ def refused_on_rank_zero():
     return "fine"
 
 
-print("took", distributed.decided_by_rank_zero(lambda: 10 + distributed.rank()))
+# each rank writes a file of its own: the two ranks' prints would interleave in one stdout
+lines = [f"took {distributed.decided_by_rank_zero(lambda: 10 + distributed.rank())}"]
 try:
     distributed.decided_by_rank_zero(refused_on_rank_zero)
 except ConfigError as error:
-    print("raised", error)
+    lines.append(f"raised {error}")
+with open(f"rank{distributed.rank()}.txt", "w") as out:
+    out.write("\\n".join(lines))
 distributed.shutdown()
 """
 
@@ -230,9 +233,10 @@ def test_every_rank_takes_rank_zeros_decision_and_its_refusal(tmp_path):
     done = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)],
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120))
-    assert done.stdout.count("took 10") == 2 and "took 11" not in done.stdout
-    # rank 1 decided "fine", rank 0 refused: both raise rank 0's error
-    assert done.stdout.count("raised rank 0 refused") == 2, done.stdout
+    # rank 1 decided 11 and "fine", rank 0 decided 10 and refused: both take rank 0's outcomes
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["took 10", "raised rank 0 refused"], \
+            done.stdout + done.stderr
 
 
 def test_a_budgets_sizing_is_rank_zeros_on_every_rank(tmp_path, fashion_root, monkeypatch):
