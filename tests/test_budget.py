@@ -206,6 +206,54 @@ def test_iterations_are_counted_again_from_what_the_experts_actually_cost(tmp_pa
     assert any("holds 5 outer iterations (planned: 3)" in m for m in messages)
 
 
+def test_iterations_are_counted_a_last_time_from_the_runs_own_pace_and_a_resume_keeps_that(tmp_path, data,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(budget, "MAX_EXPERTS", 2)  # cheap experts would make room for more of them
+    ctx = context(tmp_path, data)
+    trajectory.MTT(tiny(iterations=1)).distill(ctx)  # train the experts, so their recorded cost is known
+    config = datm.DATMConfig(**{**dataclasses.asdict(tiny(iterations=100,
+                                                          budget_s=ctx.experts_s + budget.INIT_SECONDS + 100.0)),
+                                "labels": "learned", "correct_only_init": False, "max_start_epoch": 1,
+                                "max_start_epoch_final": 2})
+
+    def run(folder, resume=False, kill_at=None):
+        method = datm.DATM(config)
+        method.budget_iteration_s = 1.0  # timed before the run: 100 iterations fit
+        # every clock reading one second later: an iteration takes several "seconds", not one
+        monkeypatch.setattr(trajectory, "time", FakeClock())
+        messages = []
+        run_ctx = context(folder, data, resume=resume)
+        run_ctx.log = messages.append
+        if kill_at is not None:
+            original = trajectory.append_log
+
+            def killed(path, record):
+                original(path, record)
+                if record["iteration"] == kill_at:
+                    raise KeyboardInterrupt
+            monkeypatch.setattr(trajectory, "append_log", killed)
+        return method.distill(run_ctx), method, messages
+
+    sset, method, messages = run(tmp_path / "a")
+    counted = sset.config["iterations"]
+    warm, paced = budget.PACE_WARMUP, budget.PACE_ITERATIONS
+    assert warm + paced < counted < 100, (counted, messages)
+    assert any(f"the budget holds {counted} of them (counted before: 100)" in m for m in messages), (counted, messages)
+    log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == counted  # all of them ran: none stopped by the budget, none left over
+    assert sset.config["window_grow_iterations"] == counted  # DATM's window runs its whole course
+    assert method.start_epoch_range(counted)[1] == config.max_start_epoch_final
+
+    # killed after the count, --resume counts as the run it continues (no new count) and ends alike
+    original = trajectory.append_log
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_at=warm + paced + 3)
+    monkeypatch.setattr(trajectory, "append_log", original)
+    monkeypatch.setattr(trajectory, "recounted", lambda *a: pytest.fail("counted again"))
+    resumed, _, _ = run(tmp_path / "b", resume=True)
+    assert resumed.config["iterations"] == counted and torch.equal(resumed.images, sset.images)
+
+
 def test_experts_that_train_faster_than_timed_make_room_for_more_rounds_of_them(tmp_path, data, monkeypatch):
     config = tiny(experts=2, budget_s=1000.0)
     # a round of 2 cost 200 s: the share (700 s) holds two more rounds, not a third
@@ -242,6 +290,7 @@ def test_a_run_that_trained_its_experts_times_its_iteration_again_and_its_resume
     monkeypatch.setattr(budget, "LONG_UNROLL", 4)  # tiny stand-ins for 30 steps and 150 iterations
     monkeypatch.setattr(budget, "LONG_UNROLL_ITERATIONS", 30)
     monkeypatch.setattr(budget, "MAX_EXPERTS", 2)
+    monkeypatch.setattr(budget, "PACE_ITERATIONS", 10**6)  # no count from the (fast) real iterations here
     seconds_at = {2: 1.0, 4: 2.0}  # an iteration of N = 2 or 4 steps, timed after the experts
     monkeypatch.setattr(trajectory.MTT, "time_iteration", lambda self, ctx, steps=3: seconds_at[self.config.syn_steps])
 

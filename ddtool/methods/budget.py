@@ -23,8 +23,12 @@ machine before any work:
   iterations such as DATM's window runs its whole course). Where the experts were trained in
   the run, the outer iteration is timed again before that count (`timed_again`): a timing
   taken while something else was ending on the machine would otherwise size the whole run.
-  The loop also stops before an iteration that would pass the budget (the `budget_s` setting),
-  so a slower machine than timed still ends in time, with its set checkpointed and saved.
+  Once the loop has run PACE_ITERATIONS iterations (after PACE_WARMUP), the iterations are
+  counted a last time from their pace (`recounted`): the stand-in timed before them has missed
+  the real iteration by up to about 12 % either way, which would end the run early or cut DATM's
+  window short. The loop also stops before an iteration that would pass the budget (the
+  `budget_s` setting), so a machine slowing down later still ends in time, with its set
+  checkpointed and saved.
 
 A budget too small for MIN_EXPERT_EPOCHS-epoch experts and MIN_ITERATIONS iterations is refused,
 naming the least that works. The shares were chosen on the validation split
@@ -63,6 +67,11 @@ LONG_UNROLL_ITERATIONS = 150
 SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "syn_steps", "budget_s"})
 RETIMED = "budget_retimed.json"  # in the work folder: the outer iteration as timed again after the experts
 INIT_SECONDS = 20.0  # loading the experts, initialising the images (correct-only: scoring a pool), saving
+# The real iterations a budgeted run's pace is measured over, after the first ones (which pay
+# for allocations and first calls), to count its iterations a last time.
+PACE_WARMUP = 2
+PACE_ITERATIONS = 8
+FINAL_SECONDS = 5.0  # after the last iteration: the final set, its checkpoint
 
 
 @dataclass(frozen=True)
@@ -203,7 +212,39 @@ def fit_iterations(method, experts_s: float, iteration_s: float):
     planned, fewer where more of them were trained (`experts_that_fit`) or they took longer, so
     that a schedule over the iterations (DATM's window) runs its whole course in the budget."""
     c = method.config
-    iterations = max(1, iterations_left(c.budget_s, experts_s, iteration_s))
+    return with_iterations(method, max(1, iterations_left(c.budget_s, experts_s, iteration_s)))
+
+
+class Pace:
+    """The outer loop's pace in seconds an iteration, measured over PACE_ITERATIONS iterations
+    after the first PACE_WARMUP this process runs (from iteration `first`), checkpoints included."""
+
+    def __init__(self, first: int):
+        self.first = first
+        self.since: tuple[int, float] | None = None  # (iteration, clock) the measurement starts from
+
+    def after(self, iteration: int, now: float) -> float | None:
+        """Given the clock after `iteration`: the pace once it has been measured, else None."""
+        if self.since is None:
+            if iteration - self.first >= PACE_WARMUP:
+                self.since = (iteration, now)
+            return None
+        done = iteration - self.since[0]
+        return (now - self.since[1]) / done if done >= PACE_ITERATIONS else None
+
+
+def recounted(method, done: int, spent_s: float, pace_s: float) -> int:
+    """The outer iterations `method`'s budget holds, counted from the run itself: `done` so far,
+    then as many more as the time left holds at `pace_s` seconds each (the real pace, checkpoints
+    included), after `spent_s` spent on experts and distillation so far."""
+    c = method.config
+    return done + max(0, int((c.budget_s - spent_s - FINAL_SECONDS) / pace_s))
+
+
+def with_iterations(method, iterations: int):
+    """`method`'s budgeted configuration over `iterations` outer iterations (and what follows
+    them, such as DATM's window)."""
+    c = method.config
     if iterations == c.iterations:
         return c
     return _sized(method, c, c.experts, c.expert_train_epochs, iterations, c.budget_s)

@@ -39,6 +39,9 @@ class MatchingState:
     extra: dict = dataclasses.field(default_factory=dict)  # subclass state (e.g. FTD's EMA)
     elapsed: float = 0.0  # seconds of outer iterations up to this state, over every process that ran them
     budget_spent: bool = False  # the loop stopped here at its budget: a resumed run goes no further
+    # a budgeted run's outer iterations, counted again from the pace of its first ones; a resumed
+    # run keeps this count (None: not counted again yet)
+    budget_iterations: int | None = None
     divergence_watch: dict = dataclasses.field(default_factory=dict)  # DivergenceWatch.state_dict()
 
     def clone(self) -> "MatchingState":

@@ -40,7 +40,9 @@ from ddtool.experts import ExpertStore
 from ddtool.matching import InnerStep, MatchResult, MatchTarget, SyntheticBatch, Unroll, get_backend
 from ddtool.matching.engine import Forward
 from ddtool.methods.base import DistillContext, Method, register_method
-from ddtool.methods.budget import RETIMED, experts_that_fit, fit_iterations, timed_again
+from ddtool.methods.budget import (
+    RETIMED, Pace, experts_that_fit, fit_iterations, recounted, timed_again, with_iterations,
+)
 from ddtool.methods.divergence import Divergence, DivergenceWatch
 from ddtool.durations import format_duration, format_step
 from ddtool.methods.experts import describe_expert_plan, expert_config_for, experts_wall_clock, open_experts
@@ -227,6 +229,8 @@ class TrajectoryMatching(Method):
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ctx.work_dir / self.checkpoint_name
         state = self._starting_state(ctx, experts, forward, checkpoint)
+        if state.budget_iterations is not None:  # counted by the interrupted run: counted alike
+            self.config = c = with_iterations(self, state.budget_iterations)
         resumed_after = state.elapsed
         watch = self._divergence_watch(state)
         images, lr, label_logits, optimizers = self._learnables(state)
@@ -245,6 +249,8 @@ class TrajectoryMatching(Method):
         bar = tqdm(total=c.iterations, initial=state.iteration, desc=self.name, unit="it", disable=not ctx.progress)
         it = state.iteration
         last_seconds = 0.0
+        # a budgeted run counts its iterations a last time from its own pace, unless it did already
+        pace = Pace(it) if c.budget_s and self.budget_iteration_s and state.budget_iterations is None else None
         while it < c.iterations:
             if state.budget_spent or (c.budget_s and self._budget_spent(
                     ctx, resumed_after + time.perf_counter() - distill_started, last_seconds)):
@@ -281,6 +287,13 @@ class TrajectoryMatching(Method):
                                       "lr": float(lr.detach()), "lr_clamped": lr_clamped, "skipped": skipped,
                                       "expert": expert, "start_epoch": start_epoch,
                                       "seconds": time.perf_counter() - started})
+            if pace is not None and (pace_s := pace.after(it, time.perf_counter())) is not None:
+                # before the checkpoint, which keeps the count
+                spent_s = (ctx.experts_s or 0.0) + resumed_after + time.perf_counter() - distill_started
+                self._count_iterations_again(ctx, state, spent_s, pace_s)
+                c, pace = self.config, None
+                bar.total = c.iterations
+                bar.refresh()
             if c.eval_every and it % c.eval_every == 0:
                 self._validate(ctx, state, relabel)
             if it % c.checkpoint_every == 0 or it == c.iterations:
@@ -378,6 +391,19 @@ class TrajectoryMatching(Method):
         self.budget_iteration_s = figures["iteration_s"]
         ctx.log(f"An outer iteration timed again after the experts: {format_step(self.budget_iteration_s)} at "
                 f"N={self.config.syn_steps} (planned: {format_step(planned_s)} at N={planned_steps}).")
+
+    def _count_iterations_again(self, ctx: DistillContext, state: MatchingState, spent_s: float,
+                                pace_s: float) -> None:
+        """A budgeted run's iterations counted a last time, from the pace of its own (budget.recounted),
+        decided by rank 0 for all; the checkpoint keeps the count for a resumed run."""
+        c = self.config
+        iterations = distributed.broadcast_object(recounted(self, state.iteration, spent_s, pace_s))
+        state.budget_iterations = iterations
+        if iterations != c.iterations:
+            ctx.log(f"Outer iterations take {format_step(pace_s)} here (timed before the run: "
+                    f"{format_step(self.budget_iteration_s)}): the budget holds {iterations} of them "
+                    f"(counted before: {c.iterations}).")
+            self.config = with_iterations(self, iterations)
 
     @staticmethod
     def _save_checkpoint(path, state: MatchingState, optimizers: dict, watch) -> None:
