@@ -268,9 +268,10 @@ class TrajectoryMatching(Method):
             if diverged:
                 elapsed = state.elapsed + time.perf_counter() - started
                 watch.record(diverged)
+                counted = state.budget_iterations  # a count made after the state rolled back to stays
                 state, images, lr, label_logits, optimizers = self._rollback(ctx, last_good, state, it, diverged, watch)
                 it += 1
-                state.iteration, state.elapsed = it, elapsed
+                state.iteration, state.elapsed, state.budget_iterations = it, elapsed, counted
                 bar.update(1)
                 continue
             it += 1
