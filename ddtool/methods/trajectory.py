@@ -232,6 +232,10 @@ class TrajectoryMatching(Method):
         if state.budget_iterations is not None:  # counted by the interrupted run: counted alike
             self.config = c = with_iterations(self, state.budget_iterations)
         resumed_after = state.elapsed
+
+        def spent_s() -> float:
+            """What the budget has paid so far: the experts' recorded cost and this run's distillation."""
+            return (ctx.experts_s or 0.0) + resumed_after + time.perf_counter() - distill_started
         watch = self._divergence_watch(state)
         images, lr, label_logits, optimizers = self._learnables(state)
 
@@ -252,8 +256,7 @@ class TrajectoryMatching(Method):
         # a budgeted run counts its iterations a last time from its own pace, unless it did already
         pace = Pace(it) if c.budget_s and self.budget_iteration_s and state.budget_iterations is None else None
         while it < c.iterations:
-            if state.budget_spent or (c.budget_s and self._budget_spent(
-                    ctx, resumed_after + time.perf_counter() - distill_started, last_seconds)):
+            if state.budget_spent or (c.budget_s and self._budget_spent(spent_s(), last_seconds)):
                 ctx.log(f"Budget of {format_duration(c.budget_s)} reached: stopping after {it} of {c.iterations} "
                         "iterations.")
                 state.budget_spent = True
@@ -290,8 +293,7 @@ class TrajectoryMatching(Method):
                                       "seconds": time.perf_counter() - started})
             if pace is not None and (pace_s := pace.after(it, time.perf_counter())) is not None:
                 # before the checkpoint, which keeps the count
-                spent_s = (ctx.experts_s or 0.0) + resumed_after + time.perf_counter() - distill_started
-                self._count_iterations_again(ctx, state, spent_s, pace_s)
+                self._count_iterations_again(ctx, state, spent_s(), pace_s)
                 c, pace = self.config, None
                 bar.total = c.iterations
                 bar.refresh()
@@ -414,12 +416,11 @@ class TrajectoryMatching(Method):
         if distributed.is_main():
             save_checkpoint(path, state)
 
-    def _budget_spent(self, ctx: DistillContext, distill_seconds: float, next_iteration: float) -> bool:
+    def _budget_spent(self, spent_s: float, next_iteration: float) -> bool:
         """Whether another outer iteration (taking about `next_iteration` seconds, the last one's)
-        would pass the budget, counting the experts' recorded time and `distill_seconds` so far.
+        would pass the budget, `spent_s` spent so far (the experts' recorded time included).
         Decided by rank 0 for all, so every process stops at the same iteration."""
-        spent = (ctx.experts_s or 0.0) + distill_seconds + next_iteration
-        return bool(distributed.broadcast_object(spent > self.config.budget_s))
+        return bool(distributed.broadcast_object(spent_s + next_iteration > self.config.budget_s))
 
     def _draw_segments(self, seed: int, iteration: int, experts: ExpertStore) -> list[Segment]:
         """All of this iteration's segments, each from its own generator. Every rank draws all of
