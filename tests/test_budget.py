@@ -13,7 +13,7 @@ from conftest import tiny_prepared
 
 from ddtool.durations import parse_duration
 from ddtool.errors import ConfigError
-from ddtool.experts import ExpertConfig, ExpertStore, read_manifest, run_buffer
+from ddtool.experts import ExpertConfig, ExpertStore, read_manifest, run_buffer, train_expert
 from ddtool.experts.manifest import ExpertRecord
 from ddtool.methods import budget, datm, trajectory, trajectory_config
 from ddtool.methods.base import DistillContext
@@ -124,10 +124,11 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
     method = datm.DATM(datm.DATMConfig(**{**dataclasses.asdict(tiny()), "labels": "learned"}))
     plan = budget.fit_budget(method, ctx, 3600)
     c = plan.config
-    assert c.budget_s == 3600 and c.experts >= 2 and c.expert_train_epochs == budget.MAX_EXPERT_EPOCHS
-    assert c.experts <= budget.MAX_EXPERTS
-    # the window grows from a fifth of the trajectory to four fifths, over all the iterations
+    assert c.budget_s == 3600 and 2 <= c.experts <= budget.MAX_EXPERTS
+    # the window grows from a fifth of a 20-epoch trajectory to four fifths, over all the iterations
     assert (c.max_start_epoch, c.max_start_epoch_final, c.window_grow_iterations) == (4, 16, c.iterations)
+    # and the experts train only as far as a segment reaches: start epochs below 16, 1 epoch matched
+    assert c.expert_train_epochs == 16
     assert c.iterations >= budget.MIN_ITERATIONS
     assert plan.experts_s + budget.INIT_SECONDS + c.iterations * plan.iteration_s <= 3600
     assert "budget 1h 00m" in plan.describe()[0]
@@ -135,7 +136,18 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
         budget.fit_budget(method, ctx, 5)
     # MTT spreads its start epochs over four fifths of the experts
     mtt = budget.fit_budget(trajectory.MTT(tiny()), ctx, 3600).config
-    assert mtt.max_start_epoch == 16 and mtt.expert_train_epochs == 20
+    assert mtt.max_start_epoch == 16 and mtt.expert_train_epochs == 16
+    # experts whose learning rate follows their length train it all: shortened, they would differ
+    decayed = budget.fit_budget(trajectory.MTT(tiny(expert_lr_decay="cosine")), ctx, 3600).config
+    assert decayed.max_start_epoch == 16 and decayed.expert_train_epochs == budget.MAX_EXPERT_EPOCHS
+
+
+def test_experts_trained_fewer_epochs_follow_the_same_trajectory_as_far_as_they_go(data):
+    config = ExpertConfig(dataset="fashion-mnist", arch="convnet", arch_options={"width": 4}, epochs=3,
+                          batch_size=64, train_subset=256)
+    longer = train_expert(config, 0, data).params
+    shorter = train_expert(dataclasses.replace(config, epochs=2), 0, data).params
+    assert torch.equal(shorter, longer[:3]) and not torch.equal(longer[2], longer[3])
 
 
 def test_a_budget_lengthens_the_unroll_where_enough_iterations_of_it_fit(tmp_path, data, monkeypatch):
@@ -262,11 +274,15 @@ def test_experts_that_train_faster_than_timed_make_room_for_more_rounds_of_them(
     # a round always leaves the least number of iterations their time (50 x 10 s + 20 s here)
     assert budget.experts_that_fit(config, 200.0, 2, 10.0) == 4
     assert budget.experts_that_fit(config, 690.0, 2, 2.0) == 2
-    # a run given the long unroll keeps the iterations it was chosen for: after a second round
-    # 400 s are left, enough for 50 iterations of 3 s (and the set-up), not for 150
+    # a run given the long unroll keeps the 150 iterations it was chosen for up to 4 experts, and
+    # 300 beyond: of 3 s, 150 fit after a second round (600 s left), 300 not after a third
+    # (400 s left); of 1.2 s they do, of 1.4 s not
     long = dataclasses.replace(config, syn_steps=budget.LONG_UNROLL)
+    assert (budget.FEW_EXPERTS, budget.ITERATIONS_BEFORE_MORE_EXPERTS) == (4, 300)
     assert budget.experts_that_fit(config, 200.0, 2, 3.0) == 6
     assert budget.experts_that_fit(long, 200.0, 2, 3.0) == 4
+    assert budget.experts_that_fit(long, 200.0, 2, 1.2) == 6
+    assert budget.experts_that_fit(long, 200.0, 2, 1.4) == 4
 
     # inside a run: one expert was planned; the budget's share holds a second, trained before matching
     monkeypatch.setattr(budget, "INIT_SECONDS", 0.0)

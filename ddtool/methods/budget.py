@@ -12,7 +12,11 @@ machine before any work:
   and further rounds are trained while they fit in the share and leave the iterations the
   unroll needs (`experts_that_fit`);
 - matching: start epochs spread over the trajectory in proportion to E (the method's
-  `budget_settings`), so longer experts are matched further along;
+  `budget_settings`), so longer experts are matched further along. The experts then train only
+  as far as a segment reaches (17 of E = 20 epochs for DATM's window at IPC 10) where their
+  learning rate does not depend on their length: the epochs beyond would never be read, and the
+  ones before are the same (each epoch's batches and augmentation derive from the expert's
+  seed and the epoch), so the time saved goes to outer iterations;
 - the unroll: N = LONG_UNROLL student steps (where the preset has fewer) when the rest of the
   budget holds LONG_UNROLL_ITERATIONS outer iterations of that length, else the preset's N;
 - distillation: as many outer iterations as the rest of the budget holds at the timed speed of
@@ -63,6 +67,12 @@ MIN_ITERATIONS = 50
 # 600, and N = 30 was ahead at every point in time (docs/budget.md).
 LONG_UNROLL = 30
 LONG_UNROLL_ITERATIONS = 150
+# Beyond FEW_EXPERTS, a further round of experts is trained only if this many outer iterations of
+# the long unroll still fit after it: on the validation split (IPC 10, the 30-minute shape) 4, 6
+# and 8 experts scored alike at 143 iterations, 143, 240 and 311 iterations of 4 experts 85.21,
+# 85.79 and 85.87, and 2 experts given the time of 2 more (530 iterations) 84.92 (docs/budget.md).
+FEW_EXPERTS = 4
+ITERATIONS_BEFORE_MORE_EXPERTS = 300
 # The settings a budget sizes: given as well, they are refused (ddtool.run)
 SIZED_BY_BUDGET = frozenset({"experts", "expert_train_epochs", "iterations", "syn_steps", "budget_s"})
 RETIMED = "budget_retimed.json"  # in the work folder: the outer iteration as timed again after the experts
@@ -134,7 +144,7 @@ def fit_budget(method, ctx: DistillContext, seconds: float) -> BudgetPlan:
             f"{workers} at a time) and {MIN_ITERATIONS} outer iterations (about {format_step(iteration_s)} each). "
             f"Give at least --budget {math.ceil(least / 60)}m."
         )
-    experts_s, cached = experts_cost(experts, epochs), False
+    experts_s, cached = experts_cost(experts, sized.expert_train_epochs), False
     path, missing = find_or_plan_store(expert_config_for(sized, ctx))
     if not missing:
         with ExpertStore.open(path, num_experts=experts) as store:
@@ -170,23 +180,30 @@ def long_unroll_s(method, config, ctx: DistillContext, seconds: float, experts_s
 
 
 def least_iterations(config) -> int:
-    """The outer iterations a budgeted run keeps when it adds experts: LONG_UNROLL_ITERATIONS once
-    its unroll is LONG_UNROLL steps or more (what the long unroll was chosen for), else
-    MIN_ITERATIONS."""
+    """The outer iterations a budget must hold for `config`'s unroll: LONG_UNROLL_ITERATIONS once
+    it is LONG_UNROLL steps or more (what the long unroll was chosen for), else MIN_ITERATIONS."""
     return LONG_UNROLL_ITERATIONS if config.syn_steps >= LONG_UNROLL else MIN_ITERATIONS
+
+
+def iterations_kept(config, experts: int) -> int:
+    """The outer iterations a budgeted run keeps when it grows to `experts` experts: beyond
+    FEW_EXPERTS, ITERATIONS_BEFORE_MORE_EXPERTS of a long unroll; else `least_iterations`."""
+    if experts > FEW_EXPERTS and config.syn_steps >= LONG_UNROLL:
+        return ITERATIONS_BEFORE_MORE_EXPERTS
+    return least_iterations(config)
 
 
 def experts_that_fit(config, experts_s: float, workers: int, iteration_s: float) -> int:
     """How many experts `config`'s budget holds, now that its `config.experts` cost `experts_s`
     (their recorded wall-clock): more rounds of `workers` experts, each costing what a round
-    cost so far, while the experts stay within EXPERT_SHARE of the budget and `least_iterations`
+    cost so far, while the experts stay within EXPERT_SHARE of the budget and `iterations_kept`
     outer iterations of `iteration_s` still fit after them."""
     rounds = math.ceil(config.experts / workers)
     round_s = experts_s / rounds
     experts = config.experts
-    kept_s = least_iterations(config) * iteration_s + INIT_SECONDS
     while (experts + workers <= MAX_EXPERTS and experts_s + round_s <= EXPERT_SHARE * config.budget_s
-           and config.budget_s - experts_s - round_s >= kept_s):
+           and config.budget_s - experts_s - round_s
+           >= iterations_kept(config, experts + workers) * iteration_s + INIT_SECONDS):
         experts += workers
         experts_s += round_s
     return experts
@@ -247,10 +264,18 @@ def with_iterations(method, iterations: int):
     c = method.config
     if iterations == c.iterations:
         return c
-    return _sized(method, c, c.experts, c.expert_train_epochs, iterations, c.budget_s)
+    return dataclasses.replace(c, iterations=iterations, **method.budget_iteration_settings(iterations))
 
 
 def _sized(method, base, experts: int, epochs: int, iterations: int, seconds: float):
-    return dataclasses.replace(base, experts=experts, expert_train_epochs=epochs, iterations=iterations,
-                               budget_s=float(seconds), **method.budget_settings(epochs, iterations, base))
+    """`base` sized by a budget: `experts` experts, the start epochs spread over trajectories of
+    `epochs` epochs (`budget_settings`), `iterations` outer iterations. The experts train only as
+    far as a segment reaches (`last_matched_epoch`) where their learning rate does not depend on
+    their length: the same trajectories for less."""
+    config = dataclasses.replace(base, experts=experts, expert_train_epochs=epochs, iterations=iterations,
+                                 budget_s=float(seconds), **method.budget_settings(epochs, base),
+                                 **method.budget_iteration_settings(iterations))
+    if config.expert_lr_decay != "none":
+        return config
+    return dataclasses.replace(config, expert_train_epochs=min(epochs, type(method)(config).last_matched_epoch()))
 

@@ -111,10 +111,13 @@ class DATM(TrajectoryMatching):
     # to four fifths (the IPC-10 variant's [0, 4) -> [0, 16) on 20-epoch experts).
     budget_window_start_share = 0.2
 
-    def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
+    def budget_settings(self, epochs: int, base: TrajectoryConfig) -> dict:
         final = start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)
         start = min(final, start_epochs_below(self.budget_window_start_share, epochs, base.match_span_epochs))
-        return {"max_start_epoch": start, "max_start_epoch_final": final, "window_grow_iterations": iterations}
+        return {"max_start_epoch": start, "max_start_epoch_final": final}
+
+    def budget_iteration_settings(self, iterations: int) -> dict:
+        return {"window_grow_iterations": iterations}  # the window grows over the whole run
 
     def start_epoch_range(self, iteration: int) -> tuple[int, int]:
         c = self.config

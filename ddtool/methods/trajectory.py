@@ -162,10 +162,19 @@ class TrajectoryMatching(Method):
     # budget's sizing on the validation split (docs/budget.md).
     budget_recipes: dict[int, dict] = {}
 
-    def budget_settings(self, epochs: int, iterations: int, base: TrajectoryConfig) -> dict:
-        """The matching settings of a budgeted run on `epochs`-epoch experts over `iterations`
-        outer iterations: start epochs spread in proportion to the trajectory's length."""
+    def budget_settings(self, epochs: int, base: TrajectoryConfig) -> dict:
+        """The matching settings of a budgeted run on `epochs`-epoch experts: start epochs spread in
+        proportion to the trajectory's length."""
         return {"max_start_epoch": start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)}
+
+    def budget_iteration_settings(self, iterations: int) -> dict:
+        """The settings a budgeted run's count of outer iterations decides (none here)."""
+        return {}
+
+    def last_matched_epoch(self) -> int:
+        """The last expert epoch a segment reaches over the whole run: experts need train no further."""
+        c = self.config
+        return self.start_epoch_range(c.iterations)[1] - 1 + c.match_span_epochs
 
     def describe_start_epochs(self) -> str:
         low, high = self.start_epoch_range(0)
