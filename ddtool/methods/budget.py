@@ -10,7 +10,9 @@ machine before any work:
   a round of them at a time, up to MAX_EXPERTS). Expert speed is timed uncompiled, so compiled
   experts finish early: once they are trained, their recorded cost says how long a round took,
   and further rounds are trained while they fit in the share and leave the iterations the
-  unroll needs (`experts_that_fit`);
+  unroll needs, or beyond FEW_EXPERTS experts ITERATIONS_BEFORE_MORE_EXPERTS of them
+  (`experts_that_fit`; the plan's own count of rounds, before any timing of an iteration,
+  applies the share alone);
 - matching: start epochs spread over the trajectory in proportion to E (the method's
   `budget_settings`), so longer experts are matched further along. The experts then train only
   as far as a segment reaches (17 of E = 20 epochs for DATM's window at IPC 10) where their
