@@ -240,6 +240,9 @@ def test_mtt_through_the_cli_trains_experts_and_saves_the_learned_lr(tmp_path, f
     assert set(timings) == {"experts_s", "distill_s", "total_s", "hardware"}
     assert timings["experts_s"] > 0 and timings["distill_s"] > 0 and timings["hardware"]
     assert timings["total_s"] == pytest.approx(timings["experts_s"] + timings["distill_s"], abs=0.11)
+    # the command's own wall-clock beside the set's recorded cost, which is what a budget counts
+    [saved] = [line for line in result.stdout.splitlines() if line.startswith("Saved ")]
+    assert "; its recorded cost " in saved and "(experts " in saved
     described = ok(ddtool("info", out)).stdout
     assert "  cost         " in described and "(experts " in described and ", distillation " in described
     # The run's log (in the cache's work folder) records α after each update; the set must hold
