@@ -161,7 +161,9 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
     budget_s = None if budget is None else parse_duration(budget)
     recipe = _cpu_recipe(spec.name, torch_device)
     budgeted: dict[str, Any] = {}  # the method's budget recipe, where the user did not set it
-    by_default = budget_s is None and preset is None and not SIZED_BY_BUDGET & set(overrides) and \
+    # settings the budget would size: given, they run the preset instead of the default budget
+    sized_by_budget = (SIZED_BY_BUDGET | method_cls.budget_sized_settings) & set(overrides)
+    by_default = budget_s is None and preset is None and not sized_by_budget and \
         method_cls.fits_budget and recipe is not None
     if by_default:
         budget_s = recipe["budget_s"]
@@ -170,10 +172,11 @@ def prepare_distill(method: str | None = None, ipc: int = 10, *, dataset: str = 
             able = _methods_that_fit_budgets()
             raise ConfigError(f"--budget sizes the runs of {', '.join(able)}; {method} has no settings to size "
                               "(drop --budget, or choose one of those methods).")
-        sized_by_budget = SIZED_BY_BUDGET & set(overrides)
         if sized_by_budget:
+            placed = (" (budget_start_share places the start epochs along whatever trajectory the budget gives)"
+                      if sized_by_budget & method_cls.budget_sized_settings else "")
             raise ConfigError(f"--budget sizes {', '.join(sorted(sized_by_budget))} itself; drop "
-                              f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget.")
+                              f"{' and '.join(sorted(sized_by_budget))} from the settings, or drop --budget{placed}.")
         budgeted = {name: value for name, value in method_cls.budget_recipes.get(ipc, {}).items()
                     if name not in overrides}
         config = dataclasses.replace(config, budget_s=float(budget_s), **budgeted)

@@ -140,6 +140,13 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
     # experts whose learning rate follows their length train it all: shortened, they would differ
     decayed = budget.fit_budget(trajectory.MTT(tiny(expert_lr_decay="cosine")), ctx, 3600).config
     assert decayed.max_start_epoch == 16 and decayed.expert_train_epochs == budget.MAX_EXPERT_EPOCHS
+    # the shares place the window on whatever trajectory the budget gives, and the experts follow it
+    shares = dict(budget_start_share=0.6, budget_window_start_share=0.3)
+    earlier = budget.fit_budget(datm.DATM(dataclasses.replace(method.config, **shares)), ctx, 3600).config
+    assert (earlier.max_start_epoch, earlier.max_start_epoch_final, earlier.expert_train_epochs) == (6, 12, 12)
+    assert budget.fit_budget(trajectory.MTT(tiny(budget_start_share=0.5)), ctx, 3600).config.max_start_epoch == 10
+    with pytest.raises(ConfigError, match="budget_window_start_share must be in"):
+        dataclasses.replace(method.config, budget_window_start_share=0.9)
 
 
 def test_experts_trained_fewer_epochs_follow_the_same_trajectory_as_far_as_they_go(data):

@@ -274,6 +274,9 @@ def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_p
     user_error(in_process("distill", "--method", "random", *common[:-2], "--budget", "5m"), "--budget sizes the runs of")
     user_error(in_process("distill", "--method", "mtt", *common, "--budget", "5m", "--iterations", 9),
                "--budget sizes iterations itself")
+    # the window a budget places on the trajectory it sizes: not replaced silently, refused
+    user_error(in_process("distill", "--method", "datm", *common, "--budget", "5m", "--set", "max_start_epoch_final=3"),
+               "--budget sizes max_start_epoch_final itself", "budget_start_share")
     user_error(in_process("distill", "--method", "mtt", *common, "--budget", "2s"), "too small for a useful mtt run", "--budget")
     user_error(in_process("distill", "--method", "mtt", *common, "--budget", "soon"), "Cannot read the duration")
     assert not out.exists()
@@ -287,7 +290,7 @@ def test_a_budget_sizes_the_run_in_its_plan_and_is_refused_where_it_cannot(tmp_p
     recipe = ok(in_process("distill", *common, "--dry-run")).stdout
     assert "- method datm: the default for fashion-mnist on a CPU" in recipe and "- datm: " in recipe
     assert "- budget 30m 00s for experts and distillation" in recipe
-    for fixed in (("--preset", "fashion-cpu"), ("--iterations", 7)):
+    for fixed in (("--preset", "fashion-cpu"), ("--iterations", 7), ("--set", "max_start_epoch=1")):
         planned = ok(in_process("distill", "--method", "mtt", *common, *fixed, "--dry-run")).stdout
         assert "- budget " not in planned and " iterations of N=" in planned
 

@@ -70,6 +70,8 @@ class Method(ABC):
     makes_teacher: ClassVar[bool] = False
     # Whether `ddtool distill --budget` can size its runs (ddtool.methods.budget).
     fits_budget: ClassVar[bool] = False
+    # Besides ddtool.methods.budget.SIZED_BY_BUDGET, the settings a budget sizes for this method.
+    budget_sized_settings: ClassVar[frozenset[str]] = frozenset()
     # Whether a run can split its work over torchrun processes.
     splits_over_processes: ClassVar[bool] = False
 
@@ -175,7 +177,8 @@ def run_fingerprint(method: str, config, dataset: str, ipc: int, seed: int) -> s
 # left out of run fingerprints while at it. (Fields added before this list existed changed
 # the fingerprints of the runs of their time.)
 _ADDED_LATER = {"expert_precision": "fp32", "eval_networks": 1, "budget_s": 0.0, "max_image_scale": 10.0,
-                "lr_floor_patience": 10, "loss_window": 20, "max_loss_rise": 1.5}
+                "lr_floor_patience": 10, "loss_window": 20, "max_loss_rise": 1.5, "budget_start_share": 0.8,
+                "budget_window_start_share": 0.2}
 
 
 def list_methods() -> list[str]:

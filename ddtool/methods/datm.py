@@ -38,6 +38,9 @@ class DATMConfig(TrajectoryConfig):
     gate_threshold: float = setting(1.0, "skip updates whose normalised matching loss exceeds this; 0: off")
     correct_only_init: bool = setting(True, "start from real images an expert classifies correctly, with labels "
                                             "initialised from the experts' logits (DATM)")
+    budget_window_start_share: float = setting(0.2, "with a budget: the window of start epochs starts below this "
+                                                    "share of the experts' trajectory and grows to "
+                                                    "budget_start_share over the run")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +49,9 @@ class DATMConfig(TrajectoryConfig):
             raise ConfigError("max_start_epoch_final must be at least max_start_epoch.")
         if final - 1 + self.match_span_epochs > self.expert_train_epochs:
             raise ConfigError(self.span_error("max_start_epoch_final", final))
+        if not 0 < self.budget_window_start_share <= self.budget_start_share:
+            raise ConfigError(f"budget_window_start_share must be in (0, budget_start_share = "
+                              f"{self.budget_start_share}], got {self.budget_window_start_share}.")
         if self.gate_threshold < 0 or self.window_grow_iterations < 0:
             raise ConfigError("gate_threshold and window_grow_iterations must be >= 0.")
         if self.correct_only_init and self.labels != "learned":
@@ -107,13 +113,14 @@ class DATM(TrajectoryMatching):
     # 83.73 without it, and in the ablation's budget 80.68 against 79.96; about 1 % slower an
     # iteration (docs/budget.md). Not tried at IPC 1 (N = 80) or 50.
     budget_recipes = {10: {"ast_inner_momentum": 0.5}}
-    # A budgeted run's window: from a fifth of the trajectory, growing over all its iterations
-    # to four fifths (the IPC-10 variant's [0, 4) -> [0, 16) on 20-epoch experts).
-    budget_window_start_share = 0.2
+    budget_sized_settings = frozenset({"max_start_epoch", "max_start_epoch_final", "window_grow_iterations"})
 
-    def budget_settings(self, epochs: int, base: TrajectoryConfig) -> dict:
-        final = start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)
-        start = min(final, start_epochs_below(self.budget_window_start_share, epochs, base.match_span_epochs))
+    def budget_settings(self, epochs: int, base: DATMConfig) -> dict:
+        # A budgeted run's window: from budget_window_start_share of the trajectory, growing over
+        # all its iterations to budget_start_share (by default a fifth to four fifths: the IPC-10
+        # variant's [0, 4) -> [0, 16) on 20-epoch experts).
+        final = start_epochs_below(base.budget_start_share, epochs, base.match_span_epochs)
+        start = min(final, start_epochs_below(base.budget_window_start_share, epochs, base.match_span_epochs))
         return {"max_start_epoch": start, "max_start_epoch_final": final}
 
     def budget_iteration_settings(self, iterations: int) -> dict:

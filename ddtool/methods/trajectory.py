@@ -156,16 +156,17 @@ class TrajectoryMatching(Method):
     # experts' actual cost is known (ddtool.methods.budget.fit_iterations)
     budget_iteration_s: float | None = None
     budget_workers: int = 1  # experts the budget's sizing expects to train at once here
-    # Of experts trained for E epochs, a budgeted run matches start epochs below this share of E.
-    budget_start_share = 0.8
     # Per IPC, settings a budgeted run takes unless they are given (--set): chosen for the
     # budget's sizing on the validation split (docs/budget.md).
     budget_recipes: dict[int, dict] = {}
+    # The settings `budget_settings` and `budget_iteration_settings` size: refused beside a budget
+    # (ddtool.run), which would otherwise replace them; the shares place the start epochs instead.
+    budget_sized_settings = frozenset({"max_start_epoch"})
 
     def budget_settings(self, epochs: int, base: TrajectoryConfig) -> dict:
-        """The matching settings of a budgeted run on `epochs`-epoch experts: start epochs spread in
-        proportion to the trajectory's length."""
-        return {"max_start_epoch": start_epochs_below(self.budget_start_share, epochs, base.match_span_epochs)}
+        """The matching settings of a budgeted run on `epochs`-epoch experts: start epochs below
+        `budget_start_share` of the trajectory, in proportion to its length."""
+        return {"max_start_epoch": start_epochs_below(base.budget_start_share, epochs, base.match_span_epochs)}
 
     def budget_iteration_settings(self, iterations: int) -> dict:
         """The settings a budgeted run's count of outer iterations decides (none here)."""

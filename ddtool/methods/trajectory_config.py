@@ -118,6 +118,9 @@ class TrajectoryConfig:
     # The outer loop stops before an iteration that would pass the budget.
     budget_s: float = setting(0.0, "a wall-clock budget in seconds for the set's whole cost, cached experts' recorded "
                                    "training included (0: none); `ddtool distill --budget` sizes the run to it")
+    # A budget chooses the experts' length, so it places the start epochs as shares of it.
+    budget_start_share: float = setting(0.8, "with a budget: start epochs are matched below this share of the "
+                                             "experts' trajectory (whatever length the budget gives it)")
 
     def __post_init__(self) -> None:
         positive = ("experts", "expert_train_epochs", "syn_steps", "match_span_epochs", "iterations",
@@ -156,6 +159,8 @@ class TrajectoryConfig:
             raise ConfigError("lr_img, lr_lr, lr_init and lr_label must be positive.")
         if self.budget_s < 0:
             raise ConfigError(f"budget_s must be >= 0 (0: no budget), got {self.budget_s}.")
+        if not 0 < self.budget_start_share <= 1:
+            raise ConfigError(f"budget_start_share must be in (0, 1], got {self.budget_start_share}.")
         if self.max_rollbacks < 0:
             raise ConfigError(f"max_rollbacks must be >= 0 (0: stop at the first divergence), got {self.max_rollbacks}.")
         if not self.soft_label_temperature > 0:
