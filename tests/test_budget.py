@@ -149,6 +149,15 @@ def test_a_budget_sizes_experts_iterations_and_start_epochs_or_names_the_least_t
         dataclasses.replace(method.config, budget_window_start_share=0.9)
 
 
+@pytest.mark.parametrize("method", [trajectory.MTT(tiny()),
+                                    datm.DATM(datm.DATMConfig(**{**dataclasses.asdict(tiny()), "labels": "learned"}))])
+def test_the_settings_a_method_says_its_budget_sizes_are_those_its_budget_hooks_set(method):
+    # ddtool.run refuses these beside --budget: a key the hooks set but the list missed would be
+    # replaced silently again
+    sized = method.budget_settings(20, method.config).keys() | method.budget_iteration_settings(100).keys()
+    assert sized == type(method).budget_sized_settings
+
+
 def test_experts_trained_fewer_epochs_follow_the_same_trajectory_as_far_as_they_go(data):
     config = ExpertConfig(dataset="fashion-mnist", arch="convnet", arch_options={"width": 4}, epochs=3,
                           batch_size=64, train_subset=256)
